@@ -1,0 +1,279 @@
+"""HTTP views: parse the request, call a plain function, return its result. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from http import HTTPStatus
+from typing import Any
+
+from flask import Flask, Response, current_app, request, send_file, url_for
+from flask_smorest import Blueprint
+from flask_smorest.error_handler import ErrorSchema  # {code, status, message, errors}
+from werkzeug.exceptions import HTTPException
+
+from . import ingest, query
+from .errors import (
+    InvalidParameterError,
+    ServiceError,
+    UnsupportedMediaTypeError,
+)
+from .images import CONTENT_TYPES
+from .schemas import (
+    EndpointListSchema,
+    EndpointSchema,
+    HealthSchema,
+    ImageArgsSchema,
+    InferFormSchema,
+    InferResultSchema,
+    JobCreatedSchema,
+    JobSchema,
+    KArgsSchema,
+    SimilarResultSchema,
+    TrainAnyFormSchema,
+    TrainFormSchema,
+)
+from .runtime import Service
+from .serving import LoadedVersion
+
+log = logging.getLogger(__name__)
+blp = Blueprint("simsvc", __name__, url_prefix="/", description="Train and query endpoints")
+MB = 1024 * 1024
+
+
+def svc() -> Service:
+    return current_app.extensions["simsvc"]
+
+
+def multipart(schema: type) -> dict[str, Any]:
+    """OpenAPI requestBody for a multipart form (parsed by hand: see `_upload`)."""
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+
+
+def error_responses(*statuses: int) -> dict[str, Any]:
+    """OpenAPI entries for the error statuses a route can answer."""
+    return {
+        str(s): {"description": HTTPStatus(s).phrase,
+                 "content": {"application/json": {"schema": ErrorSchema}}}
+        for s in statuses
+    }
+
+
+def image_url(name: str) -> query.ImageUrlFn:
+    def build(loaded: LoadedVersion, item_id: int) -> str:
+        return url_for("simsvc.item_image", name=name, item_id=item_id, version=loaded.version,
+                       _external=True)
+
+    return build
+
+
+# --- service ---------------------------------------------------------------------------------
+
+@blp.route("/health")
+@blp.response(200, HealthSchema)
+def health() -> dict[str, Any]:
+    """Liveness: answers at once, even while models load"""
+    return {"status": "ok", "worker": os.getpid(), "endpoints": svc().registry.versions_served()}
+
+
+@blp.route("/endpoints")
+@blp.response(200, EndpointListSchema)
+def list_endpoints() -> dict[str, Any]:
+    """Every endpoint with its served version"""
+    return {"endpoints": [r.status() for r in svc().registry.endpoints.values()]}
+
+
+@blp.route("/<name>")
+@blp.response(200, EndpointSchema)
+@blp.doc(responses=error_responses(404))
+def endpoint_info(name: str) -> dict[str, Any]:
+    """An endpoint: served version, item count, labels, encoder, trained time"""
+    return svc().registry.get(name).status()
+
+
+# --- training --------------------------------------------------------------------------------
+
+@blp.route("/<name>/train", methods=["POST"])
+@blp.response(202, JobCreatedSchema)
+@blp.doc(requestBody=multipart(TrainFormSchema), responses=error_responses(404, 413, 415, 422))
+def train(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
+    """Train a new version from a zip of images (runs in the background)"""
+    return _start_training(name)
+
+
+@blp.route("/train", methods=["POST"])
+@blp.response(202, JobCreatedSchema)
+@blp.doc(requestBody=multipart(TrainAnyFormSchema), responses=error_responses(404, 413, 415, 422))
+def train_any() -> tuple[dict[str, str], int, dict[str, str]]:
+    """Train the endpoint named by the form field `endpoint`"""
+    _require_multipart("a zip in field 'file' and the endpoint name in field 'endpoint'")
+    name = request.form.get("endpoint")
+    if not name:
+        raise InvalidParameterError(
+            "missing form field 'endpoint'", errors={"endpoint": ["Missing data for required field."]}
+        )
+    return _start_training(name)
+
+
+def _start_training(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
+    service = svc()
+    service.registry.get(name)  # 404 before reading a large body
+    _require_multipart("a zip in field 'file'")
+    upload = request.files.get("file")
+    if upload is None:
+        raise InvalidParameterError(
+            "missing multipart field 'file' (a zip of images)",
+            errors={"file": ["Missing data for required field."]},
+        )
+    path = service.uploads_dir / f"{secrets.token_hex(8)}.zip"
+    upload.save(path)
+    try:
+        ingest.open_zip(path).close()  # 422 now for a file that is not a zip at all
+    except ServiceError:
+        path.unlink(missing_ok=True)
+        raise
+    job = service.jobs.submit(name, path)
+    status_url = url_for("simsvc.job_status", name=name, job_id=job.id, _external=True)
+    return {"job_id": job.id, "status_url": status_url}, 202, {"Location": status_url}
+
+
+@blp.route("/<name>/jobs/<job_id>")
+@blp.response(200, JobSchema)
+@blp.doc(responses=error_responses(404))
+def job_status(name: str, job_id: str) -> dict[str, Any]:
+    """A training job's status and progress"""
+    service = svc()
+    service.registry.get(name)
+    return service.jobs.store.load(name, job_id).to_dict()
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+@blp.route("/<name>/infer", methods=["POST"])
+@blp.arguments(KArgsSchema, location="query", as_kwargs=True)
+@blp.response(200, InferResultSchema)
+@blp.doc(
+    requestBody={
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": InferFormSchema},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    responses=error_responses(400, 404, 413, 415, 422, 503),
+)
+def infer(name: str, k: int | None = None) -> dict[str, Any]:
+    """The top-k indexed images most similar to each uploaded image"""
+    service = svc()
+    runtime = service.registry.get(name)
+    k = query.check_k(runtime.spec, k)
+    request.max_content_length = service.settings.max_image_mb * MB
+    uploads, batched = _read_images()
+    loaded = runtime.current()
+    found = query.search_images(loaded, uploads, k, service.settings.max_image_pixels,
+                                image_url(name))
+    result: dict[str, Any] = {"endpoint": name, "version": loaded.version}
+    if batched:
+        result["batch"] = [{"filename": f, "results": r}
+                           for (f, _), r in zip(uploads, found, strict=True)]
+    else:
+        result["results"] = found[0]
+    return result
+
+
+def _read_images() -> tuple[list[tuple[str, bytes]], bool]:
+    """The uploaded images as (filename, bytes), and whether the request sent several parts."""
+    if request.mimetype == "multipart/form-data":
+        parts = request.files.getlist("image")
+        if not parts:
+            raise InvalidParameterError(
+                "missing multipart field 'image'",
+                errors={"image": ["Missing data for required field."]},
+            )
+        return [(p.filename or f"image{i}", p.read()) for i, p in enumerate(parts)], len(parts) > 1
+    if request.mimetype.startswith("image/"):
+        return [("body", request.get_data())], False
+    raise UnsupportedMediaTypeError(
+        f"send the image as multipart/form-data (field 'image') or as a raw body with an image/* "
+        f"content type, not {request.mimetype or 'no content type'!r}"
+    )
+
+
+def _require_multipart(what: str) -> None:
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaTypeError(
+            f"send multipart/form-data with {what}, not {request.mimetype or 'no content type'!r}"
+        )
+
+
+@blp.route("/<name>/items/<int:item_id>/similar")
+@blp.arguments(KArgsSchema, location="query", as_kwargs=True)
+@blp.response(200, SimilarResultSchema)
+@blp.doc(responses=error_responses(404, 422, 503))
+def similar(name: str, item_id: int, k: int | None = None) -> dict[str, Any]:
+    """More like an indexed item (the item itself excluded)"""
+    runtime = svc().registry.get(name)
+    k = query.check_k(runtime.spec, k)
+    loaded = runtime.current()
+    results = query.similar_items(loaded, item_id, k, image_url(name))
+    return {"endpoint": name, "version": loaded.version, "id": item_id, "results": results}
+
+
+@blp.route("/<name>/items/<int:item_id>/image")
+@blp.arguments(ImageArgsSchema, location="query", as_kwargs=True)
+@blp.doc(responses={
+    "200": {"description": "The original image bytes",
+            "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+    **error_responses(404, 503),
+})
+def item_image(name: str, item_id: int, version: str | None = None) -> Response:
+    """The original bytes of an indexed image"""
+    service = svc()
+    runtime = service.registry.get(name)
+    key = service.image_key(runtime, item_id, version)
+    mimetype = CONTENT_TYPES.get(os.path.splitext(key)[1], "application/octet-stream")
+    local = service.storage.local_path(key)
+    if local is not None:
+        return send_file(local, mimetype=mimetype, max_age=3600)
+    return Response(service.storage.read(key), mimetype=mimetype)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def register_error_handlers(app: Flask) -> None:
+    """One JSON shape for every error: {"code", "status", "message", "errors"?}."""
+
+    def payload(code: int, message: str, errors: Any = None) -> tuple[dict[str, Any], int]:
+        body: dict[str, Any] = {"code": code, "status": HTTPStatus(code).phrase, "message": message}
+        if errors:
+            body["errors"] = errors
+        return body, code
+
+    @app.errorhandler(ServiceError)
+    def service_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        return payload(exc.status, exc.message, exc.errors)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
+        data = getattr(exc, "data", None) or {}  # webargs puts validation errors here
+        errors = data.get("errors") or data.get("messages")
+        code = exc.code or 500
+        if code == 413:
+            message = "request body too large"
+            limit = request.max_content_length
+            if limit:
+                message += f" (limit {limit // MB} MB for this route)"
+        elif code == 422 and errors:
+            message = "invalid parameters"
+        else:
+            message = data.get("message") or exc.description or HTTPStatus(code).phrase
+        return payload(code, message, errors)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[dict[str, Any], int]:
+        # Tracebacks go to the log only; the client gets a safe, stable message.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return payload(500, "internal error; the server log has the details")

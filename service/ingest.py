@@ -1,0 +1,169 @@
+"""Training zips: which entries are images, their labels (parent folder) and metadata (optional file)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NotAZipError, PayloadTooLargeError, TrainingError
+
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One candidate image in the zip."""
+
+    name: str  # the path inside the zip: the item's name
+    label: str | None  # its parent folder, None at the root
+    info: zipfile.ZipInfo
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    reason: str
+
+
+@dataclass
+class ZipPlan:
+    entries: list[Entry] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # entry name -> fields
+    metadata_file: str | None = None
+    metadata_unmatched: int = 0
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    max_entries: int
+    max_uncompressed_bytes: int
+
+
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """Open an uploaded zip, or raise NotAZipError (422) for anything else."""
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise NotAZipError(f"the uploaded file is not a valid zip archive ({exc})") from None
+
+
+def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
+    """Sort the zip's entries into candidate images and skipped files; read the metadata file."""
+    infos = zf.infolist()
+    if len(infos) > limits.max_entries:
+        raise PayloadTooLargeError(
+            f"the zip has {len(infos)} entries, over the limit of {limits.max_entries}"
+        )
+    total = sum(i.file_size for i in infos)
+    if total > limits.max_uncompressed_bytes:
+        raise PayloadTooLargeError(
+            f"the zip expands to {total} bytes, over the limit of {limits.max_uncompressed_bytes}"
+        )
+
+    result = ZipPlan()
+    root = _common_root([i.filename for i in infos if not i.is_dir()])
+    seen: set[str] = set()
+    metadata_info: zipfile.ZipInfo | None = None
+    for info in sorted(infos, key=lambda i: i.filename):
+        name = info.filename
+        if info.is_dir():
+            continue
+        parts = name.split("/")
+        if name.startswith("/") or ".." in parts or "\\" in name:
+            result.skipped.append(Skipped(name, "unsafe path"))
+        elif parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
+            continue  # archiver and OS clutter, not the user's files
+        elif name in seen:
+            result.skipped.append(Skipped(name, "duplicate name in the zip"))
+        elif name[len(root):] in METADATA_FILES and metadata_info is None:
+            metadata_info = info
+        elif info.flag_bits & 0x1:
+            result.skipped.append(Skipped(name, "encrypted entry"))
+        else:
+            label = parts[-2] if len(parts) > 1 else None
+            result.entries.append(Entry(name, label, info))
+        seen.add(name)
+
+    if metadata_info is not None:
+        result.metadata_file = metadata_info.filename
+        rows = _read_metadata(zf, metadata_info)
+        result.metadata, result.metadata_unmatched = _match_metadata(
+            rows, [e.name for e in result.entries], root
+        )
+    return result
+
+
+def _common_root(names: list[str]) -> str:
+    """'catalog/' when every file sits in one top-level folder (zipping a folder does that)."""
+    tops = {n.split("/")[0] for n in names if "/" in n}
+    if len(tops) == 1 and all("/" in n for n in names):
+        return tops.pop() + "/"
+    return ""
+
+
+def _read_metadata(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> list[dict[str, Any]]:
+    name = info.filename
+    try:
+        text = zf.read(info).decode("utf-8-sig")
+    except (zipfile.BadZipFile, RuntimeError, UnicodeDecodeError, OSError) as exc:
+        raise TrainingError(f"{name}: could not be read as UTF-8 text ({exc})") from None
+    rows: list[dict[str, Any]] = []
+    if name.endswith(".csv"):
+        try:
+            reader = csv.DictReader(io.StringIO(text))
+            rows = [dict(row) for row in reader]
+        except csv.Error as exc:
+            raise TrainingError(f"{name}: not valid CSV ({exc})") from None
+        if reader.fieldnames is None or "filename" not in reader.fieldnames:
+            raise TrainingError(f"{name}: needs a header row with a 'filename' column")
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise TrainingError(f"{name} line {number}: not valid JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("filename"), str):
+                raise TrainingError(f"{name} line {number}: needs an object with a 'filename'")
+            rows.append(row)
+    return rows
+
+
+def _match_metadata(rows: list[dict[str, Any]], names: list[str],
+                    root: str) -> tuple[dict[str, dict[str, Any]], int]:
+    """Map each row to an entry: by path (relative to the metadata file), else by unique basename."""
+    by_path = set(names)
+    by_base: dict[str, list[str]] = {}
+    for n in names:
+        by_base.setdefault(posixpath.basename(n), []).append(n)
+    matched: dict[str, dict[str, Any]] = {}
+    unmatched = 0
+    for row in rows:
+        filename = str(row.get("filename") or "").strip().removeprefix("./")
+        fields = {k: v for k, v in row.items() if k != "filename" and k is not None}
+        candidates = [c for c in (root + filename, filename) if c in by_path]
+        if not candidates and len(by_base.get(filename, [])) == 1:
+            candidates = by_base[filename]
+        if candidates:
+            matched[candidates[0]] = fields
+        else:
+            unmatched += 1
+    return matched, unmatched
+
+
+def read_entry(zf: zipfile.ZipFile, entry: Entry) -> bytes:
+    """The entry's bytes, or TrainingError with the reason (bad CRC, unsupported method...)."""
+    try:
+        return zf.read(entry.info)
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError) as exc:
+        raise TrainingError(f"could not be read from the zip: {exc}") from None
+    except Exception as exc:  # zlib.error and lzma errors have no common base
+        raise TrainingError(f"could not be read from the zip: {type(exc).__name__}") from None

@@ -1,0 +1,81 @@
+"""Queries against a loaded version: images in, ranked matches out (no HTTP here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import images
+from .endpoint import EndpointSpec
+from .errors import BadImageError, InvalidParameterError, ItemNotFoundError
+from .index import Neighbour
+from .serving import LoadedVersion
+
+# Builds the URL of an item's original image (the API knows its own routes).
+ImageUrlFn = Callable[[LoadedVersion, int], str | None]
+
+
+def check_k(spec: EndpointSpec, k: int | None) -> int:
+    """The number of results to return: the endpoint's default, or `k` if within 1..max_k."""
+    if k is None:
+        return spec.default_k
+    if not 1 <= k <= spec.max_k:
+        raise InvalidParameterError(
+            f"k must be between 1 and {spec.max_k} for endpoint {spec.name!r}, got {k}",
+            errors={"k": [f"Must be between 1 and {spec.max_k}."]},
+        )
+    return k
+
+
+def embed_uploads(loaded: LoadedVersion, uploads: list[tuple[str, bytes]],
+                  max_pixels: int) -> np.ndarray:
+    """Decode every upload (filename, bytes) and embed them in one batch."""
+    size = loaded.encoder.input_size
+    arrays = []
+    for filename, data in uploads:
+        try:
+            arrays.append(images.prepare(data, size, max_pixels)[0])
+        except BadImageError as exc:
+            raise BadImageError(f"{filename}: {exc.message}") from None
+    return loaded.encoder.encode(np.stack(arrays))
+
+
+def matches(loaded: LoadedVersion, neighbours: list[Neighbour],
+            image_url: ImageUrlFn) -> list[dict[str, Any]]:
+    """Neighbours as the API returns them: id, name, score, label, metadata, image_url."""
+    results = []
+    for n in neighbours:
+        item = loaded.items[n.id]
+        results.append({
+            "id": n.id,
+            "name": loaded.names[n.id],
+            "score": round(n.score, 6),
+            "label": item.get("label"),
+            "metadata": item.get("metadata") or {},
+            "image_url": image_url(loaded, n.id),
+        })
+    return results
+
+
+def search_images(loaded: LoadedVersion, uploads: list[tuple[str, bytes]], k: int,
+                  max_pixels: int, image_url: ImageUrlFn) -> list[list[dict[str, Any]]]:
+    """The top-k matches for each uploaded image, best first."""
+    vectors = embed_uploads(loaded, uploads, max_pixels)
+    return [matches(loaded, loaded.index.query(v, k), image_url) for v in vectors]
+
+
+def similar_items(loaded: LoadedVersion, item_id: int, k: int,
+                  image_url: ImageUrlFn) -> list[dict[str, Any]]:
+    """The top-k items most like an indexed item, the item itself excluded."""
+    check_item(loaded, item_id)
+    return matches(loaded, loaded.index.similar_to_item(item_id, k), image_url)
+
+
+def check_item(loaded: LoadedVersion, item_id: int) -> None:
+    if not 0 <= item_id < loaded.count:
+        raise ItemNotFoundError(
+            f"no item {item_id} in {loaded.endpoint} version {loaded.version} "
+            f"(ids are 0..{loaded.count - 1})"
+        )

@@ -1,0 +1,130 @@
+"""Marshmallow schemas: what each route takes and returns (they also make /openapi.json)."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+
+class KArgsSchema(Schema):
+    k = fields.Integer(
+        validate=validate.Range(min=1),
+        metadata={"description": "How many results (1..the endpoint's max_k; default: its default_k)"},
+    )
+
+
+class ImageArgsSchema(Schema):
+    version = fields.String(
+        metadata={"description": "The version the id belongs to (default: the one served now)"}
+    )
+
+
+class TrainFormSchema(Schema):
+    file = fields.Raw(
+        required=True,
+        metadata={"type": "string", "format": "binary",
+                  "description": "A zip of images; folders are labels; optional metadata.csv/jsonl"},
+    )
+
+
+class TrainAnyFormSchema(TrainFormSchema):
+    endpoint = fields.String(required=True, metadata={"description": "The endpoint to train"})
+
+
+class InferFormSchema(Schema):
+    image = fields.List(
+        fields.Raw(metadata={"type": "string", "format": "binary"}),
+        required=True,
+        metadata={"description": "One or more images (repeat the field for a batch)"},
+    )
+
+
+class JobCreatedSchema(Schema):
+    job_id = fields.String(required=True)
+    status_url = fields.String(required=True)
+
+
+class SkippedSchema(Schema):
+    name = fields.String(required=True)
+    reason = fields.String(required=True)
+
+
+class JobSchema(Schema):
+    id = fields.String(required=True)
+    endpoint = fields.String(required=True)
+    status = fields.String(
+        required=True, validate=validate.OneOf(["queued", "running", "succeeded", "failed"])
+    )
+    stage = fields.String(allow_none=True, metadata={"description": "ingest, embed, index, publish"})
+    done = fields.Integer(required=True)
+    total = fields.Integer(required=True)
+    version = fields.String(allow_none=True)
+    error = fields.String(allow_none=True)
+    skipped = fields.List(fields.Nested(SkippedSchema), required=True)
+    counts = fields.Dict(required=True)
+    created_at = fields.String()
+    updated_at = fields.String()
+
+
+class MatchSchema(Schema):
+    id = fields.Integer(required=True)
+    name = fields.String(required=True, metadata={"description": "The image's path in the zip"})
+    score = fields.Float(
+        required=True, metadata={"description": "Cosine similarity, 1 - d^2/2 of Annoy's angular d"}
+    )
+    label = fields.String(allow_none=True)
+    metadata = fields.Dict(required=True)
+    image_url = fields.String(allow_none=True)
+
+
+class BatchEntrySchema(Schema):
+    filename = fields.String(allow_none=True)
+    results = fields.List(fields.Nested(MatchSchema), required=True)
+
+
+class InferResultSchema(Schema):
+    endpoint = fields.String(required=True)
+    version = fields.String(required=True)
+    results = fields.List(
+        fields.Nested(MatchSchema), metadata={"description": "For a single image, best first"}
+    )
+    batch = fields.List(
+        fields.Nested(BatchEntrySchema), metadata={"description": "For several images, in order"}
+    )
+
+
+class SimilarResultSchema(Schema):
+    endpoint = fields.String(required=True)
+    version = fields.String(required=True)
+    id = fields.Integer(required=True)
+    results = fields.List(fields.Nested(MatchSchema), required=True)
+
+
+class EndpointSchema(Schema):
+    name = fields.String(required=True)
+    description = fields.String()
+    status = fields.String(
+        required=True, validate=validate.OneOf(["loading", "untrained", "ready", "failed"])
+    )
+    version = fields.String(allow_none=True)
+    count = fields.Integer(required=True)
+    labels = fields.Dict(keys=fields.String(), values=fields.Integer())
+    encoder = fields.Dict()
+    feature_dim = fields.Integer()
+    index = fields.Dict()
+    default_k = fields.Integer()
+    max_k = fields.Integer()
+    trained_at = fields.String(allow_none=True)
+    error = fields.String(allow_none=True)
+
+
+class EndpointListSchema(Schema):
+    endpoints = fields.List(fields.Nested(EndpointSchema), required=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True)
+    worker = fields.Integer(metadata={"description": "The answering process id"})
+    endpoints = fields.Dict(
+        keys=fields.String(), values=fields.String(allow_none=True),
+        metadata={"description": "The version each endpoint serves in this process"},
+    )

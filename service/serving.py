@@ -1,0 +1,216 @@
+"""Serving state: each worker loads the version CURRENT names, and swaps when CURRENT changes.
+
+A loaded version is immutable; a swap builds the new one completely (files verified, index
+opened and warmed, encoder loaded) and then replaces one reference. Requests already holding
+the old version finish on it, so none fails during a swap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import encoders, versions
+from .config import Settings
+from .endpoint import EndpointSpec
+from .errors import (
+    EncoderUnavailableError,
+    EndpointNotFoundError,
+    IntegrityError,
+    NotTrainedError,
+    ServiceError,
+)
+from .index import IndexReader
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """One published version, ready to answer queries."""
+
+    endpoint: str
+    version: str
+    manifest: dict[str, Any]
+    encoder: encoders.Encoder
+    index: IndexReader
+    names: list[str]
+    items: list[dict[str, Any]]  # per id: {"label", "metadata", "image"}
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+
+def load_version(storage: Storage, spec: EndpointSpec, version: str,
+                 settings: Settings) -> LoadedVersion:
+    """Fetch, verify and open a published version together with the encoder that built it."""
+    manifest = versions.read_manifest(storage, spec.name, version)
+    folder = versions.fetch_serving_files(storage, spec.name, version, manifest, settings.cache_dir)
+    # The version's own encoder, not whatever the endpoint file names today: vectors from two
+    # different encoders are not comparable.
+    recorded = manifest["encoder"]
+    encoder = encoders.load(encoders.EncoderSource.from_dict(recorded), settings.hub_cache)
+    if recorded.get("fingerprint") not in (None, encoder.fingerprint):
+        raise IntegrityError(
+            f"{spec.name} version {version} was built by encoder {recorded['location']} with "
+            f"fingerprint {recorded['fingerprint']}, but that encoder now has fingerprint "
+            f"{encoder.fingerprint}; retrain the endpoint"
+        )
+    ids = _read_json(folder / "ids.json")
+    meta = _read_json(folder / "metadata.json")
+    count = int(manifest["count"])
+    index = IndexReader(folder / "index.ann", int(manifest["dim"]), spec.search_k)
+    if index.count != count or len(ids) != count or len(meta) != count:
+        raise IntegrityError(f"{spec.name} version {version}: index, ids and metadata disagree")
+    index.warm()
+    return LoadedVersion(
+        endpoint=spec.name,
+        version=version,
+        manifest=manifest,
+        encoder=encoder,
+        index=index,
+        names=[ids[str(i)] for i in range(count)],
+        items=[meta[str(i)] for i in range(count)],
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+class EndpointRuntime:
+    """The serving state of one endpoint in this process."""
+
+    def __init__(self, spec: EndpointSpec, storage: Storage, settings: Settings) -> None:
+        self.spec = spec
+        self.storage = storage
+        self.settings = settings
+        self.loaded: LoadedVersion | None = None
+        self.checked = False  # CURRENT read at least once
+        self.error: str | None = None  # why the latest load failed, if it did
+        self._lock = threading.Lock()
+
+    def refresh(self) -> bool:
+        """Load the version CURRENT names if it is not the one served; True if it swapped."""
+        with self._lock:
+            try:
+                pointer = versions.read_current(self.storage, self.spec.name)
+                self.checked = True
+                if pointer.version is None or (
+                    self.loaded is not None and pointer.version == self.loaded.version
+                ):
+                    return False
+                started = time.monotonic()
+                fresh = load_version(self.storage, self.spec, pointer.version, self.settings)
+            except ServiceError as exc:
+                return self._failed(exc.message)
+            except Exception as exc:  # a corrupt file can surface as anything; keep serving
+                log.exception("%s: loading the current version failed", self.spec.name)
+                return self._failed(f"could not load the current version: {type(exc).__name__}")
+            self.loaded, self.error = fresh, None
+            log.info("%s: serving version %s (%d items, loaded in %.2fs)", self.spec.name,
+                     fresh.version, fresh.count, time.monotonic() - started)
+            return True
+
+    def _failed(self, message: str) -> bool:
+        self.checked = True
+        if self.error != message:
+            log.error("%s: cannot load the current version: %s", self.spec.name, message)
+        self.error = message
+        return False
+
+    def current(self) -> LoadedVersion:
+        """The version to answer a query with; the first caller loads it if no one has yet."""
+        loaded = self.loaded
+        if loaded is None and not self.checked:
+            self.refresh()
+            loaded = self.loaded
+        if loaded is not None:
+            return loaded
+        if self.error:
+            raise EncoderUnavailableError(f"endpoint {self.spec.name!r} is unavailable: {self.error}")
+        raise NotTrainedError(
+            f"endpoint {self.spec.name!r} has no trained version yet: POST a zip of images to "
+            f"/{self.spec.name}/train"
+        )
+
+    def status(self) -> dict[str, Any]:
+        if not self.checked and not self._lock.locked():
+            self.refresh()  # nobody looked yet (no warm-up thread); a load in progress is "loading"
+        loaded = self.loaded
+        info: dict[str, Any] = {
+            **self.spec.summary(),
+            "status": "ready" if loaded else ("failed" if self.error else
+                                              "untrained" if self.checked else "loading"),
+            "version": None,
+            "count": 0,
+            "labels": {},
+            "trained_at": None,
+            "error": self.error,
+        }
+        if loaded:
+            manifest = loaded.manifest
+            info.update(
+                version=loaded.version,
+                count=loaded.count,
+                labels=manifest.get("labels") or dict(Counter(i["label"] for i in loaded.items)),
+                trained_at=manifest.get("created_at"),
+                encoder={**info["encoder"], "serving": manifest["encoder"]},
+            )
+        return info
+
+
+class Registry:
+    """All endpoints of this process, and the thread that keeps them on their CURRENT version."""
+
+    def __init__(self, specs: dict[str, EndpointSpec], storage: Storage, settings: Settings) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.endpoints = {name: EndpointRuntime(s, storage, settings) for name, s in specs.items()}
+        self.started_at = datetime.now(UTC)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def get(self, name: str) -> EndpointRuntime:
+        try:
+            return self.endpoints[name]
+        except KeyError:
+            raise EndpointNotFoundError(name, sorted(self.endpoints)) from None
+
+    def refresh_all(self) -> None:
+        for runtime in self.endpoints.values():
+            runtime.refresh()
+
+    def start(self) -> None:
+        """Load every endpoint in the background, then poll CURRENT every watch interval."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="version-watcher", daemon=True)
+            self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh_all()
+            except Exception:  # never let the watcher die; the next round tries again
+                log.exception("version watcher round failed")
+            self._stop.wait(self.settings.watch_interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def versions_served(self) -> dict[str, str | None]:
+        return {n: (r.loaded.version if r.loaded else None) for n, r in self.endpoints.items()}
+

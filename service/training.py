@@ -1,0 +1,180 @@
+"""Training: zip of images in, a published version out (embed, index, publish).
+
+Decoding and resizing run in a thread pool ahead of the encoder (PIL releases the GIL), so the
+forward pass rarely waits for images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import zipfile
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import encoders, images, ingest, versions
+from .config import Settings
+from .endpoint import EndpointSpec
+from .errors import BadImageError, TrainingError
+from .index import build_index
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str  # "ingest", "embed", "index", "publish"
+    done: int
+    total: int
+
+
+@dataclass
+class TrainResult:
+    version: str
+    count: int
+    counts: dict[str, Any]
+    skipped: list[ingest.Skipped] = field(default_factory=list)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def train(spec: EndpointSpec, zip_path: Path, storage: Storage, settings: Settings,
+          on_progress: ProgressFn | None = None, version: str | None = None) -> TrainResult:
+    """Embed every image in the zip, build the index and publish it as the endpoint's new version."""
+    report = on_progress or (lambda p: None)
+    version = version or versions.new_version_id()
+    report(Progress("ingest", 0, 0))
+    source = encoders.resolve(spec.encoder, settings.encoder_mode, settings.models_dir)
+    encoder = encoders.load(source, settings.hub_cache)
+
+    work_root = settings.cache_dir / "work"
+    work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_root, prefix=f"{spec.name}-") as tmp, \
+            ingest.open_zip(zip_path) as zf:
+        staging = Path(tmp)
+        limits = ingest.ZipLimits(settings.max_zip_entries,
+                                  settings.max_zip_uncompressed_mb * 1024 * 1024)
+        plan = ingest.plan(zf, limits)
+        skipped = list(plan.skipped)
+        total = len(plan.entries)
+        report(Progress("embed", 0, total))
+
+        (staging / "images").mkdir()
+        accepted: list[tuple[ingest.Entry, str]] = []  # (entry, stored image path)
+        chunks: list[np.ndarray] = []
+        batch: list[np.ndarray] = []
+        done = 0
+
+        def flush() -> None:
+            if batch:
+                chunks.append(encoder.encode(np.stack(batch)))
+                batch.clear()
+
+        with ThreadPoolExecutor(max(1, settings.decode_threads), "decode") as pool:
+            for entry, data, prepared in _decoded(zf, plan.entries, pool, encoder.input_size,
+                                                  settings):
+                done += 1
+                if isinstance(prepared, str):
+                    skipped.append(ingest.Skipped(entry.name, prepared))
+                else:
+                    array, fmt = prepared
+                    image_key = f"images/{len(accepted)}{images.FORMATS[fmt][0]}"
+                    (staging / image_key).write_bytes(data)
+                    accepted.append((entry, image_key))
+                    batch.append(array)
+                    if len(batch) >= settings.encode_batch_size:
+                        flush()
+                        report(Progress("embed", done, total))
+            flush()
+        report(Progress("embed", done, total))
+
+        if not accepted:
+            raise TrainingError(
+                f"the zip holds no usable image ({len(skipped)} files skipped; images must be "
+                f"{images.SUPPORTED})",
+                skipped,
+            )
+        vectors = np.concatenate(chunks).astype(np.float32)
+
+        report(Progress("index", 0, len(accepted)))
+        np.save(staging / "vectors.npy", vectors, allow_pickle=False)
+        build_index(vectors, spec.n_trees, staging / "index.ann")
+        labels = Counter(e.label for e, _ in accepted if e.label is not None)
+        _write_json(staging / "ids.json", {str(i): e.name for i, (e, _) in enumerate(accepted)})
+        _write_json(staging / "metadata.json", {
+            str(i): {"label": e.label, "metadata": plan.metadata.get(e.name, {}), "image": key}
+            for i, (e, key) in enumerate(accepted)
+        })
+        counts = {
+            "files": total + len(plan.skipped),
+            "images": len(accepted),
+            "skipped": len(skipped),
+            "labels": dict(sorted(labels.items())),
+            "metadata_file": plan.metadata_file,
+            "metadata_matched": len(plan.metadata),
+            "metadata_unmatched": plan.metadata_unmatched,
+        }
+        manifest = {
+            "encoder": {**encoder.describe(), "handle": spec.encoder.source},
+            "dim": encoder.dim,
+            "metric": spec.metric,
+            "n_trees": spec.n_trees,
+            "search_k": spec.search_k,
+            "count": len(accepted),
+            "labels": counts["labels"],
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "source_zip": zip_path.name,
+        }
+
+        report(Progress("publish", 0, 1))
+        manifest = versions.publish(storage, spec.name, version, staging, manifest)
+        report(Progress("publish", 1, 1))
+    return TrainResult(version, len(accepted), counts, skipped, manifest)
+
+
+Prepared = tuple[np.ndarray, str] | str  # (input array, format) or the reason it was skipped
+
+
+def _decoded(zf: zipfile.ZipFile, entries: list[ingest.Entry], pool: ThreadPoolExecutor,
+             size: int, settings: Settings) -> Iterator[tuple[ingest.Entry, bytes, Prepared]]:
+    """Yield each entry with its bytes and decoded input, decoding a window ahead in `pool`."""
+    window = max(2 * settings.encode_batch_size, 4)
+    pending: deque[tuple[ingest.Entry, bytes, Future[tuple[np.ndarray, str]] | str]] = deque()
+
+    def settle(item: tuple[ingest.Entry, bytes, Future[tuple[np.ndarray, str]] | str]
+               ) -> tuple[ingest.Entry, bytes, Prepared]:
+        entry, data, job = item
+        if isinstance(job, str):
+            return entry, data, job
+        try:
+            return entry, data, job.result()
+        except BadImageError as exc:
+            return entry, data, exc.message
+
+    for entry in entries:
+        # Zip reads stay on this thread (one file handle); only decoding is parallel.
+        try:
+            data = ingest.read_entry(zf, entry)
+            pending.append((entry, data, pool.submit(images.prepare, data, size,
+                                                     settings.max_image_pixels)))
+        except TrainingError as exc:
+            pending.append((entry, b"", exc.message))
+        if len(pending) >= window:
+            yield settle(pending.popleft())
+    while pending:
+        yield settle(pending.popleft())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
