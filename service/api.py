@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedMediaTypeError,
 )
 from .images import CONTENT_TYPES
+from .runtime import Service
 from .schemas import (
     EndpointListSchema,
     EndpointSchema,
@@ -34,7 +35,6 @@ from .schemas import (
     TrainAnyFormSchema,
     TrainFormSchema,
 )
-from .runtime import Service
 from .serving import LoadedVersion
 
 log = logging.getLogger(__name__)
@@ -54,21 +54,25 @@ def multipart(schema: type) -> dict[str, Any]:
 def error_responses(*statuses: int) -> dict[str, Any]:
     """OpenAPI entries for the error statuses a route can answer."""
     return {
-        str(s): {"description": HTTPStatus(s).phrase,
-                 "content": {"application/json": {"schema": ErrorSchema}}}
+        str(s): {
+            "description": HTTPStatus(s).phrase,
+            "content": {"application/json": {"schema": ErrorSchema}},
+        }
         for s in statuses
     }
 
 
 def image_url(name: str) -> query.ImageUrlFn:
     def build(loaded: LoadedVersion, item_id: int) -> str:
-        return url_for("simsvc.item_image", name=name, item_id=item_id, version=loaded.version,
-                       _external=True)
+        return url_for(
+            "simsvc.item_image", name=name, item_id=item_id, version=loaded.version, _external=True
+        )
 
     return build
 
 
 # --- service ---------------------------------------------------------------------------------
+
 
 @blp.route("/health")
 @blp.response(200, HealthSchema)
@@ -93,6 +97,7 @@ def endpoint_info(name: str) -> dict[str, Any]:
 
 
 # --- training --------------------------------------------------------------------------------
+
 
 @blp.route("/<name>/train", methods=["POST"])
 @blp.response(202, JobCreatedSchema)
@@ -150,6 +155,7 @@ def job_status(name: str, job_id: str) -> dict[str, Any]:
 
 # --- queries ---------------------------------------------------------------------------------
 
+
 @blp.route("/<name>/infer", methods=["POST"])
 @blp.arguments(KArgsSchema, location="query", as_kwargs=True)
 @blp.response(200, InferResultSchema)
@@ -171,12 +177,10 @@ def infer(name: str, k: int | None = None) -> dict[str, Any]:
     request.max_content_length = service.settings.max_image_mb * MB
     uploads, batched = _read_images()
     loaded = runtime.current()
-    found = query.search_images(loaded, uploads, k, service.settings.max_image_pixels,
-                                image_url(name))
+    found = query.search_images(loaded, uploads, k, service.settings.max_image_pixels, image_url(name))
     result: dict[str, Any] = {"endpoint": name, "version": loaded.version}
     if batched:
-        result["batch"] = [{"filename": f, "results": r}
-                           for (f, _), r in zip(uploads, found, strict=True)]
+        result["batch"] = [{"filename": f, "results": r} for (f, _), r in zip(uploads, found, strict=True)]
     else:
         result["results"] = found[0]
     return result
@@ -222,11 +226,15 @@ def similar(name: str, item_id: int, k: int | None = None) -> dict[str, Any]:
 
 @blp.route("/<name>/items/<int:item_id>/image")
 @blp.arguments(ImageArgsSchema, location="query", as_kwargs=True)
-@blp.doc(responses={
-    "200": {"description": "The original image bytes",
-            "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
-    **error_responses(404, 503),
-})
+@blp.doc(
+    responses={
+        "200": {
+            "description": "The original image bytes",
+            "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **error_responses(404, 503),
+    }
+)
 def item_image(name: str, item_id: int, version: str | None = None) -> Response:
     """The original bytes of an indexed image"""
     service = svc()
@@ -240,6 +248,7 @@ def item_image(name: str, item_id: int, version: str | None = None) -> Response:
 
 
 # --- errors ----------------------------------------------------------------------------------
+
 
 def register_error_handlers(app: Flask) -> None:
     """One JSON shape for every error: {"code", "status", "message", "errors"?}."""

@@ -100,7 +100,8 @@ def _coerce(annotation: Any, name: str, value: Any) -> Any:
             if kind == "float":
                 return float(text)
         except ValueError:
-            raise ValueError(f"{name.upper()} must be a {kind}, got {value!r}") from None
+            expected = {"bool": "true or false", "int": "an integer", "float": "a number"}[kind]
+            raise ValueError(f"{name.upper()} must be {expected}, got {value!r}") from None
         if "Path" in kind:
             return Path(text).expanduser().resolve() if text else None
         return text

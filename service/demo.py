@@ -18,11 +18,38 @@ import numpy as np
 from PIL import Image, ImageOps
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-                   "sneaker", "bag", "ankle-boot")
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-          "retina", "colorwheel", "camera", "moon", "coins", "clock", "page", "text", "brick",
-          "grass", "gravel", "cell")
+FASHION_CLASSES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+)
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+    "camera",
+    "moon",
+    "coins",
+    "clock",
+    "page",
+    "text",
+    "brick",
+    "grass",
+    "gravel",
+    "cell",
+)
 
 
 def photo(name: str) -> Image.Image:
@@ -60,14 +87,18 @@ def photos_zip(path: Path, names: tuple[str, ...] = PHOTOS) -> Path:
             for variant, image in photo_variants(photo(name)):
                 filename = f"{name}/{name}-{variant}.jpg"
                 zf.writestr(filename, jpeg(image))
-                rows.append({"filename": filename, "title": f"{name} ({variant})",
-                             "source": "scikit-image sample data"})
+                rows.append(
+                    {
+                        "filename": filename,
+                        "title": f"{name} ({variant})",
+                        "source": "scikit-image sample data",
+                    }
+                )
         zf.writestr("metadata.csv", _csv(rows))
     return path
 
 
-def load_fashion_mnist(split: str = "train", folder: Path = FASHION_DIR
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(split: str = "train", folder: Path = FASHION_DIR) -> tuple[np.ndarray, np.ndarray]:
     """Images [n, 28, 28] uint8 and labels [n] from the idx files ('train' or 't10k')."""
     with gzip.open(folder / f"{split}-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)

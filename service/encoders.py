@@ -42,8 +42,7 @@ class EncoderSource:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderSource:
-        return cls(**{k: data.get(k) for k in ("kind", "location", "input_size", "signature",
-                                                 "output_key")})
+        return cls(**{k: data.get(k) for k in ("kind", "location", "input_size", "signature", "output_key")})
 
 
 def offline_source(models_dir: Path) -> EncoderSource:

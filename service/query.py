@@ -29,8 +29,7 @@ def check_k(spec: EndpointSpec, k: int | None) -> int:
     return k
 
 
-def embed_uploads(loaded: LoadedVersion, uploads: list[tuple[str, bytes]],
-                  max_pixels: int) -> np.ndarray:
+def embed_uploads(loaded: LoadedVersion, uploads: list[tuple[str, bytes]], max_pixels: int) -> np.ndarray:
     """Decode every upload (filename, bytes) and embed them in one batch."""
     size = loaded.encoder.input_size
     arrays = []
@@ -42,32 +41,35 @@ def embed_uploads(loaded: LoadedVersion, uploads: list[tuple[str, bytes]],
     return loaded.encoder.encode(np.stack(arrays))
 
 
-def matches(loaded: LoadedVersion, neighbours: list[Neighbour],
-            image_url: ImageUrlFn) -> list[dict[str, Any]]:
+def matches(
+    loaded: LoadedVersion, neighbours: list[Neighbour], image_url: ImageUrlFn
+) -> list[dict[str, Any]]:
     """Neighbours as the API returns them: id, name, score, label, metadata, image_url."""
     results = []
     for n in neighbours:
         item = loaded.items[n.id]
-        results.append({
-            "id": n.id,
-            "name": loaded.names[n.id],
-            "score": round(n.score, 6),
-            "label": item.get("label"),
-            "metadata": item.get("metadata") or {},
-            "image_url": image_url(loaded, n.id),
-        })
+        results.append(
+            {
+                "id": n.id,
+                "name": loaded.names[n.id],
+                "score": round(n.score, 6),
+                "label": item.get("label"),
+                "metadata": item.get("metadata") or {},
+                "image_url": image_url(loaded, n.id),
+            }
+        )
     return results
 
 
-def search_images(loaded: LoadedVersion, uploads: list[tuple[str, bytes]], k: int,
-                  max_pixels: int, image_url: ImageUrlFn) -> list[list[dict[str, Any]]]:
+def search_images(
+    loaded: LoadedVersion, uploads: list[tuple[str, bytes]], k: int, max_pixels: int, image_url: ImageUrlFn
+) -> list[list[dict[str, Any]]]:
     """The top-k matches for each uploaded image, best first."""
     vectors = embed_uploads(loaded, uploads, max_pixels)
     return [matches(loaded, loaded.index.query(v, k), image_url) for v in vectors]
 
 
-def similar_items(loaded: LoadedVersion, item_id: int, k: int,
-                  image_url: ImageUrlFn) -> list[dict[str, Any]]:
+def similar_items(loaded: LoadedVersion, item_id: int, k: int, image_url: ImageUrlFn) -> list[dict[str, Any]]:
     """The top-k items most like an indexed item, the item itself excluded."""
     check_item(loaded, item_id)
     return matches(loaded, loaded.index.similar_to_item(item_id, k), image_url)
@@ -76,6 +78,5 @@ def similar_items(loaded: LoadedVersion, item_id: int, k: int,
 def check_item(loaded: LoadedVersion, item_id: int) -> None:
     if not 0 <= item_id < loaded.count:
         raise ItemNotFoundError(
-            f"no item {item_id} in {loaded.endpoint} version {loaded.version} "
-            f"(ids are 0..{loaded.count - 1})"
+            f"no item {item_id} in {loaded.endpoint} version {loaded.version} (ids are 0..{loaded.count - 1})"
         )

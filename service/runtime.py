@@ -62,16 +62,16 @@ def _item_images(storage: Storage, endpoint: str, version: str) -> dict[str, str
 
 def build_service(settings: Settings) -> Service:
     """Assemble the parts; endpoint files are validated here, so a bad one stops the start-up."""
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+    )
     configure_threads(settings.tf_intra_op_threads, settings.tf_inter_op_threads)
     specs = load_endpoints(settings.endpoints_dir)
     storage = open_storage(settings.storage_uri)
     uploads = settings.cache_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
 
-    def run_training(endpoint: str, zip_path: Path,
-                     on_progress: training.ProgressFn) -> training.TrainResult:
+    def run_training(endpoint: str, zip_path: Path, on_progress: training.ProgressFn) -> training.TrainResult:
         return training.train(specs[endpoint], zip_path, storage, settings, on_progress)
 
     return Service(

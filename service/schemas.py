@@ -21,8 +21,11 @@ class ImageArgsSchema(Schema):
 class TrainFormSchema(Schema):
     file = fields.Raw(
         required=True,
-        metadata={"type": "string", "format": "binary",
-                  "description": "A zip of images; folders are labels; optional metadata.csv/jsonl"},
+        metadata={
+            "type": "string",
+            "format": "binary",
+            "description": "A zip of images; folders are labels; optional metadata.csv/jsonl",
+        },
     )
 
 
@@ -125,6 +128,7 @@ class HealthSchema(Schema):
     status = fields.String(required=True)
     worker = fields.Integer(metadata={"description": "The answering process id"})
     endpoints = fields.Dict(
-        keys=fields.String(), values=fields.String(allow_none=True),
+        keys=fields.String(),
+        values=fields.String(allow_none=True),
         metadata={"description": "The version each endpoint serves in this process"},
     )

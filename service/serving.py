@@ -50,8 +50,7 @@ class LoadedVersion:
         return len(self.names)
 
 
-def load_version(storage: Storage, spec: EndpointSpec, version: str,
-                 settings: Settings) -> LoadedVersion:
+def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: Settings) -> LoadedVersion:
     """Fetch, verify and open a published version together with the encoder that built it."""
     manifest = versions.read_manifest(storage, spec.name, version)
     folder = versions.fetch_serving_files(storage, spec.name, version, manifest, settings.cache_dir)
@@ -118,8 +117,13 @@ class EndpointRuntime:
                 log.exception("%s: loading the current version failed", self.spec.name)
                 return self._failed(f"could not load the current version: {type(exc).__name__}")
             self.loaded, self.error = fresh, None
-            log.info("%s: serving version %s (%d items, loaded in %.2fs)", self.spec.name,
-                     fresh.version, fresh.count, time.monotonic() - started)
+            log.info(
+                "%s: serving version %s (%d items, loaded in %.2fs)",
+                self.spec.name,
+                fresh.version,
+                fresh.count,
+                time.monotonic() - started,
+            )
             return True
 
     def _failed(self, message: str) -> bool:
@@ -150,8 +154,9 @@ class EndpointRuntime:
         loaded = self.loaded
         info: dict[str, Any] = {
             **self.spec.summary(),
-            "status": "ready" if loaded else ("failed" if self.error else
-                                              "untrained" if self.checked else "loading"),
+            "status": "ready"
+            if loaded
+            else ("failed" if self.error else "untrained" if self.checked else "loading"),
             "version": None,
             "count": 0,
             "labels": {},
@@ -213,4 +218,3 @@ class Registry:
 
     def versions_served(self) -> dict[str, str | None]:
         return {n: (r.loaded.version if r.loaded else None) for n, r in self.endpoints.items()}
-

@@ -49,8 +49,14 @@ class TrainResult:
 ProgressFn = Callable[[Progress], None]
 
 
-def train(spec: EndpointSpec, zip_path: Path, storage: Storage, settings: Settings,
-          on_progress: ProgressFn | None = None, version: str | None = None) -> TrainResult:
+def train(
+    spec: EndpointSpec,
+    zip_path: Path,
+    storage: Storage,
+    settings: Settings,
+    on_progress: ProgressFn | None = None,
+    version: str | None = None,
+) -> TrainResult:
     """Embed every image in the zip, build the index and publish it as the endpoint's new version."""
     report = on_progress or (lambda p: None)
     version = version or versions.new_version_id()
@@ -60,11 +66,12 @@ def train(spec: EndpointSpec, zip_path: Path, storage: Storage, settings: Settin
 
     work_root = settings.cache_dir / "work"
     work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=work_root, prefix=f"{spec.name}-") as tmp, \
-            ingest.open_zip(zip_path) as zf:
+    with (
+        tempfile.TemporaryDirectory(dir=work_root, prefix=f"{spec.name}-") as tmp,
+        ingest.open_zip(zip_path) as zf,
+    ):
         staging = Path(tmp)
-        limits = ingest.ZipLimits(settings.max_zip_entries,
-                                  settings.max_zip_uncompressed_mb * 1024 * 1024)
+        limits = ingest.ZipLimits(settings.max_zip_entries, settings.max_zip_uncompressed_mb * 1024 * 1024)
         plan = ingest.plan(zf, limits)
         skipped = list(plan.skipped)
         total = len(plan.entries)
@@ -82,8 +89,7 @@ def train(spec: EndpointSpec, zip_path: Path, storage: Storage, settings: Settin
                 batch.clear()
 
         with ThreadPoolExecutor(max(1, settings.decode_threads), "decode") as pool:
-            for entry, data, prepared in _decoded(zf, plan.entries, pool, encoder.input_size,
-                                                  settings):
+            for entry, data, prepared in _decoded(zf, plan.entries, pool, encoder.input_size, settings):
                 done += 1
                 if isinstance(prepared, str):
                     skipped.append(ingest.Skipped(entry.name, prepared))
@@ -112,10 +118,13 @@ def train(spec: EndpointSpec, zip_path: Path, storage: Storage, settings: Settin
         build_index(vectors, spec.n_trees, staging / "index.ann")
         labels = Counter(e.label for e, _ in accepted if e.label is not None)
         _write_json(staging / "ids.json", {str(i): e.name for i, (e, _) in enumerate(accepted)})
-        _write_json(staging / "metadata.json", {
-            str(i): {"label": e.label, "metadata": plan.metadata.get(e.name, {}), "image": key}
-            for i, (e, key) in enumerate(accepted)
-        })
+        _write_json(
+            staging / "metadata.json",
+            {
+                str(i): {"label": e.label, "metadata": plan.metadata.get(e.name, {}), "image": key}
+                for i, (e, key) in enumerate(accepted)
+            },
+        )
         counts = {
             "files": total + len(plan.skipped),
             "images": len(accepted),
@@ -146,14 +155,16 @@ def train(spec: EndpointSpec, zip_path: Path, storage: Storage, settings: Settin
 Prepared = tuple[np.ndarray, str] | str  # (input array, format) or the reason it was skipped
 
 
-def _decoded(zf: zipfile.ZipFile, entries: list[ingest.Entry], pool: ThreadPoolExecutor,
-             size: int, settings: Settings) -> Iterator[tuple[ingest.Entry, bytes, Prepared]]:
+def _decoded(
+    zf: zipfile.ZipFile, entries: list[ingest.Entry], pool: ThreadPoolExecutor, size: int, settings: Settings
+) -> Iterator[tuple[ingest.Entry, bytes, Prepared]]:
     """Yield each entry with its bytes and decoded input, decoding a window ahead in `pool`."""
     window = max(2 * settings.encode_batch_size, 4)
     pending: deque[tuple[ingest.Entry, bytes, Future[tuple[np.ndarray, str]] | str]] = deque()
 
-    def settle(item: tuple[ingest.Entry, bytes, Future[tuple[np.ndarray, str]] | str]
-               ) -> tuple[ingest.Entry, bytes, Prepared]:
+    def settle(
+        item: tuple[ingest.Entry, bytes, Future[tuple[np.ndarray, str]] | str],
+    ) -> tuple[ingest.Entry, bytes, Prepared]:
         entry, data, job = item
         if isinstance(job, str):
             return entry, data, job
@@ -166,8 +177,7 @@ def _decoded(zf: zipfile.ZipFile, entries: list[ingest.Entry], pool: ThreadPoolE
         # Zip reads stay on this thread (one file handle); only decoding is parallel.
         try:
             data = ingest.read_entry(zf, entry)
-            pending.append((entry, data, pool.submit(images.prepare, data, size,
-                                                     settings.max_image_pixels)))
+            pending.append((entry, data, pool.submit(images.prepare, data, size, settings.max_image_pixels)))
         except TrainingError as exc:
             pending.append((entry, b"", exc.message))
         if len(pending) >= window:

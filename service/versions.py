@@ -1,12 +1,12 @@
 """Published versions: the storage layout, atomic publish (CURRENT written last) and verified fetch.
 
-    <endpoint>/versions/<version>/index.ann      Annoy index (angular)
-                                  vectors.npy    float32 [count, dim], L2-normalised
-                                  ids.json       {"<id>": "<name in the zip>"}
-                                  metadata.json  {"<id>": {"label": ..., "metadata": {...}, "image": ...}}
-                                  images/<id>.<ext>  the original bytes
-                                  manifest.json  what, how, and the sha256 of every file above
-    <endpoint>/CURRENT                            {"version": "<version>"}, written last
+<endpoint>/versions/<version>/index.ann      Annoy index (angular)
+                              vectors.npy    float32 [count, dim], L2-normalised
+                              ids.json       {"<id>": "<name in the zip>"}
+                              metadata.json  {"<id>": {"label": ..., "metadata": {...}, "image": ...}}
+                              images/<id>.<ext>  the original bytes
+                              manifest.json  what, how, and the sha256 of every file above
+<endpoint>/CURRENT                            {"version": "<version>"}, written last
 """
 
 from __future__ import annotations
@@ -90,14 +90,15 @@ def list_versions(storage: Storage, endpoint: str) -> list[str]:
     """Versions with a manifest (i.e. completely uploaded), oldest first."""
     prefix = f"{endpoint}/versions/"
     return sorted(
-        key[len(prefix):].split("/")[0]
+        key[len(prefix) :].split("/")[0]
         for key in storage.list(prefix)
         if key.endswith("/" + MANIFEST) and key.count("/") == 3
     )
 
 
-def publish(storage: Storage, endpoint: str, version: str, staging: Path,
-            manifest: dict[str, Any]) -> dict[str, Any]:
+def publish(
+    storage: Storage, endpoint: str, version: str, staging: Path, manifest: dict[str, Any]
+) -> dict[str, Any]:
     """Upload a built version from `staging`, then point CURRENT at it.
 
     The version's files go under an immutable prefix, the manifest (with every file's sha256)
@@ -134,8 +135,9 @@ def publish(storage: Storage, endpoint: str, version: str, staging: Path,
     raise StorageError(f"could not update {endpoint}/{CURRENT}: too many concurrent writers")
 
 
-def fetch_serving_files(storage: Storage, endpoint: str, version: str, manifest: dict[str, Any],
-                        cache_dir: Path) -> Path:
+def fetch_serving_files(
+    storage: Storage, endpoint: str, version: str, manifest: dict[str, Any], cache_dir: Path
+) -> Path:
     """Local folder holding the version's serving files, each checked against the manifest.
 
     Local stores are read in place; others are downloaded once into `cache_dir`, through a
@@ -174,4 +176,3 @@ def _check(path: Path, expected: str, key: str) -> None:
     actual = sha256_file(path)
     if actual != expected:
         raise IntegrityError(f"{key} has sha256 {actual[:12]}..., manifest says {expected[:12]}...")
-

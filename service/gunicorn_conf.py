@@ -1,0 +1,28 @@
+"""Gunicorn settings for the Procfile (and `python -m service serve`), sized from the environment.
+
+TensorFlow is not fork-safe (gunicorn#2369): the app is NOT preloaded, so each worker imports
+TensorFlow and loads its encoders after the fork. Workers x TensorFlow threads = the cores.
+"""
+
+import os
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Threads let one worker answer /health and queries while a request is encoding.
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+preload_app = False
+# Queries take milliseconds; training runs in a background thread, never inside a request.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
+graceful_timeout = 30
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+# Split the cores between workers so they do not oversubscribe the CPU.
+os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+os.environ.setdefault("TF_INTER_OP_THREADS", "1")
+# Gunicorn's control socket lives at one fixed path per user; several servers on one machine
+# (tests, make run beside a deploy) would fight over it, and nothing here uses it.
+control_socket_disable = True

@@ -1,0 +1,149 @@
+"""Shared fixtures: real photos, a tiny SavedModel, apps on temporary folders, job polling."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from service import create_app, demo
+from service.config import ROOT
+from service.encoders import OFFLINE_NAME
+
+# A handful of real photos keeps the suite fast; five variants each, one folder per photo.
+TEST_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "colorwheel", "moon")
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The offline encoder built by `make encoder` (built here if missing)."""
+    models = ROOT / "models"
+    if not (models / OFFLINE_NAME / "saved_model.pb").is_file():
+        from service.offline_encoder import build
+
+        models.mkdir(exist_ok=True)
+        build(models)
+    return models
+
+
+@pytest.fixture(scope="session")
+def photos_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return demo.photos_zip(tmp_path_factory.mktemp("zips") / "photos.zip", TEST_PHOTOS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real SavedModel (32x32 in, 16-d out) with a `__call__`, like TF-Hub's models."""
+    from service import tfruntime
+
+    tf = tfruntime.tensorflow()
+
+    class Tiny(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = tf.Variable(tf.random.stateless_normal([48, 16], seed=[1, 2]))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def __call__(self, x: Any) -> Any:
+            grid = tf.nn.avg_pool2d(x, ksize=8, strides=8, padding="VALID")  # [N, 4, 4, 3]
+            return tf.matmul(tf.reshape(grid, [-1, 48]) - 0.5, self.w)
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny_model"
+    tf.saved_model.save(Tiny(), str(path))
+    return path
+
+
+def settings_for(tmp: Path, models_dir: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "storage_uri": f"file://{tmp / 'store'}",
+        "cache_dir": tmp / "cache",
+        "models_dir": models_dir,
+        "watch_interval_s": 0.2,
+        **extra,
+    }
+
+
+@pytest.fixture
+def make_app(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., Flask]]:
+    """Build apps on this test's temporary folders; their background threads stop afterwards."""
+    apps: list[Flask] = []
+
+    def make(**config: Any) -> Flask:
+        app = create_app(settings_for(tmp_path, models_dir, **config))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["simsvc"].close()
+
+
+@pytest.fixture
+def client(make_app: Callable[..., Flask]) -> FlaskClient:
+    return make_app().test_client()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
+            photos_zip: Path) -> Iterator[FlaskClient]:
+    """A client whose `food` endpoint is trained on the test photos (shared by a module)."""
+    app = create_app(settings_for(tmp_path_factory.mktemp("trained"), models_dir))
+    client = app.test_client()
+    job = train(client, "food", photos_zip)
+    assert job["status"] == "succeeded", job
+    wait_serving(client, "food", job["version"])
+    yield client
+    app.extensions["simsvc"].close()
+
+
+def upload(path_or_bytes: Path | bytes, filename: str = "upload.zip") -> tuple[io.BytesIO, str]:
+    data = path_or_bytes.read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
+    return io.BytesIO(data), filename
+
+
+def wait_job(client: FlaskClient, status_url: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(status_url).get_json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job did not finish in {timeout}s: {job}")
+
+
+def train(client: FlaskClient, endpoint: str, zip_path: Path | bytes) -> dict[str, Any]:
+    response = client.post(f"/{endpoint}/train", data={"file": upload(zip_path)})
+    assert response.status_code == 202, response.get_json()
+    return wait_job(client, response.get_json()["status_url"])
+
+
+def wait_serving(client: FlaskClient, endpoint: str, version: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get(f"/{endpoint}").get_json()["version"] == version:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{endpoint} did not switch to {version} in {timeout}s")
+
+
+def make_zip(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return out.getvalue()
+
+
+def copy_endpoints(target: Path, *names: str) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(ROOT / "endpoints" / f"{name}.toml", target)
+    return target
