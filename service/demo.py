@@ -79,6 +79,16 @@ def jpeg(image: Image.Image, quality: int = 90) -> bytes:
     return out.getvalue()
 
 
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def decode_jpeg(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
 def photos_zip(path: Path, names: tuple[str, ...] = PHOTOS) -> Path:
     """A labelled zip of real photos: <photo>/<photo>-<variant>.jpg plus metadata.csv."""
     rows = []

@@ -97,6 +97,7 @@ class EndpointRuntime:
         self.loaded: LoadedVersion | None = None
         self.checked = False  # CURRENT read at least once
         self.error: str | None = None  # why the latest load failed, if it did
+        self.loading: str | None = None  # the version being loaded right now
         self._lock = threading.Lock()
 
     def refresh(self) -> bool:
@@ -110,12 +111,15 @@ class EndpointRuntime:
                 ):
                     return False
                 started = time.monotonic()
+                self.loading = pointer.version
                 fresh = load_version(self.storage, self.spec, pointer.version, self.settings)
             except ServiceError as exc:
                 return self._failed(exc.message)
             except Exception as exc:  # a corrupt file can surface as anything; keep serving
                 log.exception("%s: loading the current version failed", self.spec.name)
                 return self._failed(f"could not load the current version: {type(exc).__name__}")
+            finally:
+                self.loading = None
             self.loaded, self.error = fresh, None
             log.info(
                 "%s: serving version %s (%d items, loaded in %.2fs)",
@@ -149,14 +153,18 @@ class EndpointRuntime:
         )
 
     def status(self) -> dict[str, Any]:
-        if not self.checked and not self._lock.locked():
-            self.refresh()  # nobody looked yet (no warm-up thread); a load in progress is "loading"
+        if not self.checked and not self.loading:
+            self.refresh()  # nobody has read CURRENT yet (e.g. no warm-up thread)
         loaded = self.loaded
+        if loaded:
+            state = "ready"
+        elif self.loading:
+            state = "loading"
+        else:
+            state = "failed" if self.error else "untrained"
         info: dict[str, Any] = {
             **self.spec.summary(),
-            "status": "ready"
-            if loaded
-            else ("failed" if self.error else "untrained" if self.checked else "loading"),
+            "status": state,
             "version": None,
             "count": 0,
             "labels": {},

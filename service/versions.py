@@ -29,7 +29,7 @@ from .storage import KeyNotFoundError, Storage
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
-SAFE_VERSION = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+SAFE_VERSION = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
 MANIFEST = "manifest.json"
 # Files a serving worker needs; images stay in the store and are read on demand.
 SERVING_FILES = ("index.ann", "vectors.npy", "ids.json", "metadata.json")
@@ -42,9 +42,9 @@ class SupersededError(StorageError):
 
 
 def new_version_id(now: datetime | None = None) -> str:
-    """Sortable by creation time, unique: 20261122T170102Z-3f9a1c."""
+    """Sortable by creation time (to the microsecond), unique: 20261122T170102.123456Z-3f9a1c."""
     now = now or datetime.now(UTC)
-    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"{now:%Y%m%dT%H%M%S.%fZ}-{secrets.token_hex(3)}"
 
 
 def version_prefix(endpoint: str, version: str) -> str:

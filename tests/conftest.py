@@ -92,8 +92,9 @@ def client(make_app: Callable[..., Flask]) -> FlaskClient:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
-            photos_zip: Path) -> Iterator[FlaskClient]:
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, photos_zip: Path
+) -> Iterator[FlaskClient]:
     """A client whose `food` endpoint is trained on the test photos (shared by a module)."""
     app = create_app(settings_for(tmp_path_factory.mktemp("trained"), models_dir))
     client = app.test_client()

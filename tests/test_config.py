@@ -17,10 +17,15 @@ def test_the_local_profile_is_the_default() -> None:
 
 
 def test_environment_variables_are_typed() -> None:
-    settings = Settings.load(environ={
-        "STORAGE_URI": "/srv/data", "WATCH_INTERVAL_S": "0.5", "WARM_ON_START": "false",
-        "MAX_IMAGE_MB": "3", "CACHE_DIR": "/tmp/c",
-    })
+    settings = Settings.load(
+        environ={
+            "STORAGE_URI": "/srv/data",
+            "WATCH_INTERVAL_S": "0.5",
+            "WARM_ON_START": "false",
+            "MAX_IMAGE_MB": "3",
+            "CACHE_DIR": "/tmp/c",
+        }
+    )
     assert settings.storage_uri == "/srv/data"
     assert settings.watch_interval_s == 0.5
     assert settings.warm_on_start is False

@@ -62,7 +62,8 @@ def test_encode_refuses_the_wrong_input_shape(tiny_model: Path, tmp_path: Path) 
     ],
 )
 def test_resolve_maps_remote_handles_to_the_offline_encoder_only_in_offline_mode(
-        source: str, mode: str, kind: str) -> None:
+    source: str, mode: str, kind: str
+) -> None:
     resolved = encoders.resolve(EncoderSpec(source, 224), mode, Path("/models"))
     assert resolved.kind == kind
     if kind == "offline":
@@ -97,8 +98,9 @@ def model_server(tiny_model: Path, tmp_path: Path) -> Iterator[ModelServer]:
         running.stop()
 
 
-def test_a_url_handle_is_downloaded_into_the_cache_and_loaded(model_server: ModelServer,
-                                                              tmp_path: Path) -> None:
+def test_a_url_handle_is_downloaded_into_the_cache_and_loaded(
+    model_server: ModelServer, tmp_path: Path
+) -> None:
     cache = tmp_path / "tfhub-cache"
     encoder = encoders.load(EncoderSource("hub", model_server.url, 32), cache)
     assert type(encoder.layer).__name__ == "KerasLayer"

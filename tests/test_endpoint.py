@@ -68,8 +68,7 @@ def test_a_relative_saved_model_path_is_relative_to_the_file(tmp_path: Path) -> 
         ('name = "health"\n[encoder]\nsource = "x"\ninput_size = 9\n', "name"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[index]\nmetric = "euclidean"\n', "index.metric"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[index]\nsearch_k = 0\n', "index.search_k"),
-        ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\ndefault_k = 50\nmax_k = 10\n',
-         "query.default_k"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\ndefault_k = 50\nmax_k = 10\n', "query.default_k"),
         ('[encoder]\nsource = "x"\ninput_size = 9\nn_tres = 3\n', "n_tres"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[index]\nntrees = 3\n', "index.ntrees"),
         ("[encoder\n", "not a readable TOML file"),
@@ -93,8 +92,14 @@ def test_two_files_with_one_name_are_refused(tmp_path: Path) -> None:
 
 def test_adding_an_endpoint_is_adding_one_file(tmp_path: Path) -> None:
     (tmp_path / "art.toml").write_text(GOOD)
-    app = create_app({"endpoints_dir": tmp_path, "storage_uri": str(tmp_path / "s"),
-                      "warm_on_start": False, "cache_dir": tmp_path / "c"})
+    app = create_app(
+        {
+            "endpoints_dir": tmp_path,
+            "storage_uri": str(tmp_path / "s"),
+            "warm_on_start": False,
+            "cache_dir": tmp_path / "c",
+        }
+    )
     names = [e["name"] for e in app.test_client().get("/endpoints").get_json()["endpoints"]]
     assert names == ["art"]
     app.extensions["simsvc"].close()
@@ -104,5 +109,4 @@ def test_the_app_does_not_start_with_a_bad_endpoint_file(tmp_path: Path) -> None
     (tmp_path / "ok.toml").write_text(GOOD)
     (tmp_path / "bad.toml").write_text('[encoder]\nsource = "x"\ninput_size = -3\n')
     with pytest.raises(EndpointConfigError, match=r"bad\.toml: encoder\.input_size"):
-        create_app({"endpoints_dir": tmp_path, "storage_uri": str(tmp_path / "s"),
-                    "warm_on_start": False})
+        create_app({"endpoints_dir": tmp_path, "storage_uri": str(tmp_path / "s"), "warm_on_start": False})

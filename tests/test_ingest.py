@@ -26,14 +26,23 @@ def plan_of(tmp_path: Path, files: dict[str, bytes], limits: ingest.ZipLimits = 
 def test_labels_are_parent_folders_at_any_depth(tmp_path: Path) -> None:
     plan = plan_of(tmp_path, {"a.jpg": b"1", "shoes/b.jpg": b"2", "shop/shirts/c.png": b"3"})
     assert [(e.name, e.label) for e in plan.entries] == [
-        ("a.jpg", None), ("shoes/b.jpg", "shoes"), ("shop/shirts/c.png", "shirts")]
+        ("a.jpg", None),
+        ("shoes/b.jpg", "shoes"),
+        ("shop/shirts/c.png", "shirts"),
+    ]
 
 
 def test_clutter_is_ignored_and_unsafe_paths_are_skipped(tmp_path: Path) -> None:
-    plan = plan_of(tmp_path, {
-        "__MACOSX/shoes/._b.jpg": b"x", "shoes/.DS_Store": b"x", "shoes/b.jpg": b"2",
-        "../evil.jpg": b"x", "/abs.jpg": b"x",
-    })
+    plan = plan_of(
+        tmp_path,
+        {
+            "__MACOSX/shoes/._b.jpg": b"x",
+            "shoes/.DS_Store": b"x",
+            "shoes/b.jpg": b"2",
+            "../evil.jpg": b"x",
+            "/abs.jpg": b"x",
+        },
+    )
     assert [e.name for e in plan.entries] == ["shoes/b.jpg"]
     assert {s.reason for s in plan.skipped} == {"unsafe path"}
 
@@ -42,16 +51,19 @@ def test_metadata_csv_maps_filenames_to_fields(tmp_path: Path) -> None:
     csv = "filename,price,colour\nshoes/b.jpg,20,red\nc.jpg,5,blue\nmissing.jpg,1,x\n"
     plan = plan_of(tmp_path, {"shoes/b.jpg": b"2", "shirts/c.jpg": b"3", "metadata.csv": csv.encode()})
     assert plan.metadata_file == "metadata.csv"
-    assert plan.metadata == {"shoes/b.jpg": {"price": "20", "colour": "red"},
-                             "shirts/c.jpg": {"price": "5", "colour": "blue"}}  # by unique basename
+    assert plan.metadata == {
+        "shoes/b.jpg": {"price": "20", "colour": "red"},
+        "shirts/c.jpg": {"price": "5", "colour": "blue"},
+    }  # by unique basename
     assert plan.metadata_unmatched == 1
     assert "metadata.csv" not in [e.name for e in plan.entries]
 
 
 def test_metadata_jsonl_keeps_json_types(tmp_path: Path) -> None:
     lines = [{"filename": "b.jpg", "price": 19.5, "tags": ["new"]}]
-    plan = plan_of(tmp_path, {
-        "b.jpg": b"2", "metadata.jsonl": "\n".join(json.dumps(x) for x in lines).encode()})
+    plan = plan_of(
+        tmp_path, {"b.jpg": b"2", "metadata.jsonl": "\n".join(json.dumps(x) for x in lines).encode()}
+    )
     assert plan.metadata == {"b.jpg": {"price": 19.5, "tags": ["new"]}}
 
 
@@ -71,8 +83,9 @@ def test_a_zipped_folder_is_read_from_inside_its_top_folder(tmp_path: Path) -> N
         ("metadata.csv", b"\xff\xfe\x00bad", "could not be read as UTF-8"),
     ],
 )
-def test_a_broken_metadata_file_fails_clearly(tmp_path: Path, name: str, content: bytes,
-                                              message: str) -> None:
+def test_a_broken_metadata_file_fails_clearly(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
     with pytest.raises(TrainingError, match=message):
         plan_of(tmp_path, {"b.jpg": b"1", name: content})
 

@@ -27,21 +27,25 @@ def store(tmp_path: Path) -> LocalStorage:
 
 
 def test_publish_writes_the_layout_and_points_current_at_it(store: LocalStorage, tmp_path: Path) -> None:
-    manifest = versions.publish(store, "shop", "20260101T000000Z-aaaaaa", staged(tmp_path),
-                                {"count": 1})
-    prefix = "shop/versions/20260101T000000Z-aaaaaa/"
+    manifest = versions.publish(
+        store, "shop", "20260101T000000.000000Z-aaaaaa", staged(tmp_path), {"count": 1}
+    )
+    prefix = "shop/versions/20260101T000000.000000Z-aaaaaa/"
     assert sorted(store.list(prefix)) == sorted(
-        prefix + f for f in (*versions.SERVING_FILES, "images/0.jpg", "manifest.json"))
-    assert json.loads(store.read("shop/CURRENT")) == {"version": "20260101T000000Z-aaaaaa"}
+        prefix + f for f in (*versions.SERVING_FILES, "images/0.jpg", "manifest.json")
+    )
+    assert json.loads(store.read("shop/CURRENT")) == {"version": "20260101T000000.000000Z-aaaaaa"}
     assert set(manifest["files"]) == {*versions.SERVING_FILES, "images/0.jpg"}
     assert manifest["files"]["images/0.jpg"]["sha256"] == versions.sha256_file(
-        tmp_path / "stage" / "images" / "0.jpg")
-    assert versions.list_versions(store, "shop") == ["20260101T000000Z-aaaaaa"]
+        tmp_path / "stage" / "images" / "0.jpg"
+    )
+    assert versions.list_versions(store, "shop") == ["20260101T000000.000000Z-aaaaaa"]
 
 
-def test_a_failed_upload_leaves_current_alone(store: LocalStorage, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    versions.publish(store, "shop", "20260101T000000Z-aaaaaa", staged(tmp_path, "v1"), {})
+def test_a_failed_upload_leaves_current_alone(
+    store: LocalStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    versions.publish(store, "shop", "20260101T000000.000000Z-aaaaaa", staged(tmp_path, "v1"), {})
     calls = []
 
     def failing_upload(key: str, path: Path) -> None:
@@ -52,20 +56,20 @@ def test_a_failed_upload_leaves_current_alone(store: LocalStorage, tmp_path: Pat
 
     monkeypatch.setattr(store, "upload", failing_upload)
     with pytest.raises(OSError, match="disk full"):
-        versions.publish(store, "shop", "20260102T000000Z-bbbbbb", staged(tmp_path, "v2"), {})
-    assert versions.read_current(store, "shop").version == "20260101T000000Z-aaaaaa"
-    assert versions.list_versions(store, "shop") == ["20260101T000000Z-aaaaaa"]  # no manifest
+        versions.publish(store, "shop", "20260102T000000.000000Z-bbbbbb", staged(tmp_path, "v2"), {})
+    assert versions.read_current(store, "shop").version == "20260101T000000.000000Z-aaaaaa"
+    assert versions.list_versions(store, "shop") == ["20260101T000000.000000Z-aaaaaa"]  # no manifest
 
 
 def test_an_older_build_cannot_replace_a_newer_version(store: LocalStorage, tmp_path: Path) -> None:
-    versions.publish(store, "shop", "20260105T000000Z-bbbbbb", staged(tmp_path, "new"), {})
-    with pytest.raises(versions.SupersededError, match="superseded by 20260105T000000Z-bbbbbb"):
-        versions.publish(store, "shop", "20260101T000000Z-aaaaaa", staged(tmp_path, "old"), {})
-    assert versions.read_current(store, "shop").version == "20260105T000000Z-bbbbbb"
+    versions.publish(store, "shop", "20260105T000000.000000Z-bbbbbb", staged(tmp_path, "new"), {})
+    with pytest.raises(versions.SupersededError, match="superseded by 20260105T000000.000000Z-bbbbbb"):
+        versions.publish(store, "shop", "20260101T000000.000000Z-aaaaaa", staged(tmp_path, "old"), {})
+    assert versions.read_current(store, "shop").version == "20260105T000000.000000Z-bbbbbb"
 
 
 def test_fetch_checks_every_serving_file(store: LocalStorage, tmp_path: Path) -> None:
-    version = "20260101T000000Z-aaaaaa"
+    version = "20260101T000000.000000Z-aaaaaa"
     manifest = versions.publish(store, "shop", version, staged(tmp_path), {})
     folder = versions.fetch_serving_files(store, "shop", version, manifest, tmp_path / "cache")
     assert (folder / "index.ann").read_bytes() == b"stage:index.ann"

@@ -1,0 +1,77 @@
+"""The command line: train with progress, query, and clear errors (run as real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service import demo
+from service.config import ROOT
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path, models_dir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "STORAGE_URI": str(tmp_path / "store"),
+        "CACHE_DIR": str(tmp_path / "cache"),
+        "MODELS_DIR": str(models_dir),
+    }
+
+
+def test_train_then_query(env: dict[str, str], photos_zip: Path, tmp_path: Path) -> None:
+    trained = cli("train", "food", str(photos_zip), env=env)
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads(trained.stdout)
+    assert result["counts"]["images"] == 30
+    assert "embed" in trained.stderr  # the progress bar
+
+    image = tmp_path / "query.jpg"
+    image.write_bytes(demo.jpeg(demo.photo("chelsea")))
+    found = cli("query", "food", str(image), "-k", "2", env=env)
+    assert found.returncode == 0, found.stderr
+    body = json.loads(found.stdout)
+    assert body["version"] == result["version"]
+    assert body["results"][0]["name"] == "chelsea/chelsea-original.jpg"
+    assert body["results"][0]["image_url"].startswith("file://")
+
+
+def test_errors_are_one_line_not_a_traceback(env: dict[str, str], tmp_path: Path) -> None:
+    image = tmp_path / "query.jpg"
+    image.write_bytes(demo.jpeg(demo.photo("chelsea")))
+    untrained = cli("query", "fashion", str(image), env=env)
+    assert untrained.returncode == 2
+    assert "no trained version" in untrained.stderr and "Traceback" not in untrained.stderr
+
+    bad = tmp_path / "endpoints"
+    bad.mkdir()
+    (bad / "oops.toml").write_text("[encoder]\nsource = 3\n")
+    listed = cli("endpoints", env={**env, "ENDPOINTS_DIR": str(bad)})
+    assert listed.returncode == 2
+    assert "oops.toml: encoder.source" in listed.stderr
+
+
+def test_demo_trains_every_untrained_endpoint_once(env: dict[str, str]) -> None:
+    first = cli("demo", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "fashion: trained" in first.stdout and "food: trained" in first.stdout
+    if demo.fashion_available():
+        assert "fashion-mnist.zip" in first.stdout
+    again = cli("demo", env=env)
+    assert "fashion: already serving" in again.stdout and "food: already serving" in again.stdout

@@ -1,0 +1,206 @@
+"""End to end through the Procfile's gunicorn command: train, infer, and a live version swap."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from service import demo
+from service.config import ROOT
+
+from .conftest import TEST_PHOTOS, make_zip
+
+pytestmark = pytest.mark.slow
+
+
+def procfile_web_command() -> list[str]:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith("web:"):
+            return shlex.split(line[len("web:") :])
+    raise AssertionError("Procfile has no web: line")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def workers(self) -> set[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        return {int(pid) for pid in children.split()}
+
+    def versions_by_worker(self, endpoint: str, until: str, timeout: float = 60) -> dict[int, str]:
+        """Ask /health until every worker has answered with version `until` (or time runs out)."""
+        seen: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        with ThreadPoolExecutor(8) as pool:
+            while time.monotonic() < deadline:
+                answers = pool.map(lambda _: requests.get(f"{self.url}/health", timeout=10).json(), range(8))
+                for body in answers:
+                    seen[body["worker"]] = body["endpoints"][endpoint]
+                if set(seen) >= self.workers() and all(v == until for v in seen.values()):
+                    break
+                time.sleep(0.1)
+        return seen
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("gunicorn")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # the venv's gunicorn
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "WEB_CONCURRENCY": "2",
+        "STORAGE_URI": f"file://{tmp / 'store'}",
+        "CACHE_DIR": str(tmp / "cache"),
+        "MODELS_DIR": str(models_dir),
+        "WATCH_INTERVAL_S": "0.5",
+    }
+    log = tmp / "gunicorn.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            procfile_web_command(), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"gunicorn did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield Server(url, process, log)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def train(server: Server, endpoint: str, zip_bytes: bytes) -> dict:
+    response = requests.post(
+        f"{server.url}/{endpoint}/train",
+        files={"file": ("photos.zip", zip_bytes, "application/zip")},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    status_url = response.json()["status_url"]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        job = requests.get(status_url, timeout=10).json()  # may be answered by either worker
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job did not finish: {job}")
+
+
+def infer(server: Server, endpoint: str, image: bytes, k: int = 3) -> requests.Response:
+    return requests.post(
+        f"{server.url}/{endpoint}/infer",
+        params={"k": k},
+        files={"image": ("query.jpg", image, "image/jpeg")},
+        timeout=30,
+    )
+
+
+def test_train_then_infer_real_photos(server: Server, photos_zip: Path) -> None:
+    workers = server.workers()
+    assert len(workers) == 2
+    job = train(server, "food", photos_zip.read_bytes())
+    assert job["status"] == "succeeded", job
+    assert job["counts"]["images"] == 5 * len(TEST_PHOTOS)
+    assert len(job["counts"]["labels"]) == len(TEST_PHOTOS)
+    seen = server.versions_by_worker("food", job["version"])
+    assert seen == dict.fromkeys(workers, job["version"]), "every worker serves the new version"
+
+    # One of the indexed photos finds itself first.
+    own = infer(server, "food", demo.jpeg(demo.photo("coffee"))).json()
+    assert own["results"][0]["name"] == "coffee/coffee-original.jpg"
+    assert own["results"][0]["score"] >= 0.99
+
+    # The same photo, resized and re-encoded as a low-quality JPEG, still finds its original.
+    small = demo.photo("rocket").resize((213, 142))
+    changed = infer(server, "food", demo.jpeg(small, quality=50)).json()
+    assert "rocket/rocket-original.jpg" in [r["name"] for r in changed["results"]]
+
+    # An upload that is not an image is a 400 with a JSON body, not a 500.
+    bad = infer(server, "food", b"definitely not a jpeg")
+    assert bad.status_code == 400 and bad.json()["code"] == 400
+
+    # The image URL in a result serves the original bytes.
+    image = requests.get(own["results"][0]["image_url"], timeout=10)
+    assert image.status_code == 200 and image.headers["Content-Type"] == "image/jpeg"
+
+
+def test_a_new_version_reaches_every_worker_without_a_restart(server: Server, photos_zip: Path) -> None:
+    workers = server.workers()
+    first = train(server, "food", photos_zip.read_bytes())
+    assert server.versions_by_worker("food", first["version"]) == dict.fromkeys(workers, first["version"])
+
+    # Keep querying while the second version is trained, published and swapped in.
+    statuses: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+    query = demo.jpeg(demo.photo("moon"))
+
+    def hammer() -> None:
+        while not stop.is_set():
+            response = infer(server, "food", query)
+            statuses.append(response.status_code)
+            if response.ok:
+                versions.add(response.json()["version"])
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        second_zip = make_zip({f"{n}/{n}.jpg": demo.jpeg(demo.photo(n)) for n in ("moon", "coins")})
+        second = train(server, "food", second_zip)
+        assert second["status"] == "succeeded", second
+        seen = server.versions_by_worker("food", second["version"])
+        time.sleep(1)  # a little traffic after the swap
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+    assert seen == dict.fromkeys(workers, second["version"])
+    assert server.workers() == workers, "no worker was restarted"
+    assert statuses and set(statuses) == {200}, f"failed requests during the swap: {statuses}"
+    assert second["version"] in versions and versions <= {first["version"], second["version"]}
+    body = infer(server, "food", query, k=5).json()
+    assert body["version"] == second["version"] and len(body["results"]) == 2
+
+
+def test_errors_through_gunicorn_are_json(server: Server) -> None:
+    response = requests.post(
+        f"{server.url}/food/infer", data=b"plain", timeout=10, headers={"Content-Type": "text/plain"}
+    )
+    assert response.status_code == 415 and response.json()["code"] == 415
+    response = infer(server, "shoes", b"x")
+    assert response.status_code == 404 and "shoes" in response.json()["message"]
+    response = infer(server, "fashion", demo.jpeg(demo.photo("moon")))  # never trained here
+    assert response.status_code == 503 and "no trained version" in response.json()["message"]
