@@ -122,7 +122,10 @@ class JobRunner:
         finally:
             zip_path.unlink(missing_ok=True)
         log.info("job %s for %s %s %s", job.id, job.endpoint, job.status, job.error or job.version)
-        self.store.save(job)
+        try:
+            self.store.save(job)
+        except Exception:  # the store itself is failing; nothing else can record it
+            log.exception("could not save the final status of job %s", job.id)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)

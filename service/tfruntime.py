@@ -7,15 +7,13 @@ import threading
 from types import ModuleType
 
 _lock = threading.Lock()
+_threads = {"intra_op": 0, "inter_op": 0}  # 0: TensorFlow's default
 _threads_set = False
 
 
 def configure_threads(intra_op: int, inter_op: int) -> None:
-    """Record TensorFlow's thread-pool sizes; they take effect when TensorFlow is first imported."""
-    if intra_op > 0:
-        os.environ["SIMSVC_TF_INTRA_OP"] = str(intra_op)
-    if inter_op > 0:
-        os.environ["SIMSVC_TF_INTER_OP"] = str(inter_op)
+    """Record TensorFlow's thread-pool sizes; they take effect when TensorFlow is first used."""
+    _threads.update(intra_op=intra_op, inter_op=inter_op)
 
 
 def tensorflow() -> ModuleType:
@@ -29,13 +27,11 @@ def tensorflow() -> ModuleType:
     with _lock:
         if not _threads_set:
             _threads_set = True
-            intra = int(os.environ.get("SIMSVC_TF_INTRA_OP", "0"))
-            inter = int(os.environ.get("SIMSVC_TF_INTER_OP", "0"))
             try:
-                if intra:
-                    tf.config.threading.set_intra_op_parallelism_threads(intra)
-                if inter:
-                    tf.config.threading.set_inter_op_parallelism_threads(inter)
+                if _threads["intra_op"] > 0:
+                    tf.config.threading.set_intra_op_parallelism_threads(_threads["intra_op"])
+                if _threads["inter_op"] > 0:
+                    tf.config.threading.set_inter_op_parallelism_threads(_threads["inter_op"])
             except RuntimeError:
                 pass  # TensorFlow already started its pools in this process; keep them.
     return tf
