@@ -32,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="train every untrained endpoint on the demo images")
     demo.add_argument("--force", action="store_true", help="retrain even if already published")
 
+    history = commands.add_parser("versions", help="list or roll back an endpoint's versions")
+    actions = history.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="the complete published versions, oldest first")
+    listing.add_argument("endpoint")
+    back = actions.add_parser("rollback", help="point CURRENT at an earlier version")
+    back.add_argument("endpoint")
+    back.add_argument("version")
+
     commands.add_parser("build-encoder", help="build the offline encoder into MODELS_DIR")
     commands.add_parser("endpoints", help="validate and list the endpoint files")
 
@@ -145,6 +153,25 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def versions_command(args: argparse.Namespace) -> int:
+    from . import versions
+    from .runtime import build_service
+
+    service = build_service(Settings.load({"warm_on_start": False}))
+    service.registry.get(args.endpoint)  # an unknown endpoint is an error, not an empty list
+    if args.action == "rollback":
+        versions.rollback(service.storage, args.endpoint, args.version)
+        print(f"{args.endpoint}: CURRENT now names {args.version}")
+        return 0
+    current = versions.read_current(service.storage, args.endpoint).version
+    print(f"{'':2}{'version':32} {'count':>8}  created_at")
+    for version in versions.list_versions(service.storage, args.endpoint):
+        manifest = versions.read_manifest(service.storage, args.endpoint, version)
+        mark = "*" if version == current else " "
+        print(f"{mark:2}{version:32} {manifest.get('count', '?'):>8}  {manifest.get('created_at', '?')}")
+    return 0
+
+
 def build_encoder(args: argparse.Namespace) -> int:
     from .offline_encoder import build
 
@@ -167,6 +194,7 @@ COMMANDS = {
     "train": train,
     "query": query,
     "demo": demo,
+    "versions": versions_command,
     "build-encoder": build_encoder,
     "endpoints": endpoints,
 }

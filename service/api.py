@@ -8,12 +8,12 @@ import secrets
 from http import HTTPStatus
 from typing import Any
 
-from flask import Flask, Response, current_app, request, send_file, url_for
+from flask import Flask, Response, current_app, redirect, request, send_file, url_for
 from flask_smorest import Blueprint
 from flask_smorest.error_handler import ErrorSchema  # {code, status, message, errors}
 from werkzeug.exceptions import HTTPException
 
-from . import ingest, query
+from . import ingest, query, versions
 from .errors import (
     InvalidParameterError,
     ServiceError,
@@ -63,8 +63,13 @@ def error_responses(*statuses: int) -> dict[str, Any]:
 
 
 def image_url(name: str) -> query.ImageUrlFn:
+    """Pre-signed store URLs where the store gives them (S3), else this service's image route."""
+    service = svc()
+
     def build(loaded: LoadedVersion, item_id: int) -> str:
-        return url_for(
+        key = versions.version_prefix(name, loaded.version) + loaded.items[item_id]["image"]
+        signed = service.storage.signed_url(key, service.settings.signed_url_expiry_s)
+        return signed or url_for(
             "simsvc.item_image", name=name, item_id=item_id, version=loaded.version, _external=True
         )
 
@@ -150,7 +155,7 @@ def job_status(name: str, job_id: str) -> dict[str, Any]:
     """A training job's status and progress"""
     service = svc()
     service.registry.get(name)
-    return service.jobs.store.load(name, job_id).to_dict()
+    return service.jobs.status(name, job_id)
 
 
 # --- queries ---------------------------------------------------------------------------------
@@ -244,6 +249,9 @@ def item_image(name: str, item_id: int, version: str | None = None) -> Response:
     local = service.storage.local_path(key)
     if local is not None:
         return send_file(local, mimetype=mimetype, max_age=3600)
+    signed = service.storage.signed_url(key, service.settings.signed_url_expiry_s)
+    if signed:
+        return redirect(signed)  # the bytes come straight from the store, not through this tier
     return Response(service.storage.read(key), mimetype=mimetype)
 
 

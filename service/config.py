@@ -27,8 +27,16 @@ class Settings:
     """Every knob of the service. Environment variable = field name in upper case."""
 
     profile: str = "local"
-    # file:///abs/path, a plain path, or (with S3 support) s3://bucket/prefix
+    # file:///abs/path, a plain path, or s3://bucket/prefix
     storage_uri: str = ""
+    # An S3-compatible endpoint (MinIO, a local test server); boto3's AWS_ENDPOINT_URL_S3 also works.
+    s3_endpoint_url: str = ""
+    # The bucket's region; empty: boto3's chain (AWS_REGION / AWS_DEFAULT_REGION, instance metadata).
+    s3_region: str = ""
+    # How long the pre-signed image URLs in results stay valid.
+    signed_url_expiry_s: int = 3600
+    # Published versions kept per endpoint; older ones are deleted after each successful publish.
+    keep_versions: int = 5
     endpoints_dir: Path = ROOT / "endpoints"
     # hub: download TF-Hub handles (cached in TFHUB_CACHE_DIR); offline: use the bundled encoder
     encoder_mode: str = "offline"
@@ -78,6 +86,8 @@ class Settings:
             raise ValueError(f"ENCODER_MODE must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
         if not self.storage_uri:
             raise ValueError("STORAGE_URI is required (e.g. s3://my-bucket/simsvc or file:///srv/data)")
+        if self.keep_versions < 1:
+            raise ValueError(f"KEEP_VERSIONS must be at least 1, got {self.keep_versions}")
         return self
 
     @property

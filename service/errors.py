@@ -64,6 +64,12 @@ class NotTrainedError(ServiceError):
     status = 503
 
 
+class EndpointUnavailableError(ServiceError):
+    """The endpoint has a version but cannot serve it (its store or encoder failed)."""
+
+    status = 503
+
+
 class EncoderUnavailableError(ServiceError):
     """An encoder that cannot be loaded: a TF-Hub handle that cannot be fetched, a missing folder."""
 

@@ -67,7 +67,9 @@ def build_service(settings: Settings) -> Service:
     )
     configure_threads(settings.tf_intra_op_threads, settings.tf_inter_op_threads)
     specs = load_endpoints(settings.endpoints_dir)
-    storage = open_storage(settings.storage_uri)
+    storage = open_storage(
+        settings.storage_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+    )
     uploads = settings.cache_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
 

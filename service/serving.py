@@ -21,11 +21,12 @@ from . import encoders, versions
 from .config import Settings
 from .endpoint import EndpointSpec
 from .errors import (
-    EncoderUnavailableError,
     EndpointNotFoundError,
+    EndpointUnavailableError,
     IntegrityError,
     NotTrainedError,
     ServiceError,
+    StorageError,
 )
 from .index import IndexReader
 from .storage import Storage
@@ -82,6 +83,10 @@ def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: S
     )
 
 
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="seconds") if moment else None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     with path.open(encoding="utf-8") as f:
         return json.load(f)
@@ -96,31 +101,51 @@ class EndpointRuntime:
         self.settings = settings
         self.loaded: LoadedVersion | None = None
         self.checked = False  # CURRENT read at least once
-        self.error: str | None = None  # why the latest load failed, if it did
+        self.error: str | None = None  # why the latest check or load failed, if it did
         self.loading: str | None = None  # the version being loaded right now
+        self.degraded_since: datetime | None = None  # since when the store is unreachable
+        self._seen_tag: str | None = None  # CURRENT's tag when last handled (loaded or refused)
         self._lock = threading.Lock()
 
     def refresh(self) -> bool:
-        """Load the version CURRENT names if it is not the one served; True if it swapped."""
+        """Load the version CURRENT names if it is not the one served; True if it swapped.
+
+        Each check is one cheap request (CURRENT's tag: a HEAD on S3). While the store cannot be
+        reached the endpoint keeps serving what it has and is marked degraded; a version that
+        fails its integrity checks is refused once, not re-downloaded every round.
+        """
         with self._lock:
+            key = f"{self.spec.name}/{versions.CURRENT}"
             try:
+                tag = self.storage.tag(key)
+                if tag is None or tag == self._seen_tag:
+                    self._reachable()
+                    return False
                 pointer = versions.read_current(self.storage, self.spec.name)
-                self.checked = True
-                if pointer.version is None or (
-                    self.loaded is not None and pointer.version == self.loaded.version
-                ):
+                self._reachable()
+                if pointer.version is None or (self.loaded and pointer.version == self.loaded.version):
+                    self._seen_tag = pointer.tag
                     return False
                 started = time.monotonic()
                 self.loading = pointer.version
                 fresh = load_version(self.storage, self.spec, pointer.version, self.settings)
+            except StorageError as exc:
+                if not isinstance(exc, IntegrityError):
+                    return self._unreachable(exc.message)  # try again next round
+                self._seen_tag = tag
+                return self._failed(exc.message)
             except ServiceError as exc:
+                self._seen_tag = tag
                 return self._failed(exc.message)
             except Exception as exc:  # a corrupt file can surface as anything; keep serving
                 log.exception("%s: loading the current version failed", self.spec.name)
+                self._seen_tag = tag
                 return self._failed(f"could not load the current version: {type(exc).__name__}")
             finally:
                 self.loading = None
-            self.loaded, self.error = fresh, None
+                self.checked = True
+            previous = self.loaded
+            self.loaded, self.error, self._seen_tag = fresh, None, pointer.tag
             log.info(
                 "%s: serving version %s (%d items, loaded in %.2fs)",
                 self.spec.name,
@@ -128,10 +153,25 @@ class EndpointRuntime:
                 fresh.count,
                 time.monotonic() - started,
             )
-            return True
+        keep = {fresh.version} | ({previous.version} if previous else set())
+        versions.prune_cache(self.settings.cache_dir, self.spec.name, keep)
+        return True
+
+    def _reachable(self) -> None:
+        self.checked = True
+        if self.degraded_since is not None:
+            log.info("%s: storage reachable again", self.spec.name)
+            self.degraded_since = None
+            self.error = None
+
+    def _unreachable(self, message: str) -> bool:
+        if self.degraded_since is None:
+            self.degraded_since = datetime.now(UTC)
+            log.error("%s: storage unreachable, serving what is loaded: %s", self.spec.name, message)
+        self.error = message
+        return False
 
     def _failed(self, message: str) -> bool:
-        self.checked = True
         if self.error != message:
             log.error("%s: cannot load the current version: %s", self.spec.name, message)
         self.error = message
@@ -146,7 +186,7 @@ class EndpointRuntime:
         if loaded is not None:
             return loaded
         if self.error:
-            raise EncoderUnavailableError(f"endpoint {self.spec.name!r} is unavailable: {self.error}")
+            raise EndpointUnavailableError(f"endpoint {self.spec.name!r} is unavailable: {self.error}")
         raise NotTrainedError(
             f"endpoint {self.spec.name!r} has no trained version yet: POST a zip of images to "
             f"/{self.spec.name}/train"
@@ -170,6 +210,10 @@ class EndpointRuntime:
             "labels": {},
             "trained_at": None,
             "error": self.error,
+            "degraded": self.degraded_since is not None,
+            "degraded_since": self.degraded_since.isoformat(timespec="seconds")
+            if self.degraded_since
+            else None,
         }
         if loaded:
             manifest = loaded.manifest

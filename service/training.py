@@ -147,9 +147,31 @@ def train(
         }
 
         report(Progress("publish", 0, 1))
-        manifest = versions.publish(storage, spec.name, version, staging, manifest)
+        try:
+            manifest = versions.publish(storage, spec.name, version, staging, manifest)
+        except Exception:
+            _discard(storage, spec.name, version)
+            raise
         report(Progress("publish", 1, 1))
+    _prune(storage, spec.name, settings.keep_versions)
     return TrainResult(version, len(accepted), counts, skipped, manifest)
+
+
+def _discard(storage: Storage, endpoint: str, version: str) -> None:
+    """Best effort: remove the files of a version whose publish failed (unless it became current)."""
+    try:
+        if versions.read_current(storage, endpoint).version != version:
+            storage.delete_prefix(versions.version_prefix(endpoint, version))
+    except Exception as exc:  # the store may be what failed; prune_versions cleans up later
+        log.warning("could not remove the unpublished version %s of %s: %s", version, endpoint, exc)
+
+
+def _prune(storage: Storage, endpoint: str, keep: int) -> None:
+    """Best effort: the new version is live; a failure to delete old ones must not fail the job."""
+    try:
+        versions.prune_versions(storage, endpoint, keep)
+    except Exception as exc:
+        log.warning("could not delete old versions of %s: %s", endpoint, exc)
 
 
 Prepared = tuple[np.ndarray, str] | str  # (input array, format) or the reason it was skipped

@@ -11,19 +11,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError, StorageError
+from .errors import IntegrityError, NotFoundError, StorageError
 from .storage import KeyNotFoundError, Storage
 
 log = logging.getLogger(__name__)
@@ -88,12 +91,43 @@ def read_manifest(storage: Storage, endpoint: str, version: str) -> dict[str, An
 
 def list_versions(storage: Storage, endpoint: str) -> list[str]:
     """Versions with a manifest (i.e. completely uploaded), oldest first."""
-    prefix = f"{endpoint}/versions/"
-    return sorted(
-        key[len(prefix) :].split("/")[0]
-        for key in storage.list(prefix)
-        if key.endswith("/" + MANIFEST) and key.count("/") == 3
-    )
+    return [
+        v
+        for v in storage.list_folders(f"{endpoint}/versions/")
+        if SAFE_VERSION.match(v) and storage.exists(version_prefix(endpoint, v) + MANIFEST)
+    ]
+
+
+def prune_versions(storage: Storage, endpoint: str, keep: int, stale_after_s: float = 86400) -> list[str]:
+    """Delete all but the newest `keep` complete versions (never the current one).
+
+    Also deletes incomplete versions (no manifest: a build that failed mid-upload) once they are
+    older than `stale_after_s`, so a build still uploading is left alone. Returns what it deleted.
+    """
+    current = read_current(storage, endpoint).version
+    folders = [v for v in storage.list_folders(f"{endpoint}/versions/") if SAFE_VERSION.match(v)]
+    complete = [v for v in folders if storage.exists(version_prefix(endpoint, v) + MANIFEST)]
+    doomed = [v for v in complete[: max(0, len(complete) - keep)] if v != current]
+    cutoff = (datetime.now(UTC) - timedelta(seconds=stale_after_s)).strftime("%Y%m%dT%H%M%S")
+    doomed += [v for v in folders if v not in complete and v != current and v < cutoff]
+    for version in doomed:
+        storage.delete_prefix(version_prefix(endpoint, version))
+        log.info("deleted %s version %s", endpoint, version)
+    return doomed
+
+
+def rollback(storage: Storage, endpoint: str, version: str) -> None:
+    """Point CURRENT back at an earlier complete version (checked before it is served)."""
+    if not SAFE_VERSION.match(version) or version not in list_versions(storage, endpoint):
+        raise NotFoundError(f"no complete version {version!r} of endpoint {endpoint!r}")
+    manifest = read_manifest(storage, endpoint, version)
+    missing = [n for n in SERVING_FILES if not storage.exists(version_prefix(endpoint, version) + n)]
+    if missing or any(n not in manifest.get("files", {}) for n in SERVING_FILES):
+        raise IntegrityError(f"version {version} of {endpoint!r} is missing {missing or 'manifest entries'}")
+    current = read_current(storage, endpoint)
+    if not storage.write_if(f"{endpoint}/{CURRENT}", json.dumps({"version": version}).encode(), current.tag):
+        raise StorageError(f"{endpoint}/{CURRENT} changed while rolling back; try again")
+    log.info("rolled %s back to version %s", endpoint, version)
 
 
 def publish(
@@ -140,34 +174,57 @@ def fetch_serving_files(
 ) -> Path:
     """Local folder holding the version's serving files, each checked against the manifest.
 
-    Local stores are read in place; others are downloaded once into `cache_dir`, through a
-    temporary file renamed into place after its sha256 matched, so a partial or corrupt download
-    is never served. Folders are per version, so worker processes share one download.
+    Local stores are read in place and checked on every load. Others are downloaded once into
+    `cache_dir`: each file goes to a temporary name, is checked against the manifest's sha256 and
+    only then renamed into place, so a partial or corrupt download is never served and a file in
+    the cache is known good. A lock per version folder makes worker processes on one instance
+    share a single download: the second waits, then finds the files there.
     """
     prefix = version_prefix(endpoint, version)
-    folder = cache_dir / "versions" / endpoint / version
+    expected = {}
+    for name in SERVING_FILES:
+        digest = manifest.get("files", {}).get(name, {}).get("sha256")
+        if digest is None:
+            raise IntegrityError(f"{prefix}{MANIFEST} lists no {name}")
+        expected[name] = digest
+
     in_place = storage.local_path(prefix + MANIFEST)
     if in_place is not None:
-        folder = in_place.parent
-    for name in SERVING_FILES:
-        expected = manifest.get("files", {}).get(name, {}).get("sha256")
-        if expected is None:
-            raise IntegrityError(f"{prefix}{MANIFEST} lists no {name}")
-        target = folder / name
-        if in_place is None and not target.exists():
-            folder.mkdir(parents=True, exist_ok=True)
+        for name, digest in expected.items():
+            _check(in_place.parent / name, digest, prefix + name)
+        return in_place.parent
+
+    folder = cache_dir / "versions" / endpoint / version
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(version + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name, digest in expected.items():
+            target = folder / name
+            if target.exists():
+                continue
             fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
             os.close(fd)
             tmp = Path(tmp_name)
             try:
                 storage.download(prefix + name, tmp)
-                _check(tmp, expected, prefix + name)
+                _check(tmp, digest, prefix + name)
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
-        else:
-            _check(target, expected, prefix + name)
+    os.utime(folder)  # marks it as in use, for prune_cache
     return folder
+
+
+def prune_cache(cache_dir: Path, endpoint: str, keep: set[str], min_age_s: float = 600) -> None:
+    """Remove downloaded versions not in `keep` and unused for `min_age_s` (other workers may
+    still be swapping away from them; their open index files survive the unlink anyway)."""
+    base = cache_dir / "versions" / endpoint
+    if not base.is_dir():
+        return
+    for folder in base.iterdir():
+        if folder.is_dir() and folder.name not in keep and time.time() - folder.stat().st_mtime > min_age_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
 
 
 def _check(path: Path, expected: str, key: str) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import secrets
 import shutil
+import socket
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -20,6 +23,71 @@ from service.encoders import OFFLINE_NAME
 
 # A handful of real photos keeps the suite fast; five variants each, one folder per photo.
 TEST_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "colorwheel", "moon")
+
+# boto3 needs credentials and a region; the local S3 server accepts any. Set before any client
+# is made, and inherited by the subprocesses (CLI, gunicorn) the tests start.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+)
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_name, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 API served over real HTTP on loopback; can be stopped and started again.
+
+    moto keeps its buckets in this process's memory, so a restarted server on the same port
+    still has them: that is how the tests simulate an S3 outage.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: Any = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        # Close the listening socket too, so clients are refused at once (not left hanging).
+        self._server.stop()
+        self._server._server.server_close()
+
+    def bucket(self) -> str:
+        """A new, empty bucket with a valid DNS name."""
+        import boto3
+
+        name = f"simsvc-test-{secrets.token_hex(6)}"
+        boto3.client("s3", endpoint_url=self.url).create_bucket(Bucket=name)
+        return name
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_config(s3_server: S3Server) -> dict[str, Any]:
+    """Settings that put the app's store in a fresh bucket on the shared S3 server."""
+    return {"storage_uri": f"s3://{s3_server.bucket()}/simsvc", "s3_endpoint_url": s3_server.url}
 
 
 @pytest.fixture(scope="session")

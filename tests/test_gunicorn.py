@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import requests
 from service import demo
 from service.config import ROOT
 
-from .conftest import TEST_PHOTOS, make_zip
+from .conftest import TEST_PHOTOS, free_port, make_zip
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +30,6 @@ def procfile_web_command() -> list[str]:
         if line.startswith("web:"):
             return shlex.split(line[len("web:") :])
     raise AssertionError("Procfile has no web: line")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

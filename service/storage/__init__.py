@@ -1,7 +1,7 @@
 """Storage: one small interface over a key/value store of files, picked by URI scheme.
 
 Keys are relative, '/'-separated paths such as `fashion/versions/<v>/index.ann`.
-Implementations: `LocalStorage` (file://, plain paths) and, later, `S3Storage` (s3://).
+Implementations: `LocalStorage` (file://, plain paths) and `S3Storage` (s3://bucket/prefix).
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ class Storage(abc.ABC):
         """All keys under `prefix` (a folder-like prefix ending in '/'), sorted."""
 
     @abc.abstractmethod
+    def list_folders(self, prefix: str) -> list[str]:
+        """The names of the immediate sub-folders of `prefix`, sorted (one level, cheap)."""
+
+    @abc.abstractmethod
     def delete_prefix(self, prefix: str) -> None:
         """Delete every key under `prefix`."""
 
@@ -80,7 +84,7 @@ def check_key(key: str) -> str:
     return key
 
 
-def open_storage(uri: str) -> Storage:
+def open_storage(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
     """Storage for a URI: `file:///abs/path` or a plain path (local), `s3://bucket/prefix`."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
@@ -88,4 +92,8 @@ def open_storage(uri: str) -> Storage:
 
         path = parsed.path if parsed.scheme == "file" else uri
         return LocalStorage(Path(path))
-    raise ValueError(f"unsupported STORAGE_URI scheme {parsed.scheme!r} in {uri!r} (use file://)")
+    if parsed.scheme == "s3":
+        from .s3 import S3Storage
+
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
+    raise ValueError(f"unsupported STORAGE_URI scheme {parsed.scheme!r} in {uri!r} (use file:// or s3://)")

@@ -1,0 +1,169 @@
+"""S3 storage (boto3): keys live under s3://bucket/prefix/; credentials come from boto3's chain.
+
+Conditional writes use S3's If-None-Match / If-Match on PutObject, so CURRENT is compare-and-
+swapped. Large files go up as multipart uploads. The client is made lazily, after gunicorn
+forks, and is shared by the threads of a worker (boto3 clients are thread-safe).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import StorageError
+from . import KeyNotFoundError, Storage, check_key
+
+MB = 1024 * 1024
+NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+PRECONDITION_FAILED = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
+
+
+class S3Storage(Storage):
+    def __init__(
+        self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None
+    ) -> None:
+        if not bucket:
+            raise ValueError("an s3:// STORAGE_URI needs a bucket: s3://<bucket>/<prefix>")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url or None
+        self.region = region or None
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(
+                    # SigV4 everywhere: newer regions accept nothing else, pre-signed URLs included.
+                    signature_version="s3v4",
+                    connect_timeout=5,
+                    read_timeout=60,
+                    retries={"mode": "standard"},
+                    # S3-compatible servers (a local one in tests, MinIO) need path-style URLs.
+                    s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+                    max_pool_connections=32,
+                )
+                self._client = boto3.session.Session().client(
+                    "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
+                )
+            return self._client
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextmanager
+    def _errors(self, action: str, key: str) -> Iterator[None]:
+        """Turn boto3's exceptions into the service's: missing keys, and S3 being unreachable."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in NOT_FOUND:
+                raise KeyNotFoundError(key) from None
+            raise StorageError(f"S3 {action} of {self.uri}/{key} failed: {code} {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 {action} of {self.uri}/{key} failed: {exc}") from exc
+
+    def read(self, key: str) -> bytes:
+        return self.read_tagged(key)[0]
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        with self._errors("read", key):
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+
+    def tag(self, key: str) -> str | None:
+        try:
+            with self._errors("head", key):
+                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ETag"]
+        except KeyNotFoundError:
+            return None
+
+    def write(self, key: str, data: bytes) -> None:
+        with self._errors("write", key):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def write_if(self, key: str, data: bytes, expected_tag: str | None) -> bool:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if expected_tag is None else {"IfMatch": expected_tag}
+        try:
+            with self._errors("conditional write", key):
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+        except StorageError as exc:
+            cause = exc.__cause__
+            if (
+                isinstance(cause, ClientError)
+                and str(cause.response.get("Error", {}).get("Code", "")) in PRECONDITION_FAILED
+            ):
+                return False
+            raise
+        except KeyNotFoundError:
+            return False  # If-Match on a key someone deleted meanwhile
+        return True
+
+    def upload(self, key: str, path: Path) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        # Multipart above 16 MB: big indexes and vectors go up in parallel parts, and a failed
+        # part is retried alone instead of the whole file.
+        transfer = TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=16 * MB, max_concurrency=4)
+        with self._errors("upload", key):
+            self.client.upload_file(str(path), self.bucket, self._key(key), Config=transfer)
+
+    def download(self, key: str, path: Path) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        transfer = TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=16 * MB, max_concurrency=4)
+        with self._errors("download", key):
+            self.client.download_file(self.bucket, self._key(key), str(path), Config=transfer)
+
+    def exists(self, key: str) -> bool:
+        return self.tag(key) is not None
+
+    def _list(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        full = self._key(prefix.rstrip("/")) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        with self._errors("list", prefix or "/"):
+            yield from self.client.get_paginator("list_objects_v2").paginate(**kwargs)
+
+    def _strip(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(self._strip(o["Key"]) for page in self._list(prefix) for o in page.get("Contents", []))
+
+    def list_folders(self, prefix: str) -> list[str]:
+        folders = (
+            self._strip(p["Prefix"]).rstrip("/").rsplit("/", 1)[-1]
+            for page in self._list(prefix, delimiter="/")
+            for p in page.get("CommonPrefixes", [])
+        )
+        return sorted(folders)
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = [self._key(k) for k in self.list(prefix)]
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            chunk = [{"Key": k} for k in keys[start : start + 1000]]
+            with self._errors("delete", prefix):
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+
+    def signed_url(self, key: str, expires_s: int) -> str | None:
+        with self._errors("presign", key):
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
+            )
