@@ -137,13 +137,15 @@ def _start_training(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
             errors={"file": ["Missing data for required field."]},
         )
     path = service.uploads_dir / f"{secrets.token_hex(8)}.zip"
-    upload.save(path)
     try:
-        ingest.open_zip(path).close()  # 422 now for a file that is not a zip at all
-    except ServiceError:
+        upload.save(path)
+        # Answer now (422, 413) for a file that is not a zip or is over the limits.
+        with ingest.open_zip(path) as zf:
+            ingest.check_limits(zf, ingest.ZipLimits.from_settings(service.settings))
+        job = service.jobs.submit(name, path)
+    except BaseException:
         path.unlink(missing_ok=True)
         raise
-    job = service.jobs.submit(name, path)
     status_url = url_for("simsvc.job_status", name=name, job_id=job.id, _external=True)
     return {"job_id": job.id, "status_url": status_url}, 202, {"Location": status_url}
 
@@ -248,7 +250,8 @@ def item_image(name: str, item_id: int, version: str | None = None) -> Response:
     mimetype = CONTENT_TYPES.get(os.path.splitext(key)[1], "application/octet-stream")
     local = service.storage.local_path(key)
     if local is not None:
-        return send_file(local, mimetype=mimetype, max_age=3600)
+        # A versioned URL always names the same bytes; an unversioned one follows the swaps.
+        return send_file(local, mimetype=mimetype, max_age=86400 if version else 0)
     signed = service.storage.signed_url(key, service.settings.signed_url_expiry_s)
     if signed:
         return redirect(signed)  # the bytes come straight from the store, not through this tier
@@ -268,10 +271,12 @@ def register_error_handlers(app: Flask) -> None:
         return body, code
 
     @app.errorhandler(ServiceError)
-    def service_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
+    def service_error(exc: ServiceError) -> tuple[dict[str, Any], int, dict[str, str]]:
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
-        return payload(exc.status, exc.message, exc.errors)
+        body, code = payload(exc.status, exc.message, exc.errors)
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else {}
+        return body, code, headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:

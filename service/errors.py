@@ -9,6 +9,7 @@ class ServiceError(Exception):
     """Base of every error the service reports to a client; `status` is the HTTP status."""
 
     status: int = 500
+    retry_after_s: int | None = None  # sent as Retry-After when set
 
     def __init__(self, message: str, errors: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -62,6 +63,13 @@ class NotTrainedError(ServiceError):
     """The endpoint has no published version yet (or it is still loading)."""
 
     status = 503
+
+
+class EndpointLoadingError(ServiceError):
+    """The endpoint's version is being loaded (a worker starting, a first request)."""
+
+    status = 503
+    retry_after_s = 2
 
 
 class EndpointUnavailableError(ServiceError):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import Settings
 from .errors import NotAZipError, PayloadTooLargeError, TrainingError
 
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
@@ -44,18 +45,27 @@ class ZipPlan:
 class ZipLimits:
     max_entries: int
     max_uncompressed_bytes: int
+    max_entry_bytes: int = 1 << 62  # per image
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ZipLimits:
+        mb = 1024 * 1024
+        return cls(
+            settings.max_zip_entries, settings.max_zip_uncompressed_mb * mb, settings.max_image_mb * mb
+        )
 
 
 def open_zip(path: Path) -> zipfile.ZipFile:
     """Open an uploaded zip, or raise NotAZipError (422) for anything else."""
     try:
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        # NotImplementedError: a zip that needs a newer format version than Python reads.
         raise NotAZipError(f"the uploaded file is not a valid zip archive ({exc})") from None
 
 
-def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
-    """Sort the zip's entries into candidate images and skipped files; read the metadata file."""
+def check_limits(zf: zipfile.ZipFile, limits: ZipLimits) -> None:
+    """Refuse (413) a zip with too many entries or that expands too far, from its directory alone."""
     infos = zf.infolist()
     if len(infos) > limits.max_entries:
         raise PayloadTooLargeError(
@@ -67,28 +77,41 @@ def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
             f"the zip expands to {total} bytes, over the limit of {limits.max_uncompressed_bytes}"
         )
 
+
+def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
+    """Sort the zip's entries into candidate images and skipped files; read the metadata file."""
+    check_limits(zf, limits)
+    infos = zf.infolist()
     result = ZipPlan()
-    root = _common_root([i.filename for i in infos if not i.is_dir()])
+    names = [i.filename for i in infos if i.filename and not i.is_dir() and not _clutter(i.filename)]
+    root = _common_root(names)
+    # A zipped catalog folder holds label folders; a zip of one label folder holds only images.
+    label_root = root if any(n.count("/") >= 2 for n in names) else ""
     seen: set[str] = set()
     metadata_info: zipfile.ZipInfo | None = None
     for info in sorted(infos, key=lambda i: i.filename):
         name = info.filename
-        if info.is_dir():
+        if not name or info.is_dir():
             continue
         parts = name.split("/")
         if name.startswith("/") or ".." in parts or "\\" in name:
             result.skipped.append(Skipped(name, "unsafe path"))
-        elif parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
-            continue  # archiver and OS clutter, not the user's files
+        elif _clutter(name):
+            continue
         elif name in seen:
             result.skipped.append(Skipped(name, "duplicate name in the zip"))
         elif name[len(root) :] in METADATA_FILES and metadata_info is None:
             metadata_info = info
         elif info.flag_bits & 0x1:
             result.skipped.append(Skipped(name, "encrypted entry"))
+        elif info.file_size > limits.max_entry_bytes:
+            # Checked before reading: zipfile never inflates an entry past its declared size.
+            result.skipped.append(
+                Skipped(name, f"{info.file_size} bytes, over the limit of {limits.max_entry_bytes} per image")
+            )
         else:
-            label = parts[-2] if len(parts) > 1 else None
-            result.entries.append(Entry(name, label, info))
+            inner = name[len(label_root) :].split("/")  # labels count from inside a zipped folder
+            result.entries.append(Entry(name, inner[-2] if len(inner) > 1 else None, info))
         seen.add(name)
 
     if metadata_info is not None:
@@ -98,6 +121,12 @@ def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
             rows, [e.name for e in result.entries], root
         )
     return result
+
+
+def _clutter(name: str) -> bool:
+    """Archiver and OS files (__MACOSX/, .DS_Store, ._x.jpg), not the user's."""
+    parts = name.split("/")
+    return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts)
 
 
 def _common_root(names: list[str]) -> str:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import versions
 from .errors import JobNotFoundError, ServiceError, TrainingError
 from .storage import KeyNotFoundError, Storage
 from .training import Progress, TrainResult
@@ -72,7 +73,8 @@ class JobStore:
         return Job(**data)
 
 
-TrainFn = Callable[[str, Path, Callable[[Progress], None]], TrainResult]
+# train(endpoint, zip_path, on_progress, version) -> TrainResult
+TrainFn = Callable[[str, Path, Callable[[Progress], None], str], TrainResult]
 
 
 class JobRunner:
@@ -101,6 +103,9 @@ class JobRunner:
     def submit(self, endpoint: str, zip_path: Path) -> Job:
         """Queue a job for the zip at `zip_path` (the job deletes it when done)."""
         job = Job(id=secrets.token_hex(8), endpoint=endpoint)
+        # Named now, not when the job starts: a zip queued behind another job is still older
+        # than one uploaded after it, and "the newest upload wins" (versions.publish).
+        version = versions.new_version_id()
         try:
             self.store.save(job)  # a store that is down refuses the job now, not silently later
         except Exception:
@@ -108,7 +113,7 @@ class JobRunner:
             raise
         with self._lock:
             self.live[job.id] = job
-        self._pool.submit(self._run, job, zip_path)
+        self._pool.submit(self._run, job, zip_path, version)
         return job
 
     def status(self, endpoint: str, job_id: str) -> dict[str, Any]:
@@ -127,7 +132,7 @@ class JobRunner:
         except Exception as exc:  # progress is best effort; the final status is retried
             log.warning("could not save the status of job %s: %s", job.id, exc)
 
-    def _run(self, job: Job, zip_path: Path) -> None:
+    def _run(self, job: Job, zip_path: Path, version: str) -> None:
         job.status = "running"
         self._save(job)
         last_save = 0.0
@@ -142,7 +147,7 @@ class JobRunner:
                 self._save(job)
 
         try:
-            result: TrainResult = self.train(job.endpoint, zip_path, on_progress)
+            result: TrainResult = self.train(job.endpoint, zip_path, on_progress, version)
             outcome = {
                 "status": "succeeded",
                 "version": result.version,

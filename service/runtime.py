@@ -51,8 +51,9 @@ class Service:
 @lru_cache(maxsize=8)
 def _item_images(storage: Storage, endpoint: str, version: str) -> dict[str, str]:
     """id -> image key of an older version (for image URLs handed out before a swap)."""
-    if not versions.SAFE_VERSION.match(version):
-        return {}
+    prefix = versions.version_prefix(endpoint, version)
+    if not versions.SAFE_VERSION.match(version) or not storage.exists(prefix + versions.MANIFEST):
+        return {}  # only complete, published versions
     try:
         meta = json.loads(storage.read(versions.version_prefix(endpoint, version) + "metadata.json"))
     except KeyNotFoundError:
@@ -73,8 +74,10 @@ def build_service(settings: Settings) -> Service:
     uploads = settings.cache_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
 
-    def run_training(endpoint: str, zip_path: Path, on_progress: training.ProgressFn) -> training.TrainResult:
-        return training.train(specs[endpoint], zip_path, storage, settings, on_progress)
+    def run_training(
+        endpoint: str, zip_path: Path, on_progress: training.ProgressFn, version: str
+    ) -> training.TrainResult:
+        return training.train(specs[endpoint], zip_path, storage, settings, on_progress, version)
 
     return Service(
         settings=settings,

@@ -21,6 +21,7 @@ from . import encoders, versions
 from .config import Settings
 from .endpoint import EndpointSpec
 from .errors import (
+    EndpointLoadingError,
     EndpointNotFoundError,
     EndpointUnavailableError,
     IntegrityError,
@@ -58,7 +59,10 @@ def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: S
     # The version's own encoder, not whatever the endpoint file names today: vectors from two
     # different encoders are not comparable.
     recorded = manifest["encoder"]
-    encoder = encoders.load(encoders.EncoderSource.from_dict(recorded), settings.hub_cache)
+    source = encoders.EncoderSource.from_dict(recorded)
+    if source.kind == "offline":  # found by name where this instance keeps it; fingerprint below
+        source = encoders.offline_source(settings.models_dir)
+    encoder = encoders.load(source, settings.hub_cache)
     if recorded.get("fingerprint") not in (None, encoder.fingerprint):
         raise IntegrityError(
             f"{spec.name} version {version} was built by encoder {recorded['location']} with "
@@ -185,6 +189,10 @@ class EndpointRuntime:
             loaded = self.loaded
         if loaded is not None:
             return loaded
+        if self.loading:
+            raise EndpointLoadingError(
+                f"endpoint {self.spec.name!r} is loading version {self.loading}; retry in a few seconds"
+            )
         if self.error:
             raise EndpointUnavailableError(f"endpoint {self.spec.name!r} is unavailable: {self.error}")
         raise NotTrainedError(

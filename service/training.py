@@ -71,8 +71,7 @@ def train(
         ingest.open_zip(zip_path) as zf,
     ):
         staging = Path(tmp)
-        limits = ingest.ZipLimits(settings.max_zip_entries, settings.max_zip_uncompressed_mb * 1024 * 1024)
-        plan = ingest.plan(zf, limits)
+        plan = ingest.plan(zf, ingest.ZipLimits.from_settings(settings))
         skipped = list(plan.skipped)
         total = len(plan.entries)
         report(Progress("embed", 0, total))

@@ -150,6 +150,7 @@ def publish(
             for p in files
         },
     }
+    _refuse_if_superseded(read_current(storage, endpoint).version, endpoint, version)  # before uploading
     prefix = version_prefix(endpoint, version)
     for path in files:
         storage.upload(prefix + path.relative_to(staging).as_posix(), path)
@@ -158,15 +159,19 @@ def publish(
     pointer = json.dumps({"version": version}).encode()
     for _ in range(5):  # retry only when another writer raced us between read and write
         current = read_current(storage, endpoint)
-        if current.version is not None and current.version > version:
-            raise SupersededError(
-                f"version {version} of {endpoint!r} was superseded by {current.version}, "
-                "published while this one was being built; it was not made current"
-            )
+        _refuse_if_superseded(current.version, endpoint, version)
         if storage.write_if(f"{endpoint}/{CURRENT}", pointer, current.tag):
             log.info("published %s version %s", endpoint, version)
             return manifest
     raise StorageError(f"could not update {endpoint}/{CURRENT}: too many concurrent writers")
+
+
+def _refuse_if_superseded(current: str | None, endpoint: str, version: str) -> None:
+    if current is not None and current > version:
+        raise SupersededError(
+            f"version {version} of {endpoint!r} was superseded by {current}, uploaded after this "
+            "one and published first; this one was not made current"
+        )
 
 
 def fetch_serving_files(

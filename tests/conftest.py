@@ -129,11 +129,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def settings_for(tmp: Path, models_dir: Path, **extra: Any) -> dict[str, Any]:
+def settings_for(tmp: Path, models: Path, **extra: Any) -> dict[str, Any]:
     return {
         "storage_uri": f"file://{tmp / 'store'}",
         "cache_dir": tmp / "cache",
-        "models_dir": models_dir,
+        "models_dir": models,
         "watch_interval_s": 0.2,
         **extra,
     }

@@ -383,3 +383,69 @@ def test_raw_images_of_every_format_are_accepted(trained: FlaskClient) -> None:
         body = trained.post("/food/infer?k=1", data=out.getvalue(), content_type=ctype).get_json()
         assert body["results"][0]["label"] == "rocket", fmt
     assert Image  # PIL is what made the files above
+
+
+def test_zip_limits_are_checked_before_answering(make_app: Callable[..., Flask]) -> None:
+    app = make_app(max_zip_entries=3)
+    client = app.test_client()
+    five = make_zip({f"a/{i}.jpg": b"x" for i in range(5)})
+    assert_error(
+        client.post("/food/train", data={"file": upload(five)}), 413, "5 entries, over the limit of 3"
+    )
+    assert list(app.extensions["simsvc"].uploads_dir.iterdir()) == []
+
+
+def test_a_rejected_upload_leaves_no_file_behind(make_app: Callable[..., Flask]) -> None:
+    app = make_app()
+    client = app.test_client()
+    future = bytearray(make_zip({"a.jpg": b"1"}))
+    future[future.index(b"PK\x01\x02") + 6] = 99  # needs zip format 9.9
+    assert_error(client.post("/food/train", data={"file": upload(bytes(future))}), 422, "not a valid zip")
+    assert_error(client.post("/food/train", data={"file": upload(b"nope")}), 422)
+    assert list(app.extensions["simsvc"].uploads_dir.iterdir()) == []
+
+
+def test_an_endpoint_still_loading_says_retry_later(make_app: Callable[..., Flask]) -> None:
+    app = make_app(warm_on_start=False)
+    runtime = app.extensions["simsvc"].registry.get("food")
+    runtime.checked, runtime.loading = True, "20260101T000000.000000Z-abcdef"  # as mid-load
+    response = app.test_client().post("/food/infer", data=photo_jpeg("moon"), content_type="image/jpeg")
+    assert_error(response, 503, "is loading version")
+    assert response.headers["Retry-After"] == "2"
+
+
+def test_only_versioned_image_urls_are_cacheable(trained: FlaskClient) -> None:
+    version = trained.get("/food").get_json()["version"]
+    with (
+        trained.get(f"/food/items/0/image?version={version}") as fixed,
+        trained.get("/food/items/0/image") as moving,
+    ):
+        assert "max-age=86400" in fixed.headers["Cache-Control"]
+        assert "max-age=0" in moving.headers["Cache-Control"]
+
+
+def test_versions_are_named_when_the_zip_is_uploaded(
+    make_app: Callable[..., Flask], photos_zip: Path
+) -> None:
+    client = make_app().test_client()
+    first = client.post("/food/train", data={"file": upload(photos_zip)}).get_json()
+    second = client.post("/food/train", data={"file": upload(make_zip({"m/m.jpg": photo_jpeg("moon")}))})
+    done = [wait_job(client, r["status_url"]) for r in (first, second.get_json())]
+    assert [j["status"] for j in done] == ["succeeded", "succeeded"]
+    assert done[0]["version"] < done[1]["version"]  # queued second, so newer, so it wins
+    wait_serving(client, "food", done[1]["version"])
+
+
+def test_versions_built_by_the_offline_encoder_survive_a_move_of_the_models(
+    make_app: Callable[..., Flask], models_dir: Path, tmp_path: Path, photos_zip: Path
+) -> None:
+    import shutil
+
+    first = make_app().test_client()
+    job = train(first, "food", photos_zip)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(models_dir / "offline-mobilenetv2-160", moved / "offline-mobilenetv2-160")
+    client = make_app(models_dir=moved).test_client()
+    wait_serving(client, "food", job["version"])
+    body = client.post("/food/infer?k=1", data=photo_jpeg("moon"), content_type="image/jpeg").get_json()
+    assert body["version"] == job["version"] and body["results"][0]["label"] == "moon"

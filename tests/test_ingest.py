@@ -72,6 +72,7 @@ def test_a_zipped_folder_is_read_from_inside_its_top_folder(tmp_path: Path) -> N
     plan = plan_of(tmp_path, {"catalog/shoes/b.jpg": b"2", "catalog/metadata.csv": csv.encode()})
     assert plan.metadata == {"catalog/shoes/b.jpg": {"sku": "S1"}}
     assert plan.entries[0].label == "shoes"
+    assert plan.metadata_file == "catalog/metadata.csv"
 
 
 @pytest.mark.parametrize(
@@ -115,3 +116,51 @@ def test_a_corrupt_entry_is_reported_not_raised_raw(tmp_path: Path) -> None:
         entry = ingest.plan(zf, LIMITS).entries[0]
         with pytest.raises(TrainingError, match="could not be read from the zip"):
             ingest.read_entry(zf, entry)
+
+
+def test_a_single_top_folder_does_not_count_as_a_label(tmp_path: Path) -> None:
+    plan = plan_of(tmp_path, {"photos/0.jpg": b"1", "photos/shoes/1.jpg": b"2"})
+    assert [(e.name, e.label) for e in plan.entries] == [
+        ("photos/0.jpg", None),
+        ("photos/shoes/1.jpg", "shoes"),
+    ]
+
+
+def test_an_entry_over_the_per_image_limit_is_skipped_unread(tmp_path: Path) -> None:
+    limits = ingest.ZipLimits(1000, 10_000_000, max_entry_bytes=100)
+    plan = plan_of(tmp_path, {"a/big.jpg": b"x" * 101, "a/ok.jpg": b"x" * 100}, limits)
+    assert [e.name for e in plan.entries] == ["a/ok.jpg"]
+    assert plan.skipped == [ingest.Skipped("a/big.jpg", "101 bytes, over the limit of 100 per image")]
+
+
+def test_an_entry_with_an_empty_name_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "odd.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(""), b"nameless")
+        zf.writestr("a/b.jpg", b"1")
+    with ingest.open_zip(path) as zf:
+        assert [e.name for e in ingest.plan(zf, LIMITS).entries] == ["a/b.jpg"]
+
+
+def test_a_zip_needing_a_newer_format_is_not_a_zip(tmp_path: Path) -> None:
+    data = bytearray(make_zip({"a.jpg": b"1"}))
+    central = data.index(b"PK\x01\x02")
+    data[central + 6] = 99  # "version needed to extract": 9.9
+    path = tmp_path / "future.zip"
+    path.write_bytes(bytes(data))
+    with pytest.raises(NotAZipError, match="not a valid zip"):
+        ingest.open_zip(path)
+
+
+def test_a_zip_of_one_label_folder_keeps_that_label(tmp_path: Path) -> None:
+    plan = plan_of(
+        tmp_path,
+        {
+            "shoes/1.jpg": b"1",
+            "shoes/2.jpg": b"2",
+            "__MACOSX/shoes/._1.jpg": b"x",
+            "shoes/metadata.csv": b"filename,sku\n1.jpg,S1\n",
+        },
+    )
+    assert [(e.name, e.label) for e in plan.entries] == [("shoes/1.jpg", "shoes"), ("shoes/2.jpg", "shoes")]
+    assert plan.metadata == {"shoes/1.jpg": {"sku": "S1"}}

@@ -111,3 +111,8 @@ def test_an_unreachable_s3_is_a_storage_error(tmp_path: Path) -> None:
         store.read("CURRENT")
     with pytest.raises(StorageError):
         store.tag("CURRENT")
+
+
+def test_a_file_uri_with_a_host_part_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs an absolute path"):
+        open_storage("file://data")

@@ -90,8 +90,11 @@ def open_storage(uri: str, *, endpoint_url: str | None = None, region: str | Non
     if parsed.scheme in ("", "file"):
         from .local import LocalStorage
 
-        path = parsed.path if parsed.scheme == "file" else uri
-        return LocalStorage(Path(path))
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise ValueError(
+                f"{uri!r}: a file:// URI needs an absolute path (file:///srv/data), or give a plain path"
+            )
+        return LocalStorage(Path(parsed.path if parsed.scheme == "file" else uri))
     if parsed.scheme == "s3":
         from .s3 import S3Storage
 
