@@ -21,6 +21,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,6 +37,7 @@ SAFE_VERSION = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
 MANIFEST = "manifest.json"
 # Files a serving worker needs; images stay in the store and are read on demand.
 SERVING_FILES = ("index.ann", "vectors.npy", "ids.json", "metadata.json")
+UPLOAD_THREADS = 16
 
 
 class SupersededError(StorageError):
@@ -152,8 +154,11 @@ def publish(
     }
     _refuse_if_superseded(read_current(storage, endpoint).version, endpoint, version)  # before uploading
     prefix = version_prefix(endpoint, version)
-    for path in files:
-        storage.upload(prefix + path.relative_to(staging).as_posix(), path)
+    # Thousands of small images: upload in parallel (one S3 PUT is tens of milliseconds).
+    with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload") as pool:
+        uploads = [pool.submit(storage.upload, prefix + p.relative_to(staging).as_posix(), p) for p in files]
+        for upload in uploads:
+            upload.result()  # the first failure fails the publish
     storage.write(prefix + MANIFEST, json.dumps(manifest, indent=1).encode())
 
     pointer = json.dumps({"version": version}).encode()
