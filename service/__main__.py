@@ -23,11 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train an endpoint from a zip and publish it")
     train.add_argument("endpoint")
     train.add_argument("zip", type=Path)
+    train.add_argument(
+        "--fine-tune",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="train a feature-vector head on the labels (default: auto)",
+    )
 
     query = commands.add_parser("query", help="the most similar indexed images to an image")
     query.add_argument("endpoint")
     query.add_argument("image", type=Path)
     query.add_argument("-k", type=int, default=None, help="number of results")
+
+    score = commands.add_parser("evaluate", help="precision@1/@10 and mAP@10 of the served version")
+    score.add_argument("endpoint")
+    score.add_argument("zip", type=Path, help="a labelled zip (folders = labels) of query images")
+    score.add_argument("-k", type=int, default=10)
 
     demo = commands.add_parser("demo", help="train every untrained endpoint on the demo images")
     demo.add_argument("--force", action="store_true", help="retrain even if already published")
@@ -90,7 +101,12 @@ def train(args: argparse.Namespace) -> int:
         bar.refresh()
 
     result = training.train(
-        service.specs[args.endpoint], args.zip, service.storage, service.settings, progress
+        service.specs[args.endpoint],
+        args.zip,
+        service.storage,
+        service.settings,
+        progress,
+        fine_tune=args.fine_tune,
     )
     for bar in bars.values():
         bar.close()
@@ -99,6 +115,7 @@ def train(args: argparse.Namespace) -> int:
             {
                 "version": result.version,
                 "counts": result.counts,
+                "evaluation": result.evaluation,
                 "skipped": [s.__dict__ for s in result.skipped],
             },
             indent=2,
@@ -132,6 +149,16 @@ def query(args: argparse.Namespace) -> int:
             ensure_ascii=False,
         )
     )
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from . import query as q
+    from .runtime import build_service
+
+    service = build_service(Settings.load({"warm_on_start": False}))
+    loaded = service.registry.get(args.endpoint).current()
+    print(json.dumps(q.evaluate_zip(loaded, args.zip, service.settings, args.k), indent=2))
     return 0
 
 
@@ -193,6 +220,7 @@ COMMANDS = {
     "serve": serve,
     "train": train,
     "query": query,
+    "evaluate": evaluate,
     "demo": demo,
     "versions": versions_command,
     "build-encoder": build_encoder,

@@ -13,7 +13,7 @@ from flask_smorest import Blueprint
 from flask_smorest.error_handler import ErrorSchema  # {code, status, message, errors}
 from werkzeug.exceptions import HTTPException
 
-from . import ingest, query, versions
+from . import finetune, ingest, query, versions
 from .errors import (
     InvalidParameterError,
     ServiceError,
@@ -130,6 +130,12 @@ def _start_training(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
     service = svc()
     service.registry.get(name)  # 404 before reading a large body
     _require_multipart("a zip in field 'file'")
+    fine_tune = request.form.get("fine_tune", "auto")
+    if fine_tune not in finetune.MODES:
+        raise InvalidParameterError(
+            f"fine_tune must be one of {', '.join(finetune.MODES)}, got {fine_tune!r}",
+            errors={"fine_tune": [f"Must be one of: {', '.join(finetune.MODES)}."]},
+        )
     upload = request.files.get("file")
     if upload is None:
         raise InvalidParameterError(
@@ -142,7 +148,7 @@ def _start_training(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
         # Answer now (422, 413) for a file that is not a zip or is over the limits.
         with ingest.open_zip(path) as zf:
             ingest.check_limits(zf, ingest.ZipLimits.from_settings(service.settings))
-        job = service.jobs.submit(name, path)
+        job = service.jobs.submit(name, path, fine_tune)
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -20,6 +20,7 @@ import numpy as np
 from . import tfruntime
 from .endpoint import EncoderSpec
 from .errors import EncoderUnavailableError
+from .vectors import normalise
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,6 @@ class Encoder:
 
     def describe(self) -> dict[str, Any]:
         return {**self.source.describe(), "dim": self.dim, "fingerprint": self.fingerprint}
-
-
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    """L2-normalise rows; all-zero rows stay zero instead of turning into NaN."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _fingerprint(path: Path) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EndpointConfigError
+from .head import HeadConfig
 
 SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 # Names that would shadow the service's own top-level routes.
@@ -40,7 +41,7 @@ class EndpointSpec:
     name: str
     description: str
     encoder: EncoderSpec
-    feature_dim: int
+    head: HeadConfig
     metric: str
     n_trees: int
     search_k: int
@@ -53,7 +54,7 @@ class EndpointSpec:
             "name": self.name,
             "description": self.description,
             "encoder": {"source": self.encoder.source, "input_size": self.encoder.input_size},
-            "feature_dim": self.feature_dim,
+            "feature_dim": self.head.feature_dim,
             "index": {"metric": self.metric, "n_trees": self.n_trees, "search_k": self.search_k},
             "default_k": self.default_k,
             "max_k": self.max_k,
@@ -71,7 +72,7 @@ class _Fields:
     def fail(self, field: str, message: str) -> EndpointConfigError:
         return EndpointConfigError(f"{self.path}: {field}: {message}")
 
-    def get(self, field: str, kind: type, default: Any = ...) -> Any:
+    def get(self, field: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
         self.seen.add(field)
         table: Any = self.data
         for part in field.split("."):
@@ -81,9 +82,16 @@ class _Fields:
                 return default
             table = table[part]
         # bool is an int in Python; a `true` where a number belongs is a mistake.
-        if not isinstance(table, kind) or (kind is int and isinstance(table, bool)):
-            raise self.fail(field, f"must be {kind.__name__}, got {table!r}")
+        if not isinstance(table, kind) or (kind is not bool and isinstance(table, bool)):
+            name = kind.__name__ if isinstance(kind, type) else "a number"
+            raise self.fail(field, f"must be {name}, got {table!r}")
         return table
+
+    def number(self, field: str, default: float, low: float, high: float) -> float:
+        value = self.get(field, (int, float), default)
+        if not low <= value <= high:
+            raise self.fail(field, f"must be between {low} and {high}, got {value}")
+        return float(value)
 
     def positive_int(self, field: str, default: Any = ..., minimum: int = 1) -> int:
         value = self.get(field, int, default)
@@ -146,7 +154,7 @@ def parse_endpoint(path: Path) -> EndpointSpec:
         name=name,
         description=f.get("description", str, ""),
         encoder=encoder,
-        feature_dim=f.positive_int("head.feature_dim", 256),
+        head=_head(f),
         metric=metric,
         n_trees=f.positive_int("index.n_trees", 16),
         search_k=search_k,
@@ -156,6 +164,21 @@ def parse_endpoint(path: Path) -> EndpointSpec:
     )
     f.check_unknown()
     return spec
+
+
+def _head(f: _Fields) -> HeadConfig:
+    defaults = HeadConfig()
+    return HeadConfig(
+        feature_dim=f.positive_int("head.feature_dim", defaults.feature_dim, minimum=2),
+        hidden_dim=f.positive_int("head.hidden_dim", defaults.hidden_dim, minimum=0),
+        thumbnail=f.positive_int("head.thumbnail", defaults.thumbnail, minimum=0),
+        margin=f.number("head.margin", defaults.margin, 0.0, 1.0),
+        scale=f.number("head.scale", defaults.scale, 1.0, 128.0),
+        augment=f.get("head.augment", bool, defaults.augment),
+        min_images_per_label=f.positive_int("head.min_images_per_label", defaults.min_images_per_label, 2),
+        holdout_fraction=f.number("head.holdout_fraction", defaults.holdout_fraction, 0.01, 0.5),
+        max_epochs=f.positive_int("head.max_epochs", defaults.max_epochs),
+    )
 
 
 def load_endpoints(folder: Path) -> dict[str, EndpointSpec]:

@@ -46,6 +46,8 @@ class Job:
     error: str | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
+    fine_tune: str = "auto"
+    evaluation: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
 
@@ -73,8 +75,8 @@ class JobStore:
         return Job(**data)
 
 
-# train(endpoint, zip_path, on_progress, version) -> TrainResult
-TrainFn = Callable[[str, Path, Callable[[Progress], None], str], TrainResult]
+# train(endpoint, zip_path, on_progress, version, fine_tune) -> TrainResult
+TrainFn = Callable[[str, Path, Callable[[Progress], None], str, str], TrainResult]
 
 
 class JobRunner:
@@ -100,9 +102,9 @@ class JobRunner:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="train")
         self._closing = threading.Event()
 
-    def submit(self, endpoint: str, zip_path: Path) -> Job:
+    def submit(self, endpoint: str, zip_path: Path, fine_tune: str = "auto") -> Job:
         """Queue a job for the zip at `zip_path` (the job deletes it when done)."""
-        job = Job(id=secrets.token_hex(8), endpoint=endpoint)
+        job = Job(id=secrets.token_hex(8), endpoint=endpoint, fine_tune=fine_tune)
         # Named now, not when the job starts: a zip queued behind another job is still older
         # than one uploaded after it, and "the newest upload wins" (versions.publish).
         version = versions.new_version_id()
@@ -147,10 +149,11 @@ class JobRunner:
                 self._save(job)
 
         try:
-            result: TrainResult = self.train(job.endpoint, zip_path, on_progress, version)
+            result: TrainResult = self.train(job.endpoint, zip_path, on_progress, version, job.fine_tune)
             outcome = {
                 "status": "succeeded",
                 "version": result.version,
+                "evaluation": result.evaluation,
                 "counts": result.counts,
                 "skipped": [{"name": s.name, "reason": s.reason} for s in result.skipped],
             }

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import images
+from . import images, ingest
+from .config import Settings
 from .endpoint import EndpointSpec
-from .errors import BadImageError, InvalidParameterError, ItemNotFoundError
+from .errors import BadImageError, InvalidParameterError, ItemNotFoundError, TrainingError
+from .evaluation import evaluate
 from .index import Neighbour
 from .serving import LoadedVersion
 
@@ -80,3 +83,49 @@ def check_item(loaded: LoadedVersion, item_id: int) -> None:
         raise ItemNotFoundError(
             f"no item {item_id} in {loaded.endpoint} version {loaded.version} (ids are 0..{loaded.count - 1})"
         )
+
+
+def evaluate_zip(loaded: LoadedVersion, zip_path: Path, settings: Settings, k: int = 10) -> dict[str, Any]:
+    """Precision@1, precision@k and mAP@k of a served version, queried (through its Annoy index)
+    with every labelled image of a zip; relevant = an indexed item with the same label."""
+    db_names = sorted({item["label"] for item in loaded.items if item.get("label") is not None})
+    ids = {label: i for i, label in enumerate(db_names)}
+    # Unlabelled indexed items can never be relevant (-2); labels the index lacks never match (-3).
+    database_labels = np.array([ids.get(item.get("label"), -2) for item in loaded.items])
+    with ingest.open_zip(zip_path) as zf:
+        plan = ingest.plan(zf, ingest.ZipLimits.from_settings(settings))
+        inputs, query_labels, skipped = [], [], 0
+        for entry in plan.entries:
+            if entry.label is None:
+                continue
+            try:
+                data = ingest.read_entry(zf, entry)
+                inputs.append(images.prepare(data, loaded.encoder.input_size, settings.max_image_pixels)[0])
+                query_labels.append(entry.label)
+            except (BadImageError, TrainingError):
+                skipped += 1
+    if not inputs:
+        raise InvalidParameterError("the zip holds no labelled image to evaluate with")
+    size = settings.encode_batch_size
+    queries = np.concatenate(
+        [loaded.encoder.encode(np.stack(inputs[i : i + size])) for i in range(0, len(inputs), size)]
+    )
+
+    def annoy_search(vectors: np.ndarray, k: int) -> np.ndarray:
+        found = np.full((len(vectors), k), -1, dtype=np.int64)
+        for row, vector in enumerate(vectors):
+            neighbours = [n.id for n in loaded.index.query(vector, k)]
+            found[row, : len(neighbours)] = neighbours
+        return found
+
+    metrics = evaluate(
+        annoy_search, database_labels, queries, np.array([ids.get(lb, -3) for lb in query_labels]), k
+    )
+    return {
+        "endpoint": loaded.endpoint,
+        "version": loaded.version,
+        "fine_tuned": bool(loaded.manifest.get("head")),
+        **metrics,
+        "skipped": skipped,
+        "labels_not_in_index": sorted(set(query_labels) - set(ids)),
+    }

@@ -75,9 +75,9 @@ def build_service(settings: Settings) -> Service:
     uploads.mkdir(parents=True, exist_ok=True)
 
     def run_training(
-        endpoint: str, zip_path: Path, on_progress: training.ProgressFn, version: str
+        endpoint: str, zip_path: Path, on_progress: training.ProgressFn, version: str, fine_tune: str
     ) -> training.TrainResult:
-        return training.train(specs[endpoint], zip_path, storage, settings, on_progress, version)
+        return training.train(specs[endpoint], zip_path, storage, settings, on_progress, version, fine_tune)
 
     return Service(
         settings=settings,

@@ -19,6 +19,14 @@ class ImageArgsSchema(Schema):
 
 
 class TrainFormSchema(Schema):
+    fine_tune = fields.String(
+        load_default="auto",
+        validate=validate.OneOf(["auto", "always", "never"]),
+        metadata={
+            "description": "Train a feature-vector head on the labels: auto (if the labels allow "
+            "and it beats the frozen backbone on a hold-out), always, or never"
+        },
+    )
     file = fields.Raw(
         required=True,
         metadata={
@@ -64,6 +72,13 @@ class JobSchema(Schema):
     error = fields.String(allow_none=True)
     skipped = fields.List(fields.Nested(SkippedSchema), required=True)
     counts = fields.Dict(required=True)
+    fine_tune = fields.String()
+    evaluation = fields.Dict(
+        metadata={
+            "description": "Hold-out precision@1, precision@10 and mAP@10 of the frozen backbone and "
+            "of the fine-tuned head, and which one was kept"
+        }
+    )
     created_at = fields.String()
     updated_at = fields.String()
 

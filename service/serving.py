@@ -15,7 +15,9 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
 
 from . import encoders, versions
 from .config import Settings
@@ -29,10 +31,20 @@ from .errors import (
     ServiceError,
     StorageError,
 )
+from .head import Head, HeadEncoder
 from .index import IndexReader
 from .storage import Storage
 
 log = logging.getLogger(__name__)
+
+
+class Embedder(Protocol):
+    """What queries need from an encoder: its input size, output dimension, and `encode`."""
+
+    input_size: int
+    dim: int
+
+    def encode(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +54,7 @@ class LoadedVersion:
     endpoint: str
     version: str
     manifest: dict[str, Any]
-    encoder: encoders.Encoder
+    encoder: Embedder  # the backbone, or backbone + the version's own head
     index: IndexReader
     names: list[str]
     items: list[dict[str, Any]]  # per id: {"label", "metadata", "image"}
@@ -62,12 +74,23 @@ def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: S
     source = encoders.EncoderSource.from_dict(recorded)
     if source.kind == "offline":  # found by name where this instance keeps it; fingerprint below
         source = encoders.offline_source(settings.models_dir)
-    encoder = encoders.load(source, settings.hub_cache)
-    if recorded.get("fingerprint") not in (None, encoder.fingerprint):
+    backbone = encoders.load(source, settings.hub_cache)
+    if recorded.get("fingerprint") not in (None, backbone.fingerprint):
         raise IntegrityError(
             f"{spec.name} version {version} was built by encoder {recorded['location']} with "
             f"fingerprint {recorded['fingerprint']}, but that encoder now has fingerprint "
-            f"{encoder.fingerprint}; retrain the endpoint"
+            f"{backbone.fingerprint}; retrain the endpoint"
+        )
+    encoder: Embedder = backbone
+    if manifest.get("head"):  # a fine-tuned version: its own head on top of that backbone
+        head = Head.load(folder)
+        if head.fingerprint != manifest["head"]["fingerprint"]:
+            raise IntegrityError(f"{spec.name} version {version}: the head does not match its manifest")
+        encoder = HeadEncoder(backbone, head)
+    if encoder.dim != int(manifest["dim"]):
+        raise IntegrityError(
+            f"{spec.name} version {version}: encoder gives {encoder.dim}-d vectors, "
+            f"the index holds {manifest['dim']}-d"
         )
     ids = _read_json(folder / "ids.json")
     meta = _read_json(folder / "metadata.json")

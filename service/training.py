@@ -1,4 +1,4 @@
-"""Training: zip of images in, a published version out (embed, index, publish).
+"""Training: zip of images in, a published version out (embed, fine-tune, index, publish).
 
 Decoding and resizing run in a thread pool ahead of the encoder (PIL releases the GIL), so the
 forward pass rarely waits for images.
@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from . import encoders, images, ingest, versions
+from . import encoders, finetune, images, ingest, versions
 from .config import Settings
 from .endpoint import EndpointSpec
 from .errors import BadImageError, TrainingError
+from .head import HEAD_FILES, Head, HeadConfig, thumbnails
 from .index import build_index
 from .storage import Storage
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "ingest", "embed", "index", "publish"
+    stage: str  # "ingest", "embed", "fine-tune", "index", "publish"
     done: int
     total: int
 
@@ -44,6 +45,7 @@ class TrainResult:
     counts: dict[str, Any]
     skipped: list[ingest.Skipped] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # hold-out metrics when fine-tuned
 
 
 ProgressFn = Callable[[Progress], None]
@@ -56,8 +58,9 @@ def train(
     settings: Settings,
     on_progress: ProgressFn | None = None,
     version: str | None = None,
+    fine_tune: str = "auto",
 ) -> TrainResult:
-    """Embed every image in the zip, build the index and publish it as the endpoint's new version."""
+    """Embed every image in the zip, fine-tune a head if the labels allow, index, and publish."""
     report = on_progress or (lambda p: None)
     version = version or versions.new_version_id()
     report(Progress("ingest", 0, 0))
@@ -72,61 +75,46 @@ def train(
     ):
         staging = Path(tmp)
         plan = ingest.plan(zf, ingest.ZipLimits.from_settings(settings))
-        skipped = list(plan.skipped)
-        total = len(plan.entries)
-        report(Progress("embed", 0, total))
-
-        (staging / "images").mkdir()
-        accepted: list[tuple[ingest.Entry, str]] = []  # (entry, stored image path)
-        chunks: list[np.ndarray] = []
-        batch: list[np.ndarray] = []
-        done = 0
-
-        def flush() -> None:
-            if batch:
-                chunks.append(encoder.encode(np.stack(batch)))
-                batch.clear()
-
-        with ThreadPoolExecutor(max(1, settings.decode_threads), "decode") as pool:
-            for entry, data, prepared in _decoded(zf, plan.entries, pool, encoder.input_size, settings):
-                done += 1
-                if isinstance(prepared, str):
-                    skipped.append(ingest.Skipped(entry.name, prepared))
-                else:
-                    array, fmt = prepared
-                    image_key = f"images/{len(accepted)}{images.FORMATS[fmt][0]}"
-                    (staging / image_key).write_bytes(data)
-                    accepted.append((entry, image_key))
-                    batch.append(array)
-                    if len(batch) >= settings.encode_batch_size:
-                        flush()
-                        report(Progress("embed", done, total))
-            flush()
-        report(Progress("embed", done, total))
-
-        if not accepted:
+        wants_head = finetune.plan(fine_tune, [e.label for e in plan.entries], spec.head)
+        embedded = _embed(zf, plan, staging, encoder, settings, spec.head if wants_head else None, report)
+        skipped = [*plan.skipped, *embedded.skipped]
+        if not embedded.accepted:
             raise TrainingError(
                 f"the zip holds no usable image ({len(skipped)} files skipped; images must be "
                 f"{images.SUPPORTED})",
                 skipped,
             )
-        vectors = np.concatenate(chunks).astype(np.float32)
+        labels_of = [e.label for e, _ in embedded.accepted]
+        backbone = np.concatenate(embedded.vectors)
+        outcome = finetune.not_trained(fine_tune, spec.head)
+        if wants_head:
+            report(Progress("fine-tune", 0, 1))
+            thumbs = np.concatenate(embedded.thumbs)
+            mirrored = np.concatenate(embedded.mirrored) if embedded.mirrored else None
+            mirrored_thumbs = np.concatenate(embedded.mirrored_thumbs) if embedded.mirrored else None
+            outcome = finetune.fine_tune(
+                fine_tune, backbone, thumbs, labels_of, spec.head, mirrored, mirrored_thumbs
+            )
+            report(Progress("fine-tune", 1, 1))
+        vectors = backbone if outcome.head is None else outcome.head.embed(backbone, thumbs)
 
-        report(Progress("index", 0, len(accepted)))
-        np.save(staging / "vectors.npy", vectors, allow_pickle=False)
+        report(Progress("index", 0, len(vectors)))
+        np.save(staging / "vectors.npy", vectors.astype(np.float32), allow_pickle=False)
         build_index(vectors, spec.n_trees, staging / "index.ann")
-        labels = Counter(e.label for e, _ in accepted if e.label is not None)
-        _write_json(staging / "ids.json", {str(i): e.name for i, (e, _) in enumerate(accepted)})
+        if outcome.head is not None:
+            outcome.head.save(staging)
+        labels = Counter(label for label in labels_of if label is not None)
+        _write_json(staging / "ids.json", {str(i): e.name for i, (e, _) in enumerate(embedded.accepted)})
         _write_json(
             staging / "metadata.json",
             {
                 str(i): {"label": e.label, "metadata": plan.metadata.get(e.name, {}), "image": key}
-                for i, (e, key) in enumerate(accepted)
+                for i, (e, key) in enumerate(embedded.accepted)
             },
         )
         counts = {
-            "files": total + len(plan.skipped),
-            "images": len(accepted),
+            "files": len(plan.entries) + len(plan.skipped),
+            "images": len(embedded.accepted),
             "skipped": len(skipped),
             "labels": dict(sorted(labels.items())),
             "metadata_file": plan.metadata_file,
@@ -135,11 +123,14 @@ def train(
         }
         manifest = {
             "encoder": {**encoder.describe(), "handle": spec.encoder.source},
-            "dim": encoder.dim,
+            "head": _head_manifest(outcome.head),
+            "fine_tune": fine_tune,
+            "evaluation": outcome.evaluation,
+            "dim": int(vectors.shape[1]),
             "metric": spec.metric,
             "n_trees": spec.n_trees,
             "search_k": spec.search_k,
-            "count": len(accepted),
+            "count": len(vectors),
             "labels": counts["labels"],
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "source_zip": zip_path.name,
@@ -153,7 +144,83 @@ def train(
             raise
         report(Progress("publish", 1, 1))
     _prune(storage, spec.name, settings.keep_versions)
-    return TrainResult(version, len(accepted), counts, skipped, manifest)
+    return TrainResult(version, len(vectors), counts, skipped, manifest, outcome.evaluation)
+
+
+def _head_manifest(head: Head | None) -> dict[str, Any] | None:
+    if head is None:
+        return None
+    return {
+        "files": list(HEAD_FILES),
+        "fingerprint": head.fingerprint,
+        "feature_dim": head.dim,
+        "labels": head.definition["labels"],
+        "thumbnail": head.thumbnail,
+    }
+
+
+@dataclass
+class _Embedded:
+    """The accepted images and their encoder outputs, in id order."""
+
+    accepted: list[tuple[ingest.Entry, str]] = field(default_factory=list)  # (entry, image key)
+    skipped: list[ingest.Skipped] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+    thumbs: list[np.ndarray] = field(default_factory=list)
+    mirrored: list[np.ndarray] = field(default_factory=list)
+    mirrored_thumbs: list[np.ndarray] = field(default_factory=list)
+
+
+def _embed(
+    zf: zipfile.ZipFile,
+    plan: ingest.ZipPlan,
+    staging: Path,
+    encoder: encoders.Encoder,
+    settings: Settings,
+    head: HeadConfig | None,
+    report: ProgressFn,
+) -> _Embedded:
+    """Decode (in threads, ahead) and embed every candidate image; keep the originals in `staging`.
+
+    With a head to train, also keeps thumbnails and, when augmenting, the backbone vectors of
+    the mirrored images (one more forward pass per batch).
+    """
+    out = _Embedded()
+    batch: list[np.ndarray] = []
+    total, done = len(plan.entries), 0
+    (staging / "images").mkdir()
+
+    def flush() -> None:
+        if not batch:
+            return
+        inputs = np.stack(batch)
+        batch.clear()
+        out.vectors.append(encoder.encode(inputs))
+        if head is not None:
+            out.thumbs.append(thumbnails(inputs, head.thumbnail))
+            if head.augment:
+                flipped = inputs[:, :, ::-1]
+                out.mirrored.append(encoder.encode(np.ascontiguousarray(flipped)))
+                out.mirrored_thumbs.append(thumbnails(flipped, head.thumbnail))
+
+    report(Progress("embed", 0, total))
+    with ThreadPoolExecutor(max(1, settings.decode_threads), "decode") as pool:
+        for entry, data, prepared in _decoded(zf, plan.entries, pool, encoder.input_size, settings):
+            done += 1
+            if isinstance(prepared, str):
+                out.skipped.append(ingest.Skipped(entry.name, prepared))
+                continue
+            array, fmt = prepared
+            image_key = f"images/{len(out.accepted)}{images.FORMATS[fmt][0]}"
+            (staging / image_key).write_bytes(data)
+            out.accepted.append((entry, image_key))
+            batch.append(array)
+            if len(batch) >= settings.encode_batch_size:
+                flush()
+                report(Progress("embed", done, total))
+        flush()
+    report(Progress("embed", done, total))
+    return out
 
 
 def _discard(storage: Storage, endpoint: str, version: str) -> None:

@@ -192,7 +192,8 @@ def fetch_serving_files(
     """
     prefix = version_prefix(endpoint, version)
     expected = {}
-    for name in SERVING_FILES:
+    head_files = (manifest.get("head") or {}).get("files", [])  # a fine-tuned version's head
+    for name in (*SERVING_FILES, *head_files):
         digest = manifest.get("files", {}).get(name, {}).get("sha256")
         if digest is None:
             raise IntegrityError(f"{prefix}{MANIFEST} lists no {name}")

@@ -45,7 +45,7 @@ def test_a_valid_file_is_read_into_a_frozen_spec(tmp_path: Path) -> None:
     path.write_text(GOOD)
     spec = parse_endpoint(path)
     assert (spec.name, spec.encoder.input_size, spec.n_trees, spec.search_k) == ("bit-test", 224, 8, 500)
-    assert (spec.default_k, spec.max_k, spec.feature_dim) == (5, 20, 256)
+    assert (spec.default_k, spec.max_k, spec.head.feature_dim) == (5, 20, 256)
     with pytest.raises(AttributeError):
         spec.name = "other"  # type: ignore[misc]
 

@@ -1,0 +1,79 @@
+"""The head and the metrics, on small hand-made inputs with exact answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.evaluation import evaluate, exact_search, ranking_metrics
+from service.head import Head, HeadConfig, TrainingData, stratified_split, thumbnails, train_head
+
+
+def test_thumbnails_are_block_means() -> None:
+    batch = np.zeros((1, 4, 4, 3), np.float32)
+    batch[0, :2, :2] = 1.0  # top-left quarter white
+    thumbs = thumbnails(batch, 2).reshape(1, 2, 2, 3)
+    assert thumbs[0, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    assert thumbs[0, 1, 1].tolist() == [0.0, 0.0, 0.0]
+    odd = thumbnails(np.ones((2, 7, 7, 3), np.float32), 3)  # sizes that do not divide
+    assert odd.shape == (2, 27) and np.allclose(odd, 1.0)
+    assert thumbnails(batch, 0).shape == (1, 0)
+
+
+def test_stratified_split_holds_out_some_of_every_label_but_never_all() -> None:
+    labels = np.array([0] * 20 + [1] * 10 + [2] * 2 + [3])
+    keep, held = stratified_split(labels, 0.1, seed=0)
+    assert sorted(np.concatenate([keep, held]).tolist()) == list(range(len(labels)))
+    assert np.bincount(labels[held], minlength=4).tolist() == [2, 1, 1, 0]
+    assert set(labels[keep]) == {0, 1, 2, 3}
+
+
+def test_ranking_metrics_exact_values() -> None:
+    # Query of label 0: results labelled 0, 1, 0 (two relevant in the database).
+    ranked = np.array([[0, 1, 0], [1, 1, 1]])
+    metrics = ranking_metrics(ranked, np.array([0, 1]), relevant_counts=np.array([2, 5]), k=3)
+    assert metrics["precision@1"] == pytest.approx(1.0)  # both first results are relevant
+    assert metrics["precision@3"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-4)
+    # AP: query 0 = (1/1 + 2/3) / min(3, 2) = 0.8333; query 1 = (1 + 1 + 1) / 3 = 1
+    assert metrics["map@3"] == pytest.approx((0.8333 + 1) / 2, abs=1e-4)
+
+
+def test_exact_search_finds_nearest_by_cosine() -> None:
+    database = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+    found = exact_search(database)(np.array([[1, 0.1]], np.float32), 2)
+    assert found.tolist() == [[0, 2]]
+    result = evaluate(
+        exact_search(database), np.array([0, 1, 0]), np.array([[1, 0.1]], np.float32), np.array([0]), k=2
+    )
+    assert (result["precision@1"], result["precision@2"], result["map@2"]) == (1.0, 1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def clusters() -> TrainingData:
+    """Three labels whose backbone vectors overlap; their thumbnails tell them apart."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 32))
+    labels = np.repeat(np.arange(3), 40)
+    backbone = centres[labels] + rng.normal(scale=2.0, size=(120, 32))
+    thumbs = np.eye(3)[labels].repeat(4, axis=1) + rng.normal(scale=0.3, size=(120, 12))
+    return TrainingData(backbone.astype(np.float32), thumbs.astype(np.float32), labels)
+
+
+def test_a_trained_head_separates_labels_and_survives_save_and_load(
+    clusters: TrainingData, tmp_path: Path
+) -> None:
+    config = HeadConfig(feature_dim=8, hidden_dim=16, thumbnail=2, augment=False, max_epochs=80)
+    head, summary = train_head(clusters, ["a", "b", "c"], config)
+    assert summary["epochs"] >= 1 and summary["train_images"] + summary["validation_images"] == 120
+    vectors = head.embed(clusters.backbone, clusters.thumbs)
+    assert vectors.shape == (120, 8) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    before = evaluate(exact_search(clusters.backbone), clusters.labels, clusters.backbone, clusters.labels)
+    after = evaluate(exact_search(vectors), clusters.labels, vectors, clusters.labels)
+    assert after["precision@10"] > before["precision@10"]
+
+    head.save(tmp_path)
+    loaded = Head.load(tmp_path)
+    assert loaded.fingerprint == head.fingerprint
+    assert np.array_equal(loaded.embed(clusters.backbone, clusters.thumbs), vectors)
