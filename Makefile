@@ -27,6 +27,10 @@ run: demo
 test: $(ENCODER)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Writes docs/BENCHMARKS.md (needs the Debian package dataset-fashion-mnist).
+bench: $(ENCODER)
+	$(PY) -m bench $(BENCH)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
