@@ -7,14 +7,11 @@ the old version finish on it, so none fails during a swap.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,6 +30,7 @@ from .errors import (
 )
 from .head import Head, HeadEncoder
 from .index import IndexReader
+from .jsonmap import JsonLinesMap
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -56,8 +54,8 @@ class LoadedVersion:
     manifest: dict[str, Any]
     encoder: Embedder  # the backbone, or backbone + the version's own head
     index: IndexReader
-    names: list[str]
-    items: list[dict[str, Any]]  # per id: {"label", "metadata", "image"}
+    names: JsonLinesMap  # id -> the image's path in the zip
+    items: JsonLinesMap  # id -> {"label", "metadata", "image"}
 
     @property
     def count(self) -> int:
@@ -92,12 +90,15 @@ def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: S
             f"{spec.name} version {version}: encoder gives {encoder.dim}-d vectors, "
             f"the index holds {manifest['dim']}-d"
         )
-    ids = _read_json(folder / "ids.json")
-    meta = _read_json(folder / "metadata.json")
     count = int(manifest["count"])
+    # Memory-mapped, like the index: workers share the pages instead of parsing a copy each.
+    names = JsonLinesMap(folder / "ids.json", count)
+    items = JsonLinesMap(folder / "metadata.json", count)
     index = IndexReader(folder / "index.ann", int(manifest["dim"]), spec.search_k)
-    if index.count != count or len(ids) != count or len(meta) != count:
-        raise IntegrityError(f"{spec.name} version {version}: index, ids and metadata disagree")
+    if index.count != count:
+        raise IntegrityError(
+            f"{spec.name} version {version}: the index holds {index.count} items, not {count}"
+        )
     index.warm()
     return LoadedVersion(
         endpoint=spec.name,
@@ -105,18 +106,13 @@ def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: S
         manifest=manifest,
         encoder=encoder,
         index=index,
-        names=[ids[str(i)] for i in range(count)],
-        items=[meta[str(i)] for i in range(count)],
+        names=names,
+        items=items,
     )
 
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat(timespec="seconds") if moment else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
 
 
 class EndpointRuntime:
@@ -251,7 +247,7 @@ class EndpointRuntime:
             info.update(
                 version=loaded.version,
                 count=loaded.count,
-                labels=manifest.get("labels") or dict(Counter(i["label"] for i in loaded.items)),
+                labels=manifest.get("labels", {}),
                 trained_at=manifest.get("created_at"),
                 encoder={**info["encoder"], "serving": manifest["encoder"]},
             )

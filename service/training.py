@@ -6,7 +6,6 @@ forward pass rarely waits for images.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import zipfile
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import encoders, finetune, images, ingest, versions
+from . import encoders, finetune, images, ingest, jsonmap, versions
 from .config import Settings
 from .endpoint import EndpointSpec
 from .errors import BadImageError, TrainingError
@@ -104,13 +103,13 @@ def train(
         if outcome.head is not None:
             outcome.head.save(staging)
         labels = Counter(label for label in labels_of if label is not None)
-        _write_json(staging / "ids.json", {str(i): e.name for i, (e, _) in enumerate(embedded.accepted)})
-        _write_json(
+        jsonmap.write(staging / "ids.json", (e.name for e, _ in embedded.accepted))
+        jsonmap.write(
             staging / "metadata.json",
-            {
-                str(i): {"label": e.label, "metadata": plan.metadata.get(e.name, {}), "image": key}
-                for i, (e, key) in enumerate(embedded.accepted)
-            },
+            (
+                {"label": e.label, "metadata": plan.metadata.get(e.name, {}), "image": key}
+                for e, key in embedded.accepted
+            ),
         )
         counts = {
             "files": len(plan.entries) + len(plan.skipped),
@@ -272,7 +271,3 @@ def _decoded(
             yield settle(pending.popleft())
     while pending:
         yield settle(pending.popleft())
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
