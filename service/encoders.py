@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import tfruntime
+from .batching import Batcher
 from .endpoint import EncoderSpec
 from .errors import EncoderUnavailableError
 from .vectors import normalise
@@ -25,6 +26,7 @@ from .vectors import normalise
 log = logging.getLogger(__name__)
 
 OFFLINE_NAME = "offline-mobilenetv2-160"
+MAX_BATCH = 64  # images per forward pass when requests are batched together
 OFFLINE_INPUT_SIZE = 160
 
 
@@ -100,6 +102,8 @@ class Encoder:
                 "must return [batch, dim] (set encoder.signature / encoder.output_key)"
             )
         self.dim = int(out.shape[1])
+        # Concurrent requests (threads of a worker, a training job) share forward passes.
+        self.batcher = Batcher(self._call, max_batch=MAX_BATCH)
 
     def _call(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._forward(batch), dtype=np.float32)
@@ -110,7 +114,7 @@ class Encoder:
             raise ValueError(f"expected [N, {self.input_size}, {self.input_size}, 3], got {batch.shape}")
         if len(batch) == 0:
             return np.zeros((0, self.dim), np.float32)
-        return normalise(self._call(batch))
+        return normalise(self.batcher(batch))
 
     def describe(self) -> dict[str, Any]:
         return {**self.source.describe(), "dim": self.dim, "fingerprint": self.fingerprint}
