@@ -148,6 +148,20 @@ def test_train_then_infer_real_photos(server: Server, photos_zip: Path) -> None:
     assert image.status_code == 200 and image.headers["Content-Type"] == "image/jpeg"
 
 
+def test_concurrent_requests_each_get_their_own_answer(server: Server) -> None:
+    photos = {name: demo.jpeg(demo.photo(name)) for name in TEST_PHOTOS}
+    asks = [name for name in TEST_PHOTOS for _ in range(6)]  # 36 requests, 12 at a time
+
+    def ask(name: str) -> tuple[str, int, str]:
+        response = infer(server, "food", photos[name], k=1)
+        return name, response.status_code, response.json()["results"][0]["name"]
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(ask, asks))
+    assert [status for _, status, _ in answers] == [200] * len(asks)
+    assert all(found == f"{name}/{name}-original.jpg" for name, _, found in answers)
+
+
 def test_a_new_version_reaches_every_worker_without_a_restart(server: Server, photos_zip: Path) -> None:
     workers = server.workers()
     first = train(server, "food", photos_zip.read_bytes())

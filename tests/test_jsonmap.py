@@ -10,7 +10,7 @@ import pytest
 from service.errors import IntegrityError
 from service.jsonmap import JsonLinesMap, write
 
-VALUES = ["shoes/a.jpg", {"label": "x", "metadata": {"note": "line\nbreak, \"quoted\""}}, None, 3.5, "ünï"]
+VALUES = ["shoes/a.jpg", {"label": "x", "metadata": {"note": 'line\nbreak, "quoted"'}}, None, 3.5, "ünï"]
 
 
 def test_written_files_are_plain_json_objects(tmp_path: Path) -> None:
