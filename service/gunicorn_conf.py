@@ -10,7 +10,9 @@ bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Threads let one worker answer /health and queries while a request is encoding.
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+# Many threads per worker: concurrent requests are batched into one forward pass (batching.py),
+# so more requests in flight means bigger, cheaper batches.
+threads = int(os.environ.get("GUNICORN_THREADS", "16"))
 preload_app = False
 # Queries take milliseconds; training runs in a background thread, never inside a request.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 CURRENT = "CURRENT"
 SAFE_VERSION = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
 MANIFEST = "manifest.json"
-# Files a serving worker needs; images stay in the store and are read on demand.
-SERVING_FILES = ("index.ann", "vectors.npy", "ids.json", "metadata.json")
+# Files a serving worker needs. The vectors stay in the store (they are for rebuilding an index,
+# not for answering queries), and so do the images, read on demand.
+SERVING_FILES = ("index.ann", "ids.json", "metadata.json")
 UPLOAD_THREADS = 16
 
 

@@ -15,7 +15,7 @@ from service.storage.local import LocalStorage
 def staged(tmp_path: Path, name: str = "stage") -> Path:
     folder = tmp_path / name
     (folder / "images").mkdir(parents=True)
-    for file in versions.SERVING_FILES:
+    for file in (*versions.SERVING_FILES, "vectors.npy"):
         (folder / file).write_bytes(f"{name}:{file}".encode())
     (folder / "images" / "0.jpg").write_bytes(b"jpeg")
     return folder
@@ -32,10 +32,10 @@ def test_publish_writes_the_layout_and_points_current_at_it(store: LocalStorage,
     )
     prefix = "shop/versions/20260101T000000.000000Z-aaaaaa/"
     assert sorted(store.list(prefix)) == sorted(
-        prefix + f for f in (*versions.SERVING_FILES, "images/0.jpg", "manifest.json")
+        prefix + f for f in (*versions.SERVING_FILES, "vectors.npy", "images/0.jpg", "manifest.json")
     )
     assert json.loads(store.read("shop/CURRENT")) == {"version": "20260101T000000.000000Z-aaaaaa"}
-    assert set(manifest["files"]) == {*versions.SERVING_FILES, "images/0.jpg"}
+    assert set(manifest["files"]) == {*versions.SERVING_FILES, "vectors.npy", "images/0.jpg"}
     assert manifest["files"]["images/0.jpg"]["sha256"] == versions.sha256_file(
         tmp_path / "stage" / "images" / "0.jpg"
     )
