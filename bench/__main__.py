@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from service.config import ROOT
 
-SECTIONS = ("quality",)
+SECTIONS = ("quality", "perf")
 
 
 def main(names: list[str]) -> None:

@@ -65,13 +65,15 @@ def error_responses(*statuses: int) -> dict[str, Any]:
 def image_url(name: str) -> query.ImageUrlFn:
     """Pre-signed store URLs where the store gives them (S3), else this service's image route."""
     service = svc()
+    # One url_for per request, not per result: the route differs only in the id.
+    template = url_for("simsvc.item_image", name=name, item_id=0, _external=True).replace(
+        "/items/0/image", "/items/{}/image?version={}"
+    )
 
     def build(loaded: LoadedVersion, item_id: int) -> str:
         key = versions.version_prefix(name, loaded.version) + loaded.items[item_id]["image"]
         signed = service.storage.signed_url(key, service.settings.signed_url_expiry_s)
-        return signed or url_for(
-            "simsvc.item_image", name=name, item_id=item_id, version=loaded.version, _external=True
-        )
+        return signed or template.format(item_id, loaded.version)
 
     return build
 

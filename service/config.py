@@ -52,8 +52,10 @@ class Settings:
     max_image_pixels: int = 40_000_000
     max_zip_entries: int = 100_000
     max_zip_uncompressed_mb: int = 20_480
-    encode_batch_size: int = 64
-    decode_threads: int = 2
+    encode_batch_size: int = 32  # the raw encoder's best batch here (docs/BENCHMARKS.md)
+    # Threads decoding training images while the encoder runs; on 2 cores one is fastest (the
+    # encoder wants both cores), measured by bench/perf.py.
+    decode_threads: int = max(1, (os.cpu_count() or 2) // 2)
     # TensorFlow thread pools per process; 0 = TensorFlow's default.
     tf_intra_op_threads: int = 0
     tf_inter_op_threads: int = 0

@@ -71,7 +71,7 @@ def resolve(spec: EncoderSpec, encoder_mode: str, models_dir: Path) -> EncoderSo
 
 
 class Encoder:
-    """A loaded encoder: `encode` maps a batch of [0, 1] RGB images to L2-normalised vectors."""
+    """A loaded encoder: `encode` maps a batch of RGB images to L2-normalised vectors."""
 
     def __init__(self, source: EncoderSource, path: Path) -> None:
         tf = tfruntime.tensorflow()
@@ -92,10 +92,15 @@ class Encoder:
                 f"Could not load encoder {source.location!r} from {path}: {exc}"
             ) from exc
         size = source.input_size
-        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
-        self._forward = tf.function(self.layer, input_signature=[spec])
+        layer = self.layer
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+        def forward(batch: Any) -> Any:
+            return layer(tf.cast(batch, tf.float32) / 255.0)
+
+        self._forward = forward
         # One call traces the function, checks the output shape and learns the dimension.
-        out = self._call(np.zeros((1, size, size, 3), np.float32))
+        out = self._call(np.zeros((1, size, size, 3), np.uint8))
         if out.ndim != 2:
             raise EncoderUnavailableError(
                 f"Encoder {source.location!r} returns shape {out.shape}; a feature-vector model "
@@ -109,9 +114,14 @@ class Encoder:
         return np.asarray(self._forward(batch), dtype=np.float32)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
-        """Embed a float32 batch [N, size, size, 3] with values in [0, 1]; rows have unit length."""
-        if batch.ndim != 4 or batch.shape[1:] != (self.input_size, self.input_size, 3):
-            raise ValueError(f"expected [N, {self.input_size}, {self.input_size}, 3], got {batch.shape}")
+        """Embed a uint8 RGB batch [N, size, size, 3] (see images.to_input); rows have unit length."""
+        if (
+            batch.dtype != np.uint8
+            or batch.ndim != 4
+            or batch.shape[1:] != (self.input_size, self.input_size, 3)
+        ):
+            size = self.input_size
+            raise ValueError(f"expected uint8 [N, {size}, {size}, 3], got {batch.dtype} {batch.shape}")
         if len(batch) == 0:
             return np.zeros((0, self.dim), np.float32)
         return normalise(self.batcher(batch))

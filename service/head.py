@@ -50,8 +50,9 @@ class HeadConfig:
 
 
 def thumbnails(batch: np.ndarray, side: int) -> np.ndarray:
-    """[N, side*side*3] box-filtered thumbnails of a [N, S, S, 3] encoder input batch."""
+    """[N, side*side*3] box-filtered thumbnails (values in [0, 1]) of a [N, S, S, 3] uint8 batch."""
     n, size = batch.shape[0], batch.shape[1]
+    batch = batch.astype(np.float32) / 255.0 if batch.dtype == np.uint8 else batch
     if side <= 0:
         return np.zeros((n, 0), np.float32)
     if size % side == 0:

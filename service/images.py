@@ -74,9 +74,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def to_input(image: Image.Image, size: int) -> np.ndarray:
-    """Resize the whole image to size x size and scale to float32 in [0, 1] (TF-Hub's convention)."""
+    """Resize the whole image to size x size: uint8 RGB [size, size, 3]. The encoder scales it to
+    [0, 1] (TF-Hub's convention) inside its graph, so batches cross into TensorFlow at 1 byte a value."""
     resized = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(resized, dtype=np.float32) / 255.0
+    return np.asarray(resized, dtype=np.uint8)
 
 
 def prepare(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, str]:

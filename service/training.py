@@ -7,7 +7,9 @@ forward pass rarely waits for images.
 from __future__ import annotations
 
 import logging
+import queue
 import tempfile
+import threading
 import zipfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -179,45 +181,67 @@ def _embed(
     head: HeadConfig | None,
     report: ProgressFn,
 ) -> _Embedded:
-    """Decode (in threads, ahead) and embed every candidate image; keep the originals in `staging`.
+    """Decode and embed every candidate image; keep the originals in `staging`.
 
-    With a head to train, also keeps thumbnails and, when augmenting, the backbone vectors of
-    the mirrored images (one more forward pass per batch).
+    Three stages overlap: this thread reads the zip and writes originals, a thread pool decodes
+    and resizes (PIL releases the GIL), and an encoder thread runs the forward passes on full
+    batches. With a head to train it also keeps thumbnails and, when augmenting, the backbone
+    vectors of the mirrored images (one more forward pass per batch).
     """
     out = _Embedded()
-    batch: list[np.ndarray] = []
     total, done = len(plan.entries), 0
+    size, batch_size = encoder.input_size, settings.encode_batch_size
     (staging / "images").mkdir()
+    batches: queue.Queue[tuple[np.ndarray, int] | None] = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
 
-    def flush() -> None:
-        if not batch:
-            return
-        inputs = np.stack(batch)
-        batch.clear()
-        out.vectors.append(encoder.encode(inputs))
-        if head is not None:
-            out.thumbs.append(thumbnails(inputs, head.thumbnail))
-            if head.augment:
-                flipped = inputs[:, :, ::-1]
-                out.mirrored.append(encoder.encode(np.ascontiguousarray(flipped)))
-                out.mirrored_thumbs.append(thumbnails(flipped, head.thumbnail))
+    def encode_batches() -> None:
+        while (item := batches.get()) is not None:
+            inputs, done_so_far = item
+            if failure:
+                continue  # drain the queue so the producer never blocks
+            try:
+                out.vectors.append(encoder.encode(inputs))
+                if head is not None:
+                    out.thumbs.append(thumbnails(inputs, head.thumbnail))
+                    if head.augment:
+                        flipped = np.ascontiguousarray(inputs[:, :, ::-1])
+                        out.mirrored.append(encoder.encode(flipped))
+                        out.mirrored_thumbs.append(thumbnails(flipped, head.thumbnail))
+                report(Progress("embed", done_so_far, total))
+            except BaseException as exc:
+                failure.append(exc)
 
+    consumer = threading.Thread(target=encode_batches, name="encode", daemon=True)
+    consumer.start()
     report(Progress("embed", 0, total))
-    with ThreadPoolExecutor(max(1, settings.decode_threads), "decode") as pool:
-        for entry, data, prepared in _decoded(zf, plan.entries, pool, encoder.input_size, settings):
-            done += 1
-            if isinstance(prepared, str):
-                out.skipped.append(ingest.Skipped(entry.name, prepared))
-                continue
-            array, fmt = prepared
-            image_key = f"images/{len(out.accepted)}{images.FORMATS[fmt][0]}"
-            (staging / image_key).write_bytes(data)
-            out.accepted.append((entry, image_key))
-            batch.append(array)
-            if len(batch) >= settings.encode_batch_size:
-                flush()
-                report(Progress("embed", done, total))
-        flush()
+    batch = np.empty((batch_size, size, size, 3), np.uint8)
+    filled = 0
+    try:
+        with ThreadPoolExecutor(max(1, settings.decode_threads), "decode") as pool:
+            for entry, data, prepared in _decoded(zf, plan.entries, pool, size, settings):
+                done += 1
+                if failure:
+                    break
+                if isinstance(prepared, str):
+                    out.skipped.append(ingest.Skipped(entry.name, prepared))
+                    continue
+                array, fmt = prepared
+                image_key = f"images/{len(out.accepted)}{images.FORMATS[fmt][0]}"
+                (staging / image_key).write_bytes(data)
+                out.accepted.append((entry, image_key))
+                batch[filled] = array
+                filled += 1
+                if filled == batch_size:
+                    batches.put((batch, done))
+                    batch, filled = np.empty_like(batch), 0
+        if filled:
+            batches.put((batch[:filled], done))
+    finally:
+        batches.put(None)
+        consumer.join()
+    if failure:
+        raise failure[0]
     report(Progress("embed", done, total))
     return out
 

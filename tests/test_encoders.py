@@ -48,8 +48,10 @@ def test_the_offline_encoder_gives_real_feature_vectors(models_dir: Path, tmp_pa
 
 def test_encode_refuses_the_wrong_input_shape(tiny_model: Path, tmp_path: Path) -> None:
     encoder = encoders.load(EncoderSource("saved_model", str(tiny_model), 32), tmp_path / "hub")
-    with pytest.raises(ValueError, match=r"expected \[N, 32, 32, 3\]"):
-        encoder.encode(np.zeros((1, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match=r"expected uint8 \[N, 32, 32, 3\]"):
+        encoder.encode(np.zeros((1, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="got float32"):
+        encoder.encode(np.zeros((1, 32, 32, 3), np.float32))
 
 
 @pytest.mark.parametrize(

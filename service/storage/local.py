@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -57,8 +58,19 @@ class LocalStorage(Storage):
             return True
 
     def upload(self, key: str, path: Path) -> None:
-        with self._atomic(key) as tmp:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            # A hard link when the file is on the same filesystem: publishing a version of many
+            # thousands of images then costs no copying. The staged file is never written again.
+            os.link(path, tmp)
+        except OSError:
             shutil.copyfile(path, tmp)
+        try:
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def download(self, key: str, path: Path) -> None:
         try:

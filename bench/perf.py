@@ -1,0 +1,542 @@
+"""Speed and memory: training throughput, latency and throughput through gunicorn, the Annoy index
+(recall, speed, size), memory per worker with a 1M-vector index, and growth with size.
+
+Every figure is paired with a reference measured in the same run: the raw encoder's forward pass
+(batch 1 and the best batch size), exact numpy search, the raw vectors' size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from annoy import AnnoyIndex
+from PIL import Image
+
+from service import demo, encoders, jsonmap, training, versions
+from service.config import ROOT, Settings
+from service.endpoint import parse_endpoint
+from service.index import build_index
+
+DIM = 256  # the endpoints' feature_dim: what a fine-tuned version indexes
+BATCH_SIZES = (1, 8, 16, 32, 64, 128)
+
+
+def timed(fn: Any, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+# --- the raw encoder --------------------------------------------------------------------------
+
+
+def raw_encoder(encoder: encoders.Encoder) -> dict[str, Any]:
+    """Forward-pass time at batch 1, and images/s at each batch size (median of repeated passes)."""
+    size = encoder.input_size
+    rng = np.random.default_rng(0)
+    throughput = {}
+    for batch in BATCH_SIZES:
+        x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        encoder._call(x)  # warm
+        repeat = max(5, 256 // batch)
+        throughput[batch] = round(batch / float(np.median(timed(lambda x=x: encoder._call(x), repeat))), 1)
+    one = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    single = timed(lambda: encoder._call(one), 100)
+    best = max(throughput, key=throughput.get)
+    return {
+        "batch1_ms": round(float(np.median(single)) * 1000, 2),
+        "throughput": throughput,
+        "best_batch": best,
+        "best_images_per_s": throughput[best],
+    }
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def fashion_zip(path: Path, count: int) -> Path:
+    images, labels = demo.load_fashion_mnist("train")
+    pick = np.random.default_rng(1).choice(len(images), count, replace=False)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for n in pick:
+            out = io.BytesIO()
+            Image.fromarray(images[n]).save(out, format="PNG")
+            zf.writestr(f"{demo.FASHION_CLASSES[labels[n]]}/{n:05d}.png", out.getvalue())
+    return path
+
+
+def training_throughput(work: Path, settings: Settings, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+    spec = parse_endpoint(ROOT / "endpoints" / "fashion.toml")
+    from service.storage.local import LocalStorage
+
+    rows = []
+    for count in sizes:
+        zip_path = fashion_zip(work / f"fashion-{count}.zip", count)
+        store = LocalStorage(work / "store")
+        started = time.perf_counter()
+        result = training.train(spec, zip_path, store, settings, fine_tune="never")
+        seconds = time.perf_counter() - started
+        prefix = versions.version_prefix("fashion", result.version)
+        index_bytes = store.local_path(prefix + "index.ann").stat().st_size
+        rows.append(
+            {
+                "images": count,
+                "seconds": round(seconds, 2),
+                "images_per_s": round(count / seconds, 1),
+                "index_mb": round(index_bytes / 2**20, 1),
+                "version": result.version,
+            }
+        )
+        print(f"  train {count}: {rows[-1]}", flush=True)
+    return rows
+
+
+# --- serving through gunicorn -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def gunicorn(
+    store: Path, cache: Path, workers: int, threads: int = 16
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The Procfile's web command on a free port, serving `store`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    line = next(x for x in (ROOT / "Procfile").read_text().splitlines() if x.startswith("web:"))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "WEB_CONCURRENCY": str(workers),
+        "GUNICORN_THREADS": str(threads),
+        "STORAGE_URI": f"file://{store}",
+        "CACHE_DIR": str(cache),
+        "LOG_LEVEL": "WARNING",
+    }
+    env.pop("TF_INTRA_OP_THREADS", None)
+    process = subprocess.Popen(
+        shlex.split(line[4:]), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # ready when every worker serves the fashion endpoint
+            try:
+                status = get_json(url, "/fashion")
+                if status.get("status") == "ready":
+                    seen = {get_json(url, "/health")["worker"] for _ in range(20 * workers)}
+                    if len(seen) >= workers and all(
+                        get_json(url, "/health")["endpoints"]["fashion"] for _ in range(10)
+                    ):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("gunicorn did not become ready")
+            time.sleep(0.5)
+        yield url, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def get_json(url: str, path: str) -> dict[str, Any]:
+    conn = http.client.HTTPConnection(url, timeout=30)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def latency(url: str, body: bytes, content_type: str, requests: int = 300) -> dict[str, float]:
+    """Sequential requests on one keep-alive connection: p50/p95/p99 in ms (after 20 warm-ups)."""
+    conn = http.client.HTTPConnection(url, timeout=30)
+    times = []
+    for n in range(requests + 20):
+        started = time.perf_counter()
+        conn.request("POST", "/fashion/infer?k=10", body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"infer answered {response.status}")
+        if n >= 20:
+            times.append(time.perf_counter() - started)
+    conn.close()
+    ms = np.array(times) * 1000
+    return {f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = os.getenv("BODY_TYPE")
+local f = io.open(os.getenv("BODY_FILE"), "rb")
+wrk.body = f:read("*all")
+f:close()
+"""
+
+
+def concurrency(
+    url: str, body_file: Path, content_type: str, connections: int, seconds: int = 12
+) -> dict[str, Any]:
+    """Requests/s with `connections` concurrent clients (wrk: a C load generator, one thread)."""
+    script = body_file.with_suffix(".lua")
+    script.write_text(WRK_SCRIPT)
+    env = {**os.environ, "BODY_FILE": str(body_file), "BODY_TYPE": content_type}
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            f"http://{url}/fashion/infer?k=10",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    failures = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|errors: .*?): (\d+)", out))
+    p99 = re.search(r"99%\s+([\d.]+)(\w+)", out)
+    p99_ms = float(p99.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)] if p99 else None
+    return {"connections": connections, "requests_per_s": rps, "failed": failures, "p99_ms": p99_ms}
+
+
+def serving(store: Path, work: Path, raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Latency and throughput for 1 worker x 2 TF threads and 2 workers x 1 TF thread."""
+    test_images, _ = demo.load_fashion_mnist("t10k")
+    png = io.BytesIO()
+    Image.fromarray(test_images[0]).save(png, format="PNG")
+    bodies = {
+        "28x28 PNG (Fashion-MNIST)": (png.getvalue(), "image/png"),
+        "600x400 JPEG photo": (demo.jpeg(demo.photo("coffee")), "image/jpeg"),
+    }
+    body_file = work / "query.png"
+    body_file.write_bytes(png.getvalue())
+    rows = []
+    for workers in (1, 2):
+        with gunicorn(store, work / f"cache-{workers}", workers) as (url, process):
+            row: dict[str, Any] = {"workers": workers, "tf_threads": max(1, (os.cpu_count() or 1) // workers)}
+            for name, (body, ctype) in bodies.items():
+                row[f"latency {name}"] = latency(url, body, ctype)
+            row["load"] = [concurrency(url, body_file, "image/png", c) for c in (8, 32)]
+            rows.append(row)
+            print(f"  serving: {row}", flush=True)
+    return rows
+
+
+# --- the index ----------------------------------------------------------------------------------
+
+
+def clustered(n: int, dim: int, seed: int, clusters: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors around `clusters` random centres (like embeddings of many kinds of product)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    data = centres[rng.integers(0, clusters, n)] + rng.normal(scale=0.9, size=(n, dim)).astype(np.float32)
+    queries = centres[rng.integers(0, clusters, 200)] + rng.normal(scale=0.9, size=(200, dim)).astype(
+        np.float32
+    )
+    norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    return norm(data), norm(queries)
+
+
+def index_bench(n: int, work: Path, trees: tuple[int, ...], search_ks: tuple[int, ...]) -> dict[str, Any]:
+    data, queries = clustered(n, DIM, seed=n)
+    started = time.perf_counter()
+    truth = [set(np.argpartition(-(data @ q), 10)[:10]) for q in queries]
+    exact_ms = (time.perf_counter() - started) / len(queries) * 1000
+    raw_bytes = data.nbytes
+    configs = []
+    for n_trees in trees:
+        path = work / f"index-{n}-{n_trees}.ann"
+        started = time.perf_counter()
+        build_index(data, n_trees, path)
+        build_s = time.perf_counter() - started
+        index = AnnoyIndex(DIM, "angular")
+        index.load(str(path))
+        for search_k in search_ks:
+            started = time.perf_counter()
+            found = [index.get_nns_by_vector(q, 10, search_k=search_k) for q in queries]
+            ms = (time.perf_counter() - started) / len(queries) * 1000
+            recall = float(np.mean([len(set(f) & t) / 10 for f, t in zip(found, truth, strict=True)]))
+            configs.append(
+                {
+                    "n_trees": n_trees,
+                    "search_k": search_k,
+                    "recall@10": round(recall, 3),
+                    "query_ms": round(ms, 3),
+                    "speedup": round(exact_ms / ms, 1),
+                    "size_ratio": round(path.stat().st_size / raw_bytes, 2),
+                    "build_s": round(build_s, 1),
+                }
+            )
+            print(f"  index {n}: {configs[-1]}", flush=True)
+        index.unload()
+    return {
+        "n": n,
+        "exact_ms": round(exact_ms, 2),
+        "raw_mb": round(raw_bytes / 2**20, 1),
+        "configs": configs,
+        "data": data,
+    }
+
+
+# --- memory with a 1M-vector version ----------------------------------------------------------
+
+
+def publish_synthetic(store: Path, data: np.ndarray, index_file: Path, models_dir: Path) -> str:
+    """A complete fashion version around a prebuilt index: a random head maps the offline
+    encoder's vectors to DIM, so queries run the real path end to end."""
+    from service.head import Head
+    from service.storage.local import LocalStorage
+
+    version = versions.new_version_id()
+    stage = store.parent / "stage"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    shutil.copy(index_file, stage / "index.ann")
+    np.save(stage / "vectors.npy", data, allow_pickle=False)
+    n = len(data)
+    jsonmap.write(stage / "ids.json", (f"synthetic/{i:07d}.png" for i in range(n)))
+    jsonmap.write(
+        stage / "metadata.json",
+        ({"label": f"c{i % 2000}", "metadata": {}, "image": f"images/{i}.png"} for i in range(n)),
+    )
+    rng = np.random.default_rng(0)
+    head = Head(
+        {"thumbnail": 0, "feature_dim": DIM, "labels": [], "note": "random, for the memory benchmark"},
+        {
+            "thumb_mean": np.zeros(0, np.float32),
+            "thumb_std": np.ones(0, np.float32),
+            "feature_w": rng.normal(size=(1280, DIM)).astype(np.float32),
+            "feature_b": np.zeros(DIM, np.float32),
+        },
+    )
+    head.save(stage)
+    backbone = encoders.load(encoders.offline_source(models_dir), models_dir)
+    manifest = {
+        "encoder": {**backbone.describe(), "handle": "offline"},
+        "head": {"files": ["head.json", "head.npz"], "fingerprint": head.fingerprint, "feature_dim": DIM},
+        "dim": DIM,
+        "metric": "angular",
+        "count": n,
+        "labels": {},
+        "created_at": "synthetic",
+    }
+    versions.publish(LocalStorage(store), "fashion", version, stage, manifest)
+    return version
+
+
+def worker_memory(process: subprocess.Popen) -> list[dict[str, float]]:
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    rows = []
+    for pid in children:
+        fields = {}
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) / 1024  # MB
+        index_mapped = 0.0
+        for block in Path(f"/proc/{pid}/smaps").read_text().split("\n"):
+            if block.endswith("index.ann"):
+                index_mapped = -1  # marker: the next Rss line belongs to the index mapping
+            elif index_mapped == -1 and block.startswith("Rss:"):
+                index_mapped = int(block.split()[1]) / 1024
+        rows.append(
+            {
+                "pid": int(pid),
+                "rss_mb": round(fields["Rss"], 1),
+                "pss_mb": round(fields["Pss"], 1),
+                "anonymous_mb": round(fields["Anonymous"], 1),
+                "shared_mb": round(fields["Shared_Clean"] + fields["Shared_Dirty"], 1),
+                "index_resident_mb": round(index_mapped, 1),
+            }
+        )
+    return rows
+
+
+def memory_bench(work: Path, small_store: Path, index: dict[str, Any], models_dir: Path) -> dict[str, Any]:
+    n_trees = 32
+    store = work / "store-1m"
+    publish_synthetic(store, index["data"], work / f"index-{index['n']}-{n_trees}.ann", models_dir)
+    query = demo.jpeg(demo.photo("coffee"))
+    result = {}
+    for name, where in (("1M vectors", store), ("10k images", small_store)):
+        with gunicorn(where, work / f"cache-mem-{len(result)}", workers=2) as (url, process):
+            for _ in range(200):  # touch the index in both workers
+                conn = http.client.HTTPConnection(url, timeout=30)
+                conn.request(
+                    "POST", "/fashion/infer?k=10", body=query, headers={"Content-Type": "image/jpeg"}
+                )
+                conn.getresponse().read()
+                conn.close()
+            result[name] = worker_memory(process)
+            print(f"  memory {name}: {result[name]}", flush=True)
+    index_file = next(store.rglob("index.ann"))
+    return {"workers": result, "index_mb": round(index_file.stat().st_size / 2**20, 1)}
+
+
+# --- everything ---------------------------------------------------------------------------------
+
+
+def run() -> dict[str, Any]:
+    settings = Settings.load({"warm_on_start": False})
+    encoder = encoders.load(encoders.offline_source(settings.models_dir), settings.hub_cache)
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
+        work = Path(tmp)
+        result["raw"] = raw = raw_encoder(encoder)
+        print(f"  raw encoder: {raw}", flush=True)
+        local = replace(settings, cache_dir=work / "cache", encode_batch_size=64)
+        result["training"] = training_throughput(work, local, (1_000, 10_000))
+        result["serving"] = serving(work / "store", work, raw)
+        result["index_100k"] = index_bench(100_000, work, (16, 32), (1_000, 3_000, 10_000))
+        big = index_bench(1_000_000, work, (32,), (3_000, 6_000, 10_000, 20_000))
+        result["memory"] = memory_bench(work, work / "store", big, settings.models_dir)
+        big.pop("data")
+        result["index_100k"].pop("data")
+        result["index_1m"] = big
+        result["growth"] = growth(result, work)
+    return result
+
+
+def growth(result: dict[str, Any], work: Path) -> list[dict[str, Any]]:
+    """Train time and index size at 1k, 10k (measured end to end) and 100k (index measured on
+    synthetic vectors, embedding projected from the 10k run's rate)."""
+    rows = [
+        {"images": r["images"], "train_s": r["seconds"], "index_mb": r["index_mb"], "how": "measured"}
+        for r in result["training"]
+    ]
+    data, _ = clustered(100_000, 1280, seed=7)  # frozen-encoder width, like the measured runs
+    started = time.perf_counter()
+    build_index(data, 32, work / "growth.ann")
+    build_s = time.perf_counter() - started
+    rate = result["training"][-1]["images_per_s"]
+    rows.append(
+        {
+            "images": 100_000,
+            "train_s": round(100_000 / rate + build_s, 1),
+            "index_mb": round((work / "growth.ann").stat().st_size / 2**20, 1),
+            "how": f"index built ({build_s:.1f}s) on synthetic 1280-d vectors; embedding at the 10k rate",
+        }
+    )
+    return rows
+
+
+def markdown(r: dict[str, Any]) -> str:
+    raw = r["raw"]
+    best = raw["best_images_per_s"]
+    lines = [
+        "## Speed",
+        "",
+        "### The reference: the raw encoder (offline MobileNetV2, 160x160, all cores)",
+        "",
+        f"Forward pass at batch 1: **{raw['batch1_ms']} ms**. Images per second by batch size: "
+        + ", ".join(f"{b}: {v}" for b, v in raw["throughput"].items())
+        + f". Best: **{best} images/s** at batch {raw['best_batch']}.",
+        "",
+        "### Training throughput (zip in → version published, fine_tune=never)",
+        "",
+        "| images | seconds | images/s | × raw best | index MB |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r["training"]:
+        lines.append(
+            f"| {row['images']:,} | {row['seconds']} | {row['images_per_s']} | "
+            f"**{row['images_per_s'] / best:.2f}** | {row['index_mb']} |"
+        )
+    lines += [
+        "",
+        "### Serving through the Procfile's gunicorn command",
+        "",
+        "Latency: 300 sequential `POST /fashion/infer?k=10` on one keep-alive connection. Load: wrk "
+        "(one thread) posting a 28x28 PNG for 12 s.",
+        "",
+        "| workers × TF threads | image | p50 ms | p95 ms | p99 ms | p50 − raw batch-1 forward |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r["serving"]:
+        for key, value in row.items():
+            if key.startswith("latency "):
+                lines.append(
+                    f"| {row['workers']} × {row['tf_threads']} | {key[8:]} | {value['p50']} | "
+                    f"{value['p95']} | {value['p99']} | **{value['p50'] - raw['batch1_ms']:+.1f} ms** |"
+                )
+    lines += [
+        "",
+        "| workers × TF threads | clients | requests/s | × raw best | failed | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r["serving"]:
+        for load in row["load"]:
+            lines.append(
+                f"| {row['workers']} × {row['tf_threads']} | {load['connections']} | "
+                f"{load['requests_per_s']:.0f} | **{load['requests_per_s'] / best:.2f}** | "
+                f"{load['failed']} | {load['p99_ms']} |"
+            )
+    for key in ("index_100k", "index_1m"):
+        ix = r[key]
+        lines += [
+            "",
+            f"### Annoy index: {ix['n']:,} clustered synthetic {DIM}-d unit vectors",
+            "",
+            f"Exact search (numpy, one query at a time): {ix['exact_ms']} ms/query. Raw vectors: "
+            f"{ix['raw_mb']} MB. 200 queries, recall@10 against the exact top 10.",
+            "",
+            "| n_trees | search_k | recall@10 | ms/query | × exact speed | index ÷ raw vectors | build s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in ix["configs"]:
+            lines.append(
+                f"| {c['n_trees']} | {c['search_k']} | {c['recall@10']} | {c['query_ms']} | "
+                f"{c['speedup']} | {c['size_ratio']} | {c['build_s']} |"
+            )
+    mem = r["memory"]
+    lines += [
+        "",
+        "### Memory per gunicorn worker",
+        "",
+        f"Two workers serving a 1M-vector version (index file {mem['index_mb']} MB, mmapped) and, for "
+        "comparison, the 10k-image version. Anonymous = memory private to the process; the index "
+        "pages are file-backed page cache, shared by the workers.",
+        "",
+        "| version | worker | RSS MB | PSS MB | anonymous (private) MB | shared MB | index resident MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, workers in mem["workers"].items():
+        for w in workers:
+            lines.append(
+                f"| {name} | {w['pid']} | {w['rss_mb']} | {w['pss_mb']} | {w['anonymous_mb']} | "
+                f"{w['shared_mb']} | {w['index_resident_mb']} |"
+            )
+    lines += ["", "### Growth", "", "| images | train s | index MB | how |", "|---|---|---|---|"]
+    for g in r["growth"]:
+        lines.append(f"| {g['images']:,} | {g['train_s']} | {g['index_mb']} | {g['how']} |")
+    return "\n".join(lines)
