@@ -33,7 +33,7 @@ from PIL import Image
 from service import demo, encoders, jsonmap, training, versions
 from service.config import ROOT, Settings
 from service.endpoint import parse_endpoint
-from service.index import build_index
+from service.index import auto_search_k, build_index
 
 DIM = 256  # the endpoints' feature_dim: what a fine-tuned version indexes
 BATCH_SIZES = (1, 8, 16, 32, 64, 128)
@@ -269,6 +269,7 @@ def clustered(n: int, dim: int, seed: int, clusters: int = 2000) -> tuple[np.nda
 
 
 def index_bench(n: int, work: Path, trees: tuple[int, ...], search_ks: tuple[int, ...]) -> dict[str, Any]:
+    search_ks = tuple(sorted({*search_ks, auto_search_k(n)}))  # always measure the default
     data, queries = clustered(n, DIM, seed=n)
     started = time.perf_counter()
     truth = [set(np.argpartition(-(data @ q), 10)[:10]) for q in queries]
@@ -291,6 +292,7 @@ def index_bench(n: int, work: Path, trees: tuple[int, ...], search_ks: tuple[int
                 {
                     "n_trees": n_trees,
                     "search_k": search_k,
+                    "auto": search_k == auto_search_k(n),
                     "recall@10": round(recall, 3),
                     "query_ms": round(ms, 3),
                     "speedup": round(exact_ms / ms, 1),
@@ -514,8 +516,9 @@ def markdown(r: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for c in ix["configs"]:
+            search_k = f"{c['search_k']} (auto)" if c["auto"] else c["search_k"]
             lines.append(
-                f"| {c['n_trees']} | {c['search_k']} | {c['recall@10']} | {c['query_ms']} | "
+                f"| {c['n_trees']} | {search_k} | {c['recall@10']} | {c['query_ms']} | "
                 f"{c['speedup']} | {c['size_ratio']} | {c['build_s']} |"
             )
     mem = r["memory"]

@@ -141,9 +141,9 @@ def parse_endpoint(path: Path) -> EndpointSpec:
     metric = f.get("index.metric", str, "angular")
     if metric not in METRICS:
         raise f.fail("index.metric", f"must be one of {sorted(METRICS)}, got {metric!r}")
-    search_k = f.get("index.search_k", int, -1)
-    if search_k < -1 or search_k == 0:
-        raise f.fail("index.search_k", f"must be -1 (Annoy's default) or positive, got {search_k}")
+    search_k = f.get("index.search_k", int, 0)
+    if search_k < -1:
+        raise f.fail("index.search_k", f"must be 0 (auto), -1 (Annoy's default) or positive, got {search_k}")
 
     default_k = f.positive_int("query.default_k", 10)
     max_k = f.positive_int("query.max_k", 100)
@@ -156,7 +156,7 @@ def parse_endpoint(path: Path) -> EndpointSpec:
         encoder=encoder,
         head=_head(f),
         metric=metric,
-        n_trees=f.positive_int("index.n_trees", 16),
+        n_trees=f.positive_int("index.n_trees", 32),
         search_k=search_k,
         default_k=default_k,
         max_k=max_k,

@@ -67,7 +67,7 @@ def test_a_relative_saved_model_path_is_relative_to_the_file(tmp_path: Path) -> 
         ('name = "Bad Name"\n[encoder]\nsource = "x"\ninput_size = 9\n', "name"),
         ('name = "health"\n[encoder]\nsource = "x"\ninput_size = 9\n', "name"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[index]\nmetric = "euclidean"\n', "index.metric"),
-        ('[encoder]\nsource = "x"\ninput_size = 9\n[index]\nsearch_k = 0\n', "index.search_k"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[index]\nsearch_k = -2\n', "index.search_k"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\ndefault_k = 50\nmax_k = 10\n', "query.default_k"),
         ('[encoder]\nsource = "x"\ninput_size = 9\nn_tres = 3\n', "n_tres"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[index]\nntrees = 3\n', "index.ntrees"),

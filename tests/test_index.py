@@ -58,3 +58,17 @@ def test_builds_are_reproducible(tmp_path: Path) -> None:
     build_index(vectors, 5, tmp_path / "a.ann")
     build_index(vectors, 5, tmp_path / "b.ann")
     assert (tmp_path / "a.ann").read_bytes() == (tmp_path / "b.ann").read_bytes()
+
+
+def test_search_k_grows_with_the_index() -> None:
+    from service.index import auto_search_k
+
+    assert auto_search_k(500) == 1000  # small indexes: a floor that makes search exhaustive
+    assert auto_search_k(100_000) == 3162
+    assert auto_search_k(1_000_000) == 10_000
+
+
+def test_an_explicit_search_k_is_kept(tmp_path: Path) -> None:
+    build_index(VECTORS, 2, tmp_path / "i.ann")
+    assert IndexReader(tmp_path / "i.ann", 3, search_k=-1).search_k == -1
+    assert IndexReader(tmp_path / "i.ann", 3).search_k == 1000
