@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("endpoint")
     back.add_argument("version")
 
+    models = commands.add_parser("encoders", help="manage the endpoints' TF-Hub encoders")
+    model_actions = models.add_subparsers(dest="action", required=True)
+    model_actions.add_parser(
+        "mirror", help="download every endpoint's TF-Hub handle and copy it into the bucket's mirror"
+    )
+
     commands.add_parser("build-encoder", help="build the offline encoder into MODELS_DIR")
     commands.add_parser("endpoints", help="validate and list the endpoint files")
 
@@ -199,6 +205,27 @@ def versions_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def encoders_command(args: argparse.Namespace) -> int:
+    """Mirror each remote handle: download it from TF-Hub here, upload it to the store's mirror."""
+    from . import encoders, mirror
+    from .runtime import build_service
+    from .storage import encoder_mirror
+
+    service = build_service(Settings.load({"warm_on_start": False}))
+    target = encoder_mirror(service.settings, service.storage)
+    if target is None:
+        print("error: the mirror needs an s3:// STORAGE_URI or ENCODER_MIRROR_URI", file=sys.stderr)
+        return 2
+    for name, spec in service.specs.items():
+        if not spec.encoder.is_remote:
+            print(f"{name}: {spec.encoder.source} is not a TF-Hub handle; nothing to mirror")
+            continue
+        folder = encoders.fetch_handle(spec.encoder.source, service.settings.hub_cache)
+        prefix = mirror.upload(target, spec.encoder.source, folder)
+        print(f"{name}: {spec.encoder.source} -> {target.uri}/{prefix}")
+    return 0
+
+
 def build_encoder(args: argparse.Namespace) -> int:
     from .offline_encoder import build
 
@@ -223,6 +250,7 @@ COMMANDS = {
     "evaluate": evaluate,
     "demo": demo,
     "versions": versions_command,
+    "encoders": encoders_command,
     "build-encoder": build_encoder,
     "endpoints": endpoints,
 }

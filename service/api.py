@@ -11,11 +11,15 @@ from typing import Any
 from flask import Flask, Response, current_app, redirect, request, send_file, url_for
 from flask_smorest import Blueprint
 from flask_smorest.error_handler import ErrorSchema  # {code, status, message, errors}
+from marshmallow import EXCLUDE, Schema, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from . import finetune, ingest, query, versions
+from . import ingest, query, versions
 from .errors import (
+    ForbiddenError,
     InvalidParameterError,
+    JobRetryError,
+    NotFoundError,
     ServiceError,
     UnsupportedMediaTypeError,
 )
@@ -34,6 +38,10 @@ from .schemas import (
     SimilarResultSchema,
     TrainAnyFormSchema,
     TrainFormSchema,
+    TrainSourceSchema,
+    UploadSchema,
+    WorkerMessageSchema,
+    WorkerResultSchema,
 )
 from .serving import LoadedVersion
 
@@ -108,7 +116,16 @@ def endpoint_info(name: str) -> dict[str, Any]:
 
 @blp.route("/<name>/train", methods=["POST"])
 @blp.response(202, JobCreatedSchema)
-@blp.doc(requestBody=multipart(TrainFormSchema), responses=error_responses(404, 413, 415, 422))
+@blp.doc(
+    requestBody={
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": TrainFormSchema},
+            "application/json": {"schema": TrainSourceSchema},
+        },
+    },
+    responses=error_responses(403, 404, 409, 413, 415, 422),
+)
 def train(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
     """Train a new version from a zip of images (runs in the background)"""
     return _start_training(name)
@@ -131,31 +148,51 @@ def train_any() -> tuple[dict[str, str], int, dict[str, str]]:
 def _start_training(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
     service = svc()
     service.registry.get(name)  # 404 before reading a large body
-    _require_multipart("a zip in field 'file'")
-    fine_tune = request.form.get("fine_tune", "auto")
-    if fine_tune not in finetune.MODES:
-        raise InvalidParameterError(
-            f"fine_tune must be one of {', '.join(finetune.MODES)}, got {fine_tune!r}",
-            errors={"fine_tune": [f"Must be one of: {', '.join(finetune.MODES)}."]},
-        )
-    upload = request.files.get("file")
-    if upload is None:
-        raise InvalidParameterError(
-            "missing multipart field 'file' (a zip of images)",
-            errors={"file": ["Missing data for required field."]},
-        )
-    path = service.uploads_dir / f"{secrets.token_hex(8)}.zip"
-    try:
-        upload.save(path)
-        # Answer now (422, 413) for a file that is not a zip or is over the limits.
-        with ingest.open_zip(path) as zf:
-            ingest.check_limits(zf, ingest.ZipLimits.from_settings(service.settings))
-        job = service.jobs.submit(name, path, fine_tune)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    if request.mimetype == "application/json":
+        args = _load(TrainSourceSchema(), request.get_json(silent=True))
+        service.check_source(args["source"])
+        job = service.jobs.submit(name, source=args["source"], fine_tune=args["fine_tune"])
+    else:
+        _require_multipart("a zip in field 'file' (or JSON with an s3:// 'source')")
+        fine_tune = _load(TrainSourceSchema(only=("fine_tune",)), request.form.to_dict())["fine_tune"]
+        upload = request.files.get("file")
+        if upload is None:
+            raise InvalidParameterError(
+                "missing multipart field 'file' (a zip of images)",
+                errors={"file": ["Missing data for required field."]},
+            )
+        path = service.uploads_dir / f"{secrets.token_hex(8)}.zip"
+        try:
+            upload.save(path)
+            # Answer now (422, 413) for a file that is not a zip or is over the limits.
+            with ingest.open_zip(path) as zf:
+                ingest.check_limits(zf, ingest.ZipLimits.from_settings(service.settings))
+            job = service.jobs.submit(name, zip_path=path, fine_tune=fine_tune)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
     status_url = url_for("simsvc.job_status", name=name, job_id=job.id, _external=True)
     return {"job_id": job.id, "status_url": status_url}, 202, {"Location": status_url}
+
+
+def _load(schema: Schema, data: Any) -> dict[str, Any]:
+    """Validate a body with a marshmallow schema; 422 with the field errors if it does not fit."""
+    if not isinstance(data, dict):
+        raise InvalidParameterError("the body must be a JSON object")
+    try:
+        return schema.load(data, unknown=EXCLUDE)
+    except ValidationError as exc:
+        raise InvalidParameterError("invalid parameters", errors=exc.normalized_messages()) from None
+
+
+@blp.route("/<name>/uploads", methods=["POST"])
+@blp.response(201, UploadSchema)
+@blp.doc(responses=error_responses(404, 409))
+def create_upload(name: str) -> dict[str, Any]:
+    """A pre-signed S3 upload for a large zip; then train with {"source": ...}"""
+    service = svc()
+    service.registry.get(name)
+    return service.create_upload(name)
 
 
 @blp.route("/<name>/jobs/<job_id>")
@@ -264,6 +301,32 @@ def item_image(name: str, item_id: int, version: str | None = None) -> Response:
     if signed:
         return redirect(signed)  # the bytes come straight from the store, not through this tier
     return Response(service.storage.read(key), mimetype=mimetype)
+
+
+# --- the worker tier -------------------------------------------------------------------------
+
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+@blp.route("/worker/jobs", methods=["POST"])
+@blp.response(200, WorkerResultSchema)
+@blp.doc(responses=error_responses(403, 404, 422, 503))
+def worker_job() -> dict[str, Any]:
+    """Run a queued training job (worker tier only; the SQS daemon on this instance posts here)"""
+    service = svc()
+    if service.settings.service_role != "worker":
+        raise NotFoundError("this instance is not a worker (SERVICE_ROLE=worker)")
+    forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",") if a.strip()]
+    from_daemon = request.user_agent.string.startswith("aws-sqsd")
+    if request.remote_addr not in LOOPBACK or any(a not in LOOPBACK for a in forwarded) or not from_daemon:
+        raise ForbiddenError("only the SQS daemon on this instance delivers jobs")
+    message = _load(WorkerMessageSchema(), request.get_json(silent=True))
+    attempt = int(request.headers.get("X-Aws-Sqsd-Receive-Count", "1") or 1)
+    finished = service.jobs.run_delivered(message["job_id"], attempt, service.settings.job_max_attempts)
+    job = service.jobs.store.load(None, message["job_id"])
+    if not finished:
+        raise JobRetryError(f"job {job.id}: {job.error}")
+    return {"job_id": job.id, "status": job.status, "error": job.error}
 
 
 # --- errors ----------------------------------------------------------------------------------

@@ -16,10 +16,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     # One machine, no network: files under ./data, the bundled offline encoder.
     "local": {"storage_uri": f"file://{ROOT / 'data'}", "encoder_mode": "offline"},
     # Elastic Beanstalk: STORAGE_URI must name the bucket; encoders come from TF-Hub (or its mirror).
-    "aws": {"storage_uri": "", "encoder_mode": "hub"},
+    "aws": {"storage_uri": "", "encoder_mode": "mirror"},
 }
 
-ENCODER_MODES = ("hub", "offline")
+# hub: download TF-Hub handles; mirror: load them from the bucket's mirror (never tfhub.dev);
+# offline: serve every remote handle with the bundled offline encoder.
+ENCODER_MODES = ("hub", "mirror", "offline")
+ROLES = ("web", "worker")
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,22 @@ class Settings:
     signed_url_expiry_s: int = 3600
     # Published versions kept per endpoint; older ones are deleted after each successful publish.
     keep_versions: int = 5
+    # web: serve queries and take training uploads; worker: also run jobs the SQS daemon delivers.
+    service_role: str = "web"
+    # An SQS queue URL: the web tier queues training jobs there for the worker tier.
+    job_queue_url: str = ""
+    sqs_endpoint_url: str = ""  # like S3_ENDPOINT_URL, for SQS (boto3's AWS_ENDPOINT_URL_SQS works too)
+    # Attempts per job before it is marked failed (match the queue's maxReceiveCount).
+    job_max_attempts: int = 3
+    # Lifetime of the pre-signed upload URLs from POST /<endpoint>/uploads.
+    upload_url_expiry_s: int = 3600
+    # Largest zip a job takes from S3 (uploads that bypass the web tier).
+    max_source_zip_mb: int = 51_200
+    # Where mirrored TF-Hub encoders live (s3://...); empty: <STORAGE_URI>/encoders when on S3.
+    encoder_mirror_uri: str = ""
     endpoints_dir: Path = ROOT / "endpoints"
-    # hub: download TF-Hub handles (cached in TFHUB_CACHE_DIR); offline: use the bundled encoder
+    # hub: download TF-Hub handles (cached in TFHUB_CACHE_DIR); mirror: from the bucket's copy;
+    # offline: the bundled encoder
     encoder_mode: str = "offline"
     models_dir: Path = ROOT / "models"
     cache_dir: Path = ROOT / "cache"
@@ -88,6 +105,10 @@ class Settings:
             raise ValueError(f"ENCODER_MODE must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
         if not self.storage_uri:
             raise ValueError("STORAGE_URI is required (e.g. s3://my-bucket/simsvc or file:///srv/data)")
+        if self.service_role not in ROLES:
+            raise ValueError(f"SERVICE_ROLE must be one of {ROLES}, got {self.service_role!r}")
+        if self.job_queue_url and not self.storage_uri.startswith("s3://"):
+            raise ValueError("JOB_QUEUE_URL needs an s3:// STORAGE_URI: the worker tier reads the zips there")
         if self.keep_versions < 1:
             raise ValueError(f"KEEP_VERSIONS must be at least 1, got {self.keep_versions}")
         return self

@@ -21,6 +21,7 @@ from . import tfruntime
 from .batching import Batcher
 from .endpoint import EncoderSpec
 from .errors import EncoderUnavailableError
+from .storage import Storage
 from .vectors import normalise
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ OFFLINE_INPUT_SIZE = 160
 class EncoderSource:
     """A concrete, loadable encoder: where it lives and how to call it."""
 
-    kind: str  # "hub" (a TF-Hub handle), "saved_model" (a local folder) or "offline"
+    kind: str  # "hub" or "mirror" (a TF-Hub handle), "saved_model" (a local folder), "offline"
     location: str  # the handle URL or the folder path
     input_size: int
     signature: str | None = None
@@ -61,12 +62,13 @@ def offline_source(models_dir: Path) -> EncoderSource:
 def resolve(spec: EncoderSpec, encoder_mode: str, models_dir: Path) -> EncoderSource:
     """Pick the concrete encoder for an endpoint under the current mode.
 
-    In "offline" mode every remote TF-Hub handle is replaced by the bundled offline encoder;
-    local SavedModel folders are used as they are in both modes.
+    In "offline" mode every remote TF-Hub handle is replaced by the bundled offline encoder; in
+    "mirror" mode handles are read from the bucket's mirror; local SavedModel folders are used as
+    they are in every mode.
     """
     if spec.source == "offline" or (spec.is_remote and encoder_mode == "offline"):
         return offline_source(models_dir)
-    kind = "hub" if spec.is_remote else "saved_model"
+    kind = ("mirror" if encoder_mode == "mirror" else "hub") if spec.is_remote else "saved_model"
     return EncoderSource(kind, spec.source, spec.input_size, spec.signature, spec.output_key)
 
 
@@ -156,10 +158,18 @@ def fetch_handle(handle: str, hub_cache: Path) -> Path:
         ) from exc
 
 
-def locate(source: EncoderSource, hub_cache: Path) -> Path:
+def locate(source: EncoderSource, hub_cache: Path, mirror: Storage | None = None) -> Path:
     """The local SavedModel folder for a source, downloading TF-Hub handles when needed."""
     if source.kind == "hub":
         return fetch_handle(source.location, hub_cache)
+    if source.kind == "mirror":
+        if mirror is None:
+            raise EncoderUnavailableError(
+                f"ENCODER_MODE=mirror needs an s3:// STORAGE_URI or ENCODER_MIRROR_URI ({source.location!r})"
+            )
+        from .mirror import fetch
+
+        return fetch(mirror, source.location, hub_cache)
     path = Path(source.location)
     if not (path / "saved_model.pb").is_file():
         hint = " Build it with `make encoder`." if source.kind == "offline" else ""
@@ -171,12 +181,12 @@ _cache: dict[EncoderSource, Encoder] = {}
 _cache_lock = threading.Lock()
 
 
-def load(source: EncoderSource, hub_cache: Path) -> Encoder:
+def load(source: EncoderSource, hub_cache: Path, mirror: Storage | None = None) -> Encoder:
     """Load an encoder once per process; endpoints that share a source share the model."""
     with _cache_lock:
         encoder = _cache.get(source)
         if encoder is None:
-            path = locate(source, hub_cache)
+            path = locate(source, hub_cache, mirror)
             log.info("loading encoder %s from %s", source.location, path)
             encoder = _cache[source] = Encoder(source, path)
         return encoder

@@ -13,7 +13,7 @@ from .head import HeadConfig
 
 SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 # Names that would shadow the service's own top-level routes.
-RESERVED_NAMES = frozenset({"health", "endpoints", "docs", "openapi.json", "train", "static"})
+RESERVED_NAMES = frozenset({"health", "endpoints", "docs", "openapi.json", "train", "static", "worker"})
 METRICS = frozenset({"angular"})
 
 

@@ -17,6 +17,18 @@ class ServiceError(Exception):
         self.errors = errors
 
 
+class ForbiddenError(ServiceError):
+    """Understood, but not allowed (e.g. a training source outside the service's bucket)."""
+
+    status = 403
+
+
+class ConflictError(ServiceError):
+    """Not possible in the service's current configuration or state."""
+
+    status = 409
+
+
 class NotFoundError(ServiceError):
     status = 404
 
@@ -102,6 +114,12 @@ class TrainingError(ServiceError):
     def __init__(self, message: str, skipped: list[Any] | None = None) -> None:
         super().__init__(message)
         self.skipped = skipped or []  # files left out before the job gave up
+
+
+class JobRetryError(ServiceError):
+    """A delivered job failed in a way worth another attempt (the queue will redeliver it)."""
+
+    status = 503
 
 
 class EndpointConfigError(Exception):

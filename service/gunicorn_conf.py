@@ -18,7 +18,9 @@ preload_app = False
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = 30
 keepalive = 5
-accesslog = "-"
+# A line per request costs a write on the hot path; nginx (on Elastic Beanstalk) logs requests
+# anyway. GUNICORN_ACCESS_LOG=1 turns it on.
+accesslog = "-" if os.environ.get("GUNICORN_ACCESS_LOG", "0").lower() in ("1", "true", "yes") else None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 

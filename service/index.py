@@ -26,10 +26,12 @@ def build_index(vectors: np.ndarray, n_trees: int, path: Path, seed: int = 42) -
     if vectors.ndim != 2 or len(vectors) == 0:
         raise ValueError(f"need a non-empty [n, dim] array, got shape {vectors.shape}")
     index = AnnoyIndex(vectors.shape[1], METRIC)
-    index.set_seed(seed)  # same vectors, same index: builds are reproducible
+    index.set_seed(seed)
     for i, vector in enumerate(vectors):
         index.add_item(i, vector)
-    index.build(n_trees, n_jobs=1)
+    # Trees are built on every core: about 2x faster here, at the price of byte-for-byte
+    # reproducibility (which tree a thread builds varies); recall is the same.
+    index.build(n_trees, n_jobs=-1)
     index.save(str(path))
     index.unload()
 

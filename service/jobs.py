@@ -1,7 +1,12 @@
-"""Training jobs: queued in-process, run in the background, status persisted in storage.
+"""Training jobs: created by the web tier, run in-process or by the worker tier, status in storage.
 
 Status lives at `jobs/<job_id>.json` in the store, so any worker process (or instance) can
 answer `GET /<endpoint>/jobs/<id>`, whichever one runs the job.
+
+Without a queue, jobs run one at a time in a background thread of the worker that took the
+upload. With a queue (JOB_QUEUE_URL), the web tier stores the zip in S3, records the job and
+sends its id to SQS; an Elastic Beanstalk worker environment receives it from the SQS daemon
+(POST /worker/jobs) and runs it there (`JobRunner.run_delivered`).
 """
 
 from __future__ import annotations
@@ -9,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -18,10 +25,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import versions
-from .errors import JobNotFoundError, ServiceError, TrainingError
+from .errors import (
+    EncoderUnavailableError,
+    IntegrityError,
+    JobNotFoundError,
+    ServiceError,
+    StorageError,
+    TrainingError,
+)
 from .storage import KeyNotFoundError, Storage
 from .training import Progress, TrainResult
 
@@ -42,12 +56,14 @@ class Job:
     stage: str | None = None
     done: int = 0
     total: int = 0
-    version: str | None = None
+    version: str | None = None  # the version it publishes (named when the zip was uploaded)
     error: str | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
     fine_tune: str = "auto"
     evaluation: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # s3:// URI of the zip, for jobs that run elsewhere
+    attempts: int = 0
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
 
@@ -63,38 +79,63 @@ class JobStore:
         job.updated_at = _now()
         self.storage.write(f"jobs/{job.id}.json", json.dumps(job.to_dict()).encode())
 
-    def load(self, endpoint: str, job_id: str) -> Job:
+    def load(self, endpoint: str | None, job_id: str) -> Job:
         if not JOB_ID.match(job_id):
-            raise JobNotFoundError(endpoint, job_id)
+            raise JobNotFoundError(endpoint or "?", job_id)
         try:
             data = json.loads(self.storage.read(f"jobs/{job_id}.json"))
         except KeyNotFoundError:
-            raise JobNotFoundError(endpoint, job_id) from None
-        if data.get("endpoint") != endpoint:
+            raise JobNotFoundError(endpoint or "?", job_id) from None
+        if endpoint is not None and data.get("endpoint") != endpoint:
             raise JobNotFoundError(endpoint, job_id)
-        return Job(**data)
+        known = {f.name for f in dataclasses.fields(Job)}
+        return Job(**{k: v for k, v in data.items() if k in known})
 
 
 # train(endpoint, zip_path, on_progress, version, fine_tune) -> TrainResult
 TrainFn = Callable[[str, Path, Callable[[Progress], None], str, str], TrainResult]
+# fetch(s3 uri, local path): download a job's zip
+FetchFn = Callable[[str, Path], None]
+
+
+class Queue(Protocol):
+    def send(self, message: dict[str, Any]) -> None: ...
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether another attempt could succeed: the store or the encoder's source was unreachable,
+    or something unexpected happened (a full disk, a killed process). Bad input never is."""
+    if isinstance(exc, IntegrityError | versions.SupersededError):
+        return False
+    if isinstance(exc, StorageError | EncoderUnavailableError):
+        return True
+    return not isinstance(exc, ServiceError)
 
 
 class JobRunner:
-    """Runs one training job at a time per process, in a background thread.
+    """Creates jobs and runs them: in-process (no queue) or via the queue and the worker tier.
 
-    The store is the record every worker reads; this process also keeps its own jobs in memory
-    until their final status is stored, so it can answer for them while the store is down.
+    The store is the record every worker reads; this process also keeps the jobs it runs in
+    memory until their final status is stored, so it can answer for them while the store is down.
     """
 
     def __init__(
         self,
         store: JobStore,
         train: TrainFn,
+        uploads_dir: Path,
+        fetch: FetchFn | None = None,
+        stage_upload: Callable[[str, Path], str] | None = None,
+        queue: Queue | None = None,
         progress_interval_s: float = 0.5,
         final_save_retry_s: float = 600,
     ) -> None:
         self.store = store
         self.train = train
+        self.uploads_dir = uploads_dir
+        self.fetch = fetch
+        self.stage_upload = stage_upload
+        self.queue = queue
         self.progress_interval_s = progress_interval_s
         self.final_save_retry_s = final_save_retry_s
         self.live: dict[str, Job] = {}
@@ -102,20 +143,37 @@ class JobRunner:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="train")
         self._closing = threading.Event()
 
-    def submit(self, endpoint: str, zip_path: Path, fine_tune: str = "auto") -> Job:
-        """Queue a job for the zip at `zip_path` (the job deletes it when done)."""
-        job = Job(id=secrets.token_hex(8), endpoint=endpoint, fine_tune=fine_tune)
-        # Named now, not when the job starts: a zip queued behind another job is still older
-        # than one uploaded after it, and "the newest upload wins" (versions.publish).
-        version = versions.new_version_id()
+    # --- creating jobs ------------------------------------------------------------------------
+
+    def submit(
+        self, endpoint: str, zip_path: Path | None = None, source: str | None = None, fine_tune: str = "auto"
+    ) -> Job:
+        """Create a job for a zip on this machine (`zip_path`, deleted when done) or in S3 (`source`)."""
+        # The version is named now, not when the job starts: a zip queued behind another job is
+        # still older than one uploaded after it, and "the newest upload wins" (versions.publish).
+        job = Job(
+            id=secrets.token_hex(8),
+            endpoint=endpoint,
+            fine_tune=fine_tune,
+            source=source,
+            version=versions.new_version_id(),
+        )
         try:
-            self.store.save(job)  # a store that is down refuses the job now, not silently later
-        except Exception:
-            zip_path.unlink(missing_ok=True)
-            raise
+            if self.queue is not None:
+                if zip_path is not None:
+                    if self.stage_upload is None:
+                        raise StorageError("a job queue needs S3 storage to hand zips to the worker tier")
+                    job.source = self.stage_upload(f"uploads/{endpoint}/{job.id}.zip", zip_path)
+                self.store.save(job)  # a store that is down refuses the job now, not silently later
+                self.queue.send({"job_id": job.id, "endpoint": endpoint})
+                return job
+            self.store.save(job)
+        finally:
+            if self.queue is not None and zip_path is not None:
+                zip_path.unlink(missing_ok=True)
         with self._lock:
             self.live[job.id] = job
-        self._pool.submit(self._run, job, zip_path, version)
+        self._pool.submit(self._run_local, job, zip_path)
         return job
 
     def status(self, endpoint: str, job_id: str) -> dict[str, Any]:
@@ -126,16 +184,38 @@ class JobRunner:
                 return job.to_dict()
         return self.store.load(endpoint, job_id).to_dict()
 
-    def _save(self, job: Job) -> None:
-        with self._lock:
-            snapshot = Job(**job.to_dict())
-        try:
-            self.store.save(snapshot)
-        except Exception as exc:  # progress is best effort; the final status is retried
-            log.warning("could not save the status of job %s: %s", job.id, exc)
+    # --- running them --------------------------------------------------------------------------
 
-    def _run(self, job: Job, zip_path: Path, version: str) -> None:
-        job.status = "running"
+    def _run_local(self, job: Job, zip_path: Path | None) -> None:
+        try:
+            self._execute(job, zip_path)
+        finally:
+            self._store_final(job)
+
+    def run_delivered(self, job_id: str, attempt: int, max_attempts: int) -> bool:
+        """Run a job delivered by the queue (worker tier). True when it is finished, succeeded or
+        failed for good; False when this attempt failed in a way worth retrying."""
+        job = self.store.load(None, job_id)
+        if job.status in ("succeeded", "failed"):
+            return True  # a redelivered message of a finished job: nothing to do
+        job.attempts = attempt
+        with self._lock:
+            self.live[job.id] = job
+        try:
+            retry = self._execute(job, None)
+            if retry and attempt < max_attempts:
+                job.status, job.stage = "queued", None
+                job.error = f"attempt {attempt} of {max_attempts} failed, will retry: {job.error}"
+                return False
+            if retry:
+                job.error = f"gave up after {attempt} attempts: {job.error}"
+            return not retry
+        finally:
+            self._store_final(job)
+
+    def _execute(self, job: Job, zip_path: Path | None) -> bool:
+        """Run the training and record the outcome on `job`; True if a retry might succeed."""
+        job.status, job.error = "running", None
         self._save(job)
         last_save = 0.0
 
@@ -148,9 +228,21 @@ class JobRunner:
                 last_save = time.monotonic()
                 self._save(job)
 
+        retry = False
+        fetched: Path | None = None
         try:
-            result: TrainResult = self.train(job.endpoint, zip_path, on_progress, version, job.fine_tune)
-            outcome = {
+            if zip_path is None:
+                if job.source is None or self.fetch is None:
+                    raise TrainingError("the job has no zip to train from")
+                on_progress(Progress("download", 0, 1))
+                fd, name = tempfile.mkstemp(dir=self.uploads_dir, suffix=".zip")
+                os.close(fd)
+                fetched = zip_path = Path(name)
+                self.fetch(job.source, zip_path)
+            result = self.train(
+                job.endpoint, zip_path, on_progress, job.version or versions.new_version_id(), job.fine_tune
+            )
+            outcome: dict[str, Any] = {
                 "status": "succeeded",
                 "version": result.version,
                 "evaluation": result.evaluation,
@@ -164,17 +256,29 @@ class JobRunner:
                 "skipped": [{"name": s.name, "reason": s.reason} for s in exc.skipped],
             }
         except ServiceError as exc:
+            retry = _transient(exc)
             outcome = {"status": "failed", "error": exc.message}
-        except Exception as exc:  # a bug: keep the details in the log, give the client a summary
+        except Exception as exc:  # a bug or the machine: details in the log, a summary for the client
             log.exception("training job %s failed", job.id)
-            outcome = {"status": "failed", "error": f"internal error ({type(exc).__name__}); see the log"}
+            retry = True
+            outcome = {"status": "failed", "error": f"internal error ({type(exc).__name__}: {exc})"}
         finally:
-            zip_path.unlink(missing_ok=True)
+            for path in (zip_path, fetched):
+                if path is not None:
+                    path.unlink(missing_ok=True)
         with self._lock:
             for name, value in outcome.items():
                 setattr(job, name, value)
         log.info("job %s for %s %s %s", job.id, job.endpoint, job.status, job.error or job.version)
-        self._store_final(job)
+        return retry
+
+    def _save(self, job: Job) -> None:
+        with self._lock:
+            snapshot = Job(**job.to_dict())
+        try:
+            self.store.save(snapshot)
+        except Exception as exc:  # progress is best effort; the final status is retried
+            log.warning("could not save the status of job %s: %s", job.id, exc)
 
     def _store_final(self, job: Job) -> None:
         """Store the final status, retrying with backoff while the store is unreachable."""

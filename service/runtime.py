@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from . import training, versions
 from .config import Settings
 from .endpoint import EndpointSpec, load_endpoints
-from .errors import ItemNotFoundError
+from .errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidParameterError,
+    ItemNotFoundError,
+    PayloadTooLargeError,
+)
 from .jobs import JobRunner, JobStore
 from .query import check_item
 from .serving import EndpointRuntime, Registry
+from .sqs import SqsQueue
 from .storage import KeyNotFoundError, Storage, open_storage
+from .storage.s3 import S3Storage
 from .tfruntime import configure_threads
 
 log = logging.getLogger(__name__)
@@ -42,6 +52,39 @@ class Service:
             if image is None:
                 raise ItemNotFoundError(f"no item {item_id} in {runtime.spec.name} version {version}")
         return versions.version_prefix(runtime.spec.name, version) + image
+
+    def check_source(self, uri: str) -> None:
+        """A zip in S3 a job may train from: in this service's bucket, present, not too big."""
+        s3 = self.storage if isinstance(self.storage, S3Storage) else None
+        if s3 is None:
+            raise ConflictError("training from an s3:// source needs an s3:// STORAGE_URI")
+        key = s3.bucket_key(uri)
+        if key is None:
+            raise ForbiddenError(f"{uri} is outside this service's bucket (s3://{s3.bucket}/)")
+        try:
+            size = s3.object_size(key)
+        except KeyNotFoundError:
+            raise InvalidParameterError(
+                f"{uri} does not exist", errors={"source": ["No such object."]}
+            ) from None
+        limit = self.settings.max_source_zip_mb * 1024 * 1024
+        if size > limit:
+            raise PayloadTooLargeError(f"{uri} is {size} bytes, over the limit of {limit}")
+
+    def create_upload(self, endpoint: str) -> dict[str, Any]:
+        """A pre-signed PUT for a new zip under uploads/, and the source URI to train from."""
+        if not isinstance(self.storage, S3Storage):
+            raise ConflictError(
+                "pre-signed uploads need an s3:// STORAGE_URI; POST the zip to /train instead"
+            )
+        key = f"uploads/{endpoint}/{secrets.token_hex(8)}.zip"
+        expires = self.settings.upload_url_expiry_s
+        return {
+            "upload_url": self.storage.signed_upload_url(key, expires),
+            "method": "PUT",
+            "source": self.storage.uri_of(key),
+            "expires_in": expires,
+        }
 
     def close(self) -> None:
         self.registry.stop()
@@ -79,11 +122,34 @@ def build_service(settings: Settings) -> Service:
     ) -> training.TrainResult:
         return training.train(specs[endpoint], zip_path, storage, settings, on_progress, version, fine_tune)
 
+    s3 = storage if isinstance(storage, S3Storage) else None
+
+    def fetch_source(uri: str, path: Path) -> None:
+        key = s3.bucket_key(uri) if s3 else None
+        if s3 is None or key is None:
+            raise ForbiddenError(f"{uri} is not in this service's bucket")
+        s3.download_object(key, path)
+
+    def stage_upload(key: str, path: Path) -> str:
+        storage.upload(key, path)
+        return s3.uri_of(key) if s3 else key
+
+    queue = None
+    if settings.job_queue_url:
+        queue = SqsQueue(settings.job_queue_url, settings.sqs_endpoint_url, settings.s3_region)
+    jobs = JobRunner(
+        JobStore(storage),
+        run_training,
+        uploads,
+        fetch=fetch_source,
+        stage_upload=stage_upload if s3 else None,
+        queue=queue,
+    )
     return Service(
         settings=settings,
         specs=specs,
         storage=storage,
         registry=Registry(specs, storage, settings),
-        jobs=JobRunner(JobStore(storage), run_training),
+        jobs=jobs,
         uploads_dir=uploads,
     )

@@ -149,3 +149,30 @@ class HealthSchema(Schema):
         values=fields.String(allow_none=True),
         metadata={"description": "The version each endpoint serves in this process"},
     )
+
+
+class TrainSourceSchema(Schema):
+    source = fields.String(
+        required=True,
+        validate=validate.Regexp(r"^s3://[^/]+/.+", error="Must be an s3://bucket/key URI."),
+        metadata={"description": "s3://<the service's bucket>/<key> of a zip uploaded beforehand"},
+    )
+    fine_tune = fields.String(load_default="auto", validate=validate.OneOf(["auto", "always", "never"]))
+
+
+class UploadSchema(Schema):
+    upload_url = fields.String(required=True, metadata={"description": "PUT the zip here"})
+    method = fields.String(required=True, metadata={"example": "PUT"})
+    source = fields.String(required=True, metadata={"description": 'Then POST {"source": this} to /train'})
+    expires_in = fields.Integer(required=True)
+
+
+class WorkerMessageSchema(Schema):
+    job_id = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-f]{16}$"))
+    endpoint = fields.String()
+
+
+class WorkerResultSchema(Schema):
+    job_id = fields.String(required=True)
+    status = fields.String(required=True)
+    error = fields.String(allow_none=True)

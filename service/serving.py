@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from .errors import (
 from .head import Head, HeadEncoder
 from .index import IndexReader
 from .jsonmap import JsonLinesMap
-from .storage import Storage
+from .storage import Storage, encoder_mirror
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: S
     source = encoders.EncoderSource.from_dict(recorded)
     if source.kind == "offline":  # found by name where this instance keeps it; fingerprint below
         source = encoders.offline_source(settings.models_dir)
-    backbone = encoders.load(source, settings.hub_cache)
+    elif source.kind in ("hub", "mirror"):  # the same handle, fetched the way this instance does
+        source = replace(source, kind="mirror" if settings.encoder_mode == "mirror" else "hub")
+    backbone = encoders.load(source, settings.hub_cache, encoder_mirror(settings, storage))
     if recorded.get("fingerprint") not in (None, backbone.fingerprint):
         raise IntegrityError(
             f"{spec.name} version {version} was built by encoder {recorded['location']} with "

@@ -27,7 +27,7 @@ from .endpoint import EndpointSpec
 from .errors import BadImageError, TrainingError
 from .head import HEAD_FILES, Head, HeadConfig, thumbnails
 from .index import build_index
-from .storage import Storage
+from .storage import Storage, encoder_mirror
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def train(
     version = version or versions.new_version_id()
     report(Progress("ingest", 0, 0))
     source = encoders.resolve(spec.encoder, settings.encoder_mode, settings.models_dir)
-    encoder = encoders.load(source, settings.hub_cache)
+    encoder = encoders.load(source, settings.hub_cache, encoder_mirror(settings, storage))
 
     work_root = settings.cache_dir / "work"
     work_root.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,6 @@ MANIFEST = "manifest.json"
 # Files a serving worker needs. The vectors stay in the store (they are for rebuilding an index,
 # not for answering queries), and so do the images, read on demand.
 SERVING_FILES = ("index.ann", "ids.json", "metadata.json")
-UPLOAD_THREADS = 16
 
 
 class SupersededError(StorageError):
@@ -155,11 +154,16 @@ def publish(
     }
     _refuse_if_superseded(read_current(storage, endpoint).version, endpoint, version)  # before uploading
     prefix = version_prefix(endpoint, version)
-    # Thousands of small images: upload in parallel (one S3 PUT is tens of milliseconds).
-    with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload") as pool:
-        uploads = [pool.submit(storage.upload, prefix + p.relative_to(staging).as_posix(), p) for p in files]
-        for upload in uploads:
-            upload.result()  # the first failure fails the publish
+    keys = [prefix + p.relative_to(staging).as_posix() for p in files]
+    if storage.upload_concurrency > 1:  # thousands of small images to a network store
+        with ThreadPoolExecutor(storage.upload_concurrency, thread_name_prefix="upload") as pool:
+            for upload in [
+                pool.submit(storage.upload, key, path) for key, path in zip(keys, files, strict=True)
+            ]:
+                upload.result()  # the first failure fails the publish
+    else:
+        for key, path in zip(keys, files, strict=True):
+            storage.upload(key, path)
     storage.write(prefix + MANIFEST, json.dumps(manifest, indent=1).encode())
 
     pointer = json.dumps({"version": version}).encode()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import http.server
 import io
 import os
 import secrets
 import shutil
 import socket
+import tarfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +220,31 @@ def copy_endpoints(target: Path, *names: str) -> Path:
     for name in names:
         shutil.copy(ROOT / "endpoints" / f"{name}.toml", target)
     return target
+
+
+class ModelServer:
+    def __init__(self, server: http.server.ThreadingHTTPServer) -> None:
+        self.server = server
+        self.url = f"http://127.0.0.1:{server.server_address[1]}/tiny.tar.gz"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def model_server(tiny_model: Path, tmp_path: Path) -> Iterator[ModelServer]:
+    """A local HTTP server holding the tiny model as a TF-Hub style .tar.gz."""
+    site = tmp_path / "site"
+    site.mkdir()
+    with tarfile.open(site / "tiny.tar.gz", "w:gz") as tar:
+        for item in tiny_model.iterdir():
+            tar.add(item, arcname=item.name)
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    running = ModelServer(server)
+    yield running
+    if running.server.socket.fileno() != -1:
+        running.stop()

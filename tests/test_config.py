@@ -38,11 +38,11 @@ def test_explicit_overrides_win_over_the_environment() -> None:
     assert settings.max_image_mb == 7
 
 
-def test_the_aws_profile_needs_a_storage_uri_and_uses_tf_hub() -> None:
+def test_the_aws_profile_needs_a_storage_uri_and_uses_the_encoder_mirror() -> None:
     with pytest.raises(ValueError, match="STORAGE_URI is required"):
         Settings.load(environ={"SERVICE_PROFILE": "aws"})
     settings = Settings.load(environ={"SERVICE_PROFILE": "aws", "STORAGE_URI": "/srv"})
-    assert settings.encoder_mode == "hub"
+    assert settings.encoder_mode == "mirror"
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-import http.server
-import tarfile
-import threading
-from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +13,8 @@ from service.encoders import EncoderSource
 from service.endpoint import EncoderSpec
 from service.errors import EncoderUnavailableError
 from service.images import to_input
+
+from .conftest import ModelServer
 
 
 def inputs(size: int, *names: str) -> np.ndarray:
@@ -70,34 +67,6 @@ def test_resolve_maps_remote_handles_to_the_offline_encoder_only_in_offline_mode
     assert resolved.kind == kind
     if kind == "offline":
         assert resolved.input_size == encoders.OFFLINE_INPUT_SIZE
-
-
-class ModelServer:
-    def __init__(self, server: http.server.ThreadingHTTPServer) -> None:
-        self.server = server
-        self.url = f"http://127.0.0.1:{server.server_address[1]}/tiny.tar.gz"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def model_server(tiny_model: Path, tmp_path: Path) -> Iterator[ModelServer]:
-    """A local HTTP server holding the tiny model as a TF-Hub style .tar.gz."""
-    site = tmp_path / "site"
-    site.mkdir()
-    with tarfile.open(site / "tiny.tar.gz", "w:gz") as tar:
-        for item in tiny_model.iterdir():
-            tar.add(item, arcname=item.name)
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
-    handler.log_message = lambda *args: None  # type: ignore[method-assign]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    running = ModelServer(server)
-    yield running
-    if running.server.socket.fileno() != -1:
-        running.stop()
 
 
 def test_a_url_handle_is_downloaded_into_the_cache_and_loaded(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import NotFoundError, StorageError
@@ -23,6 +24,8 @@ class Storage(abc.ABC):
     """What the service needs from a store. Writes of single keys are atomic."""
 
     uri: str
+    # Uploads a publish runs at once: network stores gain from many, a local disk from one.
+    upload_concurrency: int = 1
 
     @abc.abstractmethod
     def read(self, key: str) -> bytes:
@@ -100,3 +103,12 @@ def open_storage(uri: str, *, endpoint_url: str | None = None, region: str | Non
 
         return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
     raise ValueError(f"unsupported STORAGE_URI scheme {parsed.scheme!r} in {uri!r} (use file:// or s3://)")
+
+
+def encoder_mirror(settings: Any, storage: Storage) -> Storage | None:
+    """Where mirrored TF-Hub encoders live: ENCODER_MIRROR_URI, else the store itself when on S3."""
+    if settings.encoder_mirror_uri:
+        return open_storage(
+            settings.encoder_mirror_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+        )
+    return storage if storage.uri.startswith("s3://") else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -59,18 +58,19 @@ class LocalStorage(Storage):
 
     def upload(self, key: str, path: Path) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            # A hard link when the file is on the same filesystem: publishing a version of many
-            # thousands of images then costs no copying. The staged file is never written again.
-            os.link(path, tmp)
-        except OSError:
+        # A hard link when the file is on the same filesystem: publishing a version of many
+        # thousands of images then copies nothing. A link appears whole, so a new key (every file
+        # of a version is new) is linked straight into place; the staged file is never rewritten.
+        for _ in range(2):
+            try:
+                os.link(path, target)
+                return
+            except FileNotFoundError:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:  # the key exists, or another filesystem: copy and rename
+                break
+        with self._atomic(key) as tmp:
             shutil.copyfile(path, tmp)
-        try:
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def download(self, key: str, path: Path) -> None:
         try:

@@ -22,6 +22,8 @@ PRECONDITION_FAILED = {"412", "PreconditionFailed", "409", "ConditionalRequestCo
 
 
 class S3Storage(Storage):
+    upload_concurrency = 16  # one PUT is tens of milliseconds; thousands of images go up in parallel
+
     def __init__(
         self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None
     ) -> None:
@@ -161,6 +163,37 @@ class S3Storage(Storage):
             chunk = [{"Key": k} for k in keys[start : start + 1000]]
             with self._errors("delete", prefix):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+
+    # --- whole-bucket addressing, for zips uploaded straight to S3 -------------------------------
+
+    def uri_of(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def bucket_key(self, uri: str) -> str | None:
+        """The object key of an s3:// URI in this store's bucket; None for any other bucket."""
+        if not uri.startswith(f"s3://{self.bucket}/"):
+            return None
+        key = uri[len(f"s3://{self.bucket}/") :]
+        return key if key and not key.endswith("/") else None
+
+    def object_size(self, bucket_key: str) -> int:
+        """Size of any object in the bucket (KeyNotFoundError if there is none)."""
+        with self._errors("head", bucket_key):
+            return int(self.client.head_object(Bucket=self.bucket, Key=bucket_key)["ContentLength"])
+
+    def download_object(self, bucket_key: str, path: Path) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        transfer = TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=16 * MB, max_concurrency=4)
+        with self._errors("download", bucket_key):
+            self.client.download_file(self.bucket, bucket_key, str(path), Config=transfer)
+
+    def signed_upload_url(self, key: str, expires_s: int) -> str:
+        """A pre-signed PUT for `key` (so large zips go straight to S3, not through the web tier)."""
+        with self._errors("presign", key):
+            return self.client.generate_presigned_url(
+                "put_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
+            )
 
     def signed_url(self, key: str, expires_s: int) -> str | None:
         with self._errors("presign", key):
