@@ -73,6 +73,8 @@ class JobSchema(Schema):
     skipped = fields.List(fields.Nested(SkippedSchema), required=True)
     counts = fields.Dict(required=True)
     fine_tune = fields.String()
+    source = fields.String(allow_none=True, metadata={"description": "s3:// URI of the zip, when in S3"})
+    attempts = fields.Integer(metadata={"description": "Deliveries by the job queue so far"})
     evaluation = fields.Dict(
         metadata={
             "description": "Hold-out precision@1, precision@10 and mAP@10 of the frozen backbone and "
