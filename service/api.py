@@ -35,15 +35,17 @@ from .schemas import (
     JobCreatedSchema,
     JobSchema,
     KArgsSchema,
+    RollbackSchema,
     SimilarResultSchema,
     TrainAnyFormSchema,
     TrainFormSchema,
     TrainSourceSchema,
     UploadSchema,
+    VersionListSchema,
     WorkerMessageSchema,
     WorkerResultSchema,
 )
-from .serving import LoadedVersion
+from .serving import EndpointRuntime, LoadedVersion
 
 log = logging.getLogger(__name__)
 blp = Blueprint("simsvc", __name__, url_prefix="/", description="Train and query endpoints")
@@ -52,6 +54,18 @@ MB = 1024 * 1024
 
 def svc() -> Service:
     return current_app.extensions["simsvc"]
+
+
+def endpoint(name: str, write: bool = False) -> EndpointRuntime:
+    """The named endpoint (404 if unknown), once the request's token allows the action."""
+    service = svc()
+    runtime = service.registry.get(name)
+    header = request.headers.get("Authorization")
+    if write:
+        service.tokens.require_write(header, name)
+    else:
+        service.tokens.require_query(header, name)
+    return runtime
 
 
 def multipart(schema: type) -> dict[str, Any]:
@@ -81,7 +95,9 @@ def image_url(name: str) -> query.ImageUrlFn:
     def build(loaded: LoadedVersion, item_id: int) -> str:
         key = versions.version_prefix(name, loaded.version) + loaded.items[item_id]["image"]
         signed = service.storage.signed_url(key, service.settings.signed_url_expiry_s)
-        return signed or template.format(item_id, loaded.version)
+        return signed or template.format(item_id, loaded.version) + service.tokens.image_signature(
+            name, item_id, loaded.version
+        )
 
     return build
 
@@ -100,6 +116,7 @@ def health() -> dict[str, Any]:
 @blp.response(200, EndpointListSchema)
 def list_endpoints() -> dict[str, Any]:
     """Every endpoint with its served version"""
+    svc().tokens.require_query(request.headers.get("Authorization"), None)
     return {"endpoints": [r.status() for r in svc().registry.endpoints.values()]}
 
 
@@ -108,7 +125,7 @@ def list_endpoints() -> dict[str, Any]:
 @blp.doc(responses=error_responses(404))
 def endpoint_info(name: str) -> dict[str, Any]:
     """An endpoint: served version, item count, labels, encoder, trained time"""
-    return svc().registry.get(name).status()
+    return endpoint(name).status()
 
 
 # --- training --------------------------------------------------------------------------------
@@ -147,7 +164,7 @@ def train_any() -> tuple[dict[str, str], int, dict[str, str]]:
 
 def _start_training(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
     service = svc()
-    service.registry.get(name)  # 404 before reading a large body
+    endpoint(name, write=True)  # 404, 401, 403 before reading a large body
     if request.mimetype == "application/json":
         args = _load(TrainSourceSchema(), request.get_json(silent=True))
         service.check_source(args["source"])
@@ -161,7 +178,7 @@ def _start_training(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
                 "missing multipart field 'file' (a zip of images)",
                 errors={"file": ["Missing data for required field."]},
             )
-        path = service.uploads_dir / f"{secrets.token_hex(8)}.zip"
+        path = service.uploads_dir / f"{os.getpid()}-{secrets.token_hex(8)}.zip"  # owner's pid first
         try:
             upload.save(path)
             # Answer now (422, 413) for a file that is not a zip or is over the limits.
@@ -190,9 +207,8 @@ def _load(schema: Schema, data: Any) -> dict[str, Any]:
 @blp.doc(responses=error_responses(404, 409))
 def create_upload(name: str) -> dict[str, Any]:
     """A pre-signed S3 upload for a large zip; then train with {"source": ...}"""
-    service = svc()
-    service.registry.get(name)
-    return service.create_upload(name)
+    endpoint(name, write=True)
+    return svc().create_upload(name)
 
 
 @blp.route("/<name>/jobs/<job_id>")
@@ -200,9 +216,8 @@ def create_upload(name: str) -> dict[str, Any]:
 @blp.doc(responses=error_responses(404))
 def job_status(name: str, job_id: str) -> dict[str, Any]:
     """A training job's status and progress"""
-    service = svc()
-    service.registry.get(name)
-    return service.jobs.status(name, job_id)
+    endpoint(name)
+    return svc().jobs.status(name, job_id)
 
 
 # --- queries ---------------------------------------------------------------------------------
@@ -224,12 +239,15 @@ def job_status(name: str, job_id: str) -> dict[str, Any]:
 def infer(name: str, k: int | None = None) -> dict[str, Any]:
     """The top-k indexed images most similar to each uploaded image"""
     service = svc()
-    runtime = service.registry.get(name)
+    runtime = endpoint(name)
     k = query.check_k(runtime.spec, k)
     request.max_content_length = service.settings.max_image_mb * MB
     uploads, batched = _read_images()
     loaded = runtime.current()
-    found = query.search_images(loaded, uploads, k, service.settings.max_image_pixels, image_url(name))
+    settings = service.settings
+    found = query.search_images(
+        loaded, uploads, k, settings.max_image_pixels, image_url(name), settings.allowed_formats
+    )
     result: dict[str, Any] = {"endpoint": name, "version": loaded.version}
     if batched:
         result["batch"] = [{"filename": f, "results": r} for (f, _), r in zip(uploads, found, strict=True)]
@@ -269,7 +287,7 @@ def _require_multipart(what: str) -> None:
 @blp.doc(responses=error_responses(404, 422, 503))
 def similar(name: str, item_id: int, k: int | None = None) -> dict[str, Any]:
     """More like an indexed item (the item itself excluded)"""
-    runtime = svc().registry.get(name)
+    runtime = endpoint(name)
     k = query.check_k(runtime.spec, k)
     loaded = runtime.current()
     results = query.similar_items(loaded, item_id, k, image_url(name))
@@ -287,10 +305,15 @@ def similar(name: str, item_id: int, k: int | None = None) -> dict[str, Any]:
         **error_responses(404, 503),
     }
 )
-def item_image(name: str, item_id: int, version: str | None = None) -> Response:
+def item_image(
+    name: str, item_id: int, version: str | None = None, expires: int | None = None, sig: str | None = None
+) -> Response:
     """The original bytes of an indexed image"""
     service = svc()
     runtime = service.registry.get(name)
+    # With QUERY_TOKEN set, image URLs carry a signature (browsers cannot send a header).
+    if not service.tokens.valid_image_signature(name, item_id, version, expires, sig):
+        service.tokens.require_query(request.headers.get("Authorization"), name)
     key = service.image_key(runtime, item_id, version)
     mimetype = CONTENT_TYPES.get(os.path.splitext(key)[1], "application/octet-stream")
     local = service.storage.local_path(key)
@@ -301,6 +324,39 @@ def item_image(name: str, item_id: int, version: str | None = None) -> Response:
     if signed:
         return redirect(signed)  # the bytes come straight from the store, not through this tier
     return Response(service.storage.read(key), mimetype=mimetype)
+
+
+# --- versions ------------------------------------------------------------------------------------
+
+
+@blp.route("/<name>/versions")
+@blp.response(200, VersionListSchema)
+@blp.doc(responses=error_responses(401, 403, 404))
+def list_versions(name: str) -> dict[str, Any]:
+    """The complete published versions (oldest first) and the current one"""
+    endpoint(name)
+    return svc().versions_of(name)
+
+
+@blp.route("/<name>/rollback", methods=["POST"])
+@blp.arguments(RollbackSchema)
+@blp.response(200, VersionListSchema)
+@blp.doc(responses=error_responses(401, 403, 404, 409))
+def rollback(args: dict[str, Any], name: str) -> dict[str, Any]:
+    """Point the endpoint back at an earlier version (every worker follows within seconds)"""
+    endpoint(name, write=True)
+    versions.rollback(svc().storage, name, args["version"])
+    return svc().versions_of(name)
+
+
+@blp.route("/<name>/versions/<version>", methods=["DELETE"])
+@blp.response(200, VersionListSchema)
+@blp.doc(responses=error_responses(401, 403, 404, 409))
+def delete_version(name: str, version: str) -> dict[str, Any]:
+    """Delete a version that is not the current one"""
+    endpoint(name, write=True)
+    versions.delete_version(svc().storage, name, version)
+    return svc().versions_of(name)
 
 
 # --- the worker tier -------------------------------------------------------------------------
@@ -346,8 +402,7 @@ def register_error_handlers(app: Flask) -> None:
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
         body, code = payload(exc.status, exc.message, exc.errors)
-        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else {}
-        return body, code, headers
+        return body, code, exc.headers()
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:

@@ -1,9 +1,11 @@
 """Batching across concurrent requests: one forward pass for every image waiting, no waiting when idle.
 
-The first caller to find the encoder idle runs a forward pass at once with whatever is queued
-(just its own image when the server is quiet). Callers that arrive while a pass runs queue up,
-and the next pass takes all of them together. Batches form only under load, exactly as large as
-the load makes them, with no timer and no added latency for a lone request.
+The first caller to find the encoder idle becomes the leader and runs a pass at once with
+whatever is queued (just its own image when the server is quiet). Callers arriving while a pass
+runs queue up, and the next pass takes all of them together. A leader runs passes only until its
+own call is answered, then hands over to a waiting caller, so under steady load no request is
+held back serving others. Batches form only under load, exactly as large as the load makes them,
+with no timer and no added latency for a lone request.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,7 +21,7 @@ import numpy as np
 @dataclass
 class _Call:
     inputs: np.ndarray
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
     output: np.ndarray | None = None
     error: BaseException | None = None
 
@@ -31,46 +33,52 @@ class Batcher:
         self.forward = forward
         self.max_batch = max_batch
         self._queue: deque[_Call] = deque()
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._running = False
         self.passes = 0  # forward passes run (for tests and benchmarks)
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         call = _Call(inputs)
-        with self._lock:
+        leader = False
+        with self._changed:
             self._queue.append(call)
-            lead = not self._running
-            self._running = True
-        if lead:
-            self._drain()
-        call.done.wait()
+            while self._running and not call.done:
+                self._changed.wait()  # the leader's next pass may include this call
+            if not call.done:
+                self._running = leader = True  # idle: this caller leads
+        if leader:
+            try:
+                while not call.done:
+                    self._run_pass()
+            finally:
+                with self._changed:
+                    self._running = False
+                    self._changed.notify_all()  # a waiting caller takes over, if any
         if call.error is not None:
             raise call.error
         assert call.output is not None
         return call.output
 
-    def _drain(self) -> None:
-        """Run passes until nothing is queued (on the thread of the call that found us idle)."""
-        while True:
-            with self._lock:
-                if not self._queue:
-                    self._running = False
-                    return
-                calls, size = [], 0
-                while self._queue and (not calls or size + len(self._queue[0].inputs) <= self.max_batch):
-                    call = self._queue.popleft()
-                    calls.append(call)
-                    size += len(call.inputs)
-            try:
-                batch = calls[0].inputs if len(calls) == 1 else np.concatenate([c.inputs for c in calls])
-                outputs = self.forward(batch)
-                self.passes += 1
-                start = 0
-                for call in calls:
-                    call.output = outputs[start : start + len(call.inputs)]
-                    start += len(call.inputs)
-            except BaseException as exc:  # every waiting caller gets the error, none hangs
-                for call in calls:
-                    call.error = exc
+    def _run_pass(self) -> None:
+        """Take what is queued (up to max_batch images) and run one forward pass for it."""
+        with self._changed:
+            calls, size = [], 0
+            while self._queue and (not calls or size + len(self._queue[0].inputs) <= self.max_batch):
+                call = self._queue.popleft()
+                calls.append(call)
+                size += len(call.inputs)
+        try:
+            batch = calls[0].inputs if len(calls) == 1 else np.concatenate([c.inputs for c in calls])
+            outputs = self.forward(batch)
+            self.passes += 1
+            start = 0
             for call in calls:
-                call.done.set()
+                call.output = outputs[start : start + len(call.inputs)]
+                start += len(call.inputs)
+        except BaseException as exc:  # every waiting caller gets the error, none hangs
+            for call in calls:
+                call.error = exc
+        with self._changed:
+            for call in calls:
+                call.done = True
+            self._changed.notify_all()

@@ -53,6 +53,10 @@ class Settings:
     max_source_zip_mb: int = 51_200
     # Where mirrored TF-Hub encoders live (s3://...); empty: <STORAGE_URI>/encoders when on S3.
     encoder_mirror_uri: str = ""
+    # Bearer tokens (auth.py). With none set, writes are open: only for one-machine development.
+    admin_token: str = ""
+    endpoint_tokens: str = ""  # JSON: {"fashion": "<token>", ...}
+    query_token: str = ""  # set to make queries need a token too
     endpoints_dir: Path = ROOT / "endpoints"
     # hub: download TF-Hub handles (cached in TFHUB_CACHE_DIR); mirror: from the bucket's copy;
     # offline: the bundled encoder
@@ -69,6 +73,11 @@ class Settings:
     max_image_pixels: int = 40_000_000
     max_zip_entries: int = 100_000
     max_zip_uncompressed_mb: int = 20_480
+    max_zip_ratio: float = 100.0  # expanded / compressed size of one entry: more is a zip bomb
+    # Image formats accepted for training and queries (of JPEG, PNG, WEBP, BMP, GIF).
+    image_formats: str = "JPEG,PNG,WEBP,BMP,GIF"
+    # A running job whose status has not moved for this long is reported failed (its worker died).
+    job_stale_s: float = 600.0
     encode_batch_size: int = 32  # the raw encoder's best batch here (docs/BENCHMARKS.md)
     # Threads decoding training images while the encoder runs; on 2 cores one is fastest (the
     # encoder wants both cores), measured by bench/perf.py.
@@ -109,9 +118,20 @@ class Settings:
             raise ValueError(f"SERVICE_ROLE must be one of {ROLES}, got {self.service_role!r}")
         if self.job_queue_url and not self.storage_uri.startswith("s3://"):
             raise ValueError("JOB_QUEUE_URL needs an s3:// STORAGE_URI: the worker tier reads the zips there")
+        if self.profile == "aws" and not (self.admin_token or self.endpoint_tokens):
+            raise ValueError("the aws profile needs ADMIN_TOKEN (or ENDPOINT_TOKENS): writes are never open")
+        unknown = self.allowed_formats - {"JPEG", "PNG", "WEBP", "BMP", "GIF"}
+        if unknown or not self.allowed_formats:
+            raise ValueError(
+                f"IMAGE_FORMATS must list some of JPEG, PNG, WEBP, BMP, GIF; got {self.image_formats!r}"
+            )
         if self.keep_versions < 1:
             raise ValueError(f"KEEP_VERSIONS must be at least 1, got {self.keep_versions}")
         return self
+
+    @property
+    def allowed_formats(self) -> frozenset[str]:
+        return frozenset(f.strip().upper() for f in self.image_formats.split(",") if f.strip())
 
     @property
     def hub_cache(self) -> Path:

@@ -16,6 +16,10 @@ class ServiceError(Exception):
         self.message = message
         self.errors = errors
 
+    def headers(self) -> dict[str, str]:
+        """Extra response headers for this error."""
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else {}
+
 
 class ForbiddenError(ServiceError):
     """Understood, but not allowed (e.g. a training source outside the service's bucket)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,7 +27,9 @@ CONTENT_TYPES = {ext: ctype for ext, ctype in FORMATS.values()}
 Image.MAX_IMAGE_PIXELS = None
 
 
-def decode(data: bytes, max_pixels: int, draft: int = 0) -> tuple[Image.Image, str]:
+def decode(
+    data: bytes, max_pixels: int, draft: int = 0, allowed: Collection[str] | None = None
+) -> tuple[Image.Image, str]:
     """Decode image bytes into an RGB image (first frame, EXIF rotation applied) and its format.
 
     `draft`: the size the image will be shrunk to; JPEGs are then decoded at the smallest DCT
@@ -37,8 +40,9 @@ def decode(data: bytes, max_pixels: int, draft: int = 0) -> tuple[Image.Image, s
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
         fmt = image.format or ""
-        if fmt not in FORMATS:
-            raise BadImageError(f"unsupported image format {fmt or 'unknown'} (use {SUPPORTED})")
+        if fmt not in (FORMATS if allowed is None else allowed):
+            accepted = SUPPORTED if allowed is None else ", ".join(sorted(allowed))
+            raise BadImageError(f"unsupported image format {fmt or 'unknown'} (use {accepted})")
         width, height = image.size
         if width * height > max_pixels:
             raise BadImageError(f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels")
@@ -80,7 +84,9 @@ def to_input(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def prepare(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, str]:
+def prepare(
+    data: bytes, size: int, max_pixels: int, allowed: Collection[str] | None = None
+) -> tuple[np.ndarray, str]:
     """Decode and resize in one step: returns the encoder input and the image's format."""
-    image, fmt = decode(data, max_pixels, draft=size)
+    image, fmt = decode(data, max_pixels, draft=size, allowed=allowed)
     return to_input(image, size), fmt

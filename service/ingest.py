@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import posixpath
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from .config import Settings
 from .errors import NotAZipError, PayloadTooLargeError, TrainingError
 
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+NESTED_ARCHIVES = (".zip", ".tar", ".gz", ".tgz", ".7z", ".rar", ".bz2", ".xz")
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,16 @@ class ZipLimits:
     max_entries: int
     max_uncompressed_bytes: int
     max_entry_bytes: int = 1 << 62  # per image
+    max_ratio: float = 100.0  # expanded / compressed, per entry: more is a zip bomb
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ZipLimits:
         mb = 1024 * 1024
         return cls(
-            settings.max_zip_entries, settings.max_zip_uncompressed_mb * mb, settings.max_image_mb * mb
+            settings.max_zip_entries,
+            settings.max_zip_uncompressed_mb * mb,
+            settings.max_image_mb * mb,
+            settings.max_zip_ratio,
         )
 
 
@@ -65,7 +71,8 @@ def open_zip(path: Path) -> zipfile.ZipFile:
 
 
 def check_limits(zf: zipfile.ZipFile, limits: ZipLimits) -> None:
-    """Refuse (413) a zip with too many entries or that expands too far, from its directory alone."""
+    """Refuse (413) a zip with too many entries, that expands too far, or that expands too much for
+    its size (a zip bomb), from its directory alone, before anything is inflated."""
     infos = zf.infolist()
     if len(infos) > limits.max_entries:
         raise PayloadTooLargeError(
@@ -76,6 +83,14 @@ def check_limits(zf: zipfile.ZipFile, limits: ZipLimits) -> None:
         raise PayloadTooLargeError(
             f"the zip expands to {total} bytes, over the limit of {limits.max_uncompressed_bytes}"
         )
+    for info in infos:
+        # Images barely compress; thousandfold ratios are built to fill a disk. (zipfile stops
+        # inflating at the declared size, so the directory's figures bound what we would write.)
+        if info.file_size > 1_000_000 and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+            raise PayloadTooLargeError(
+                f"{info.filename!r} expands {info.file_size / max(info.compress_size, 1):.0f} times "
+                f"(limit {limits.max_ratio:.0f}): a zip bomb is not unpacked"
+            )
 
 
 def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
@@ -104,6 +119,10 @@ def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
             metadata_info = info
         elif info.flag_bits & 0x1:
             result.skipped.append(Skipped(name, "encrypted entry"))
+        elif stat.S_ISLNK(info.external_attr >> 16):
+            result.skipped.append(Skipped(name, "symbolic link (links are never followed)"))
+        elif name.lower().endswith(NESTED_ARCHIVES):
+            result.skipped.append(Skipped(name, "an archive inside the zip (nested archives are not read)"))
         elif info.file_size > limits.max_entry_bytes:
             # Checked before reading: zipfile never inflates an entry past its declared size.
             result.skipped.append(

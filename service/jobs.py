@@ -12,11 +12,13 @@ sends its id to SQS; an Elastic Beanstalk worker environment receives it from th
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
 import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
+def _runner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"  # after gunicorn's fork: this worker
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -64,6 +70,7 @@ class Job:
     evaluation: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # s3:// URI of the zip, for jobs that run elsewhere
     attempts: int = 0
+    runner: str | None = None  # host:pid of the process running it
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
 
@@ -129,6 +136,7 @@ class JobRunner:
         queue: Queue | None = None,
         progress_interval_s: float = 0.5,
         final_save_retry_s: float = 600,
+        stale_after_s: float = 600,
     ) -> None:
         self.store = store
         self.train = train
@@ -138,6 +146,8 @@ class JobRunner:
         self.queue = queue
         self.progress_interval_s = progress_interval_s
         self.final_save_retry_s = final_save_retry_s
+        self.stale_after_s = stale_after_s
+        self.heartbeat_s = max(1.0, min(30.0, stale_after_s / 5))
         self.live: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="train")
@@ -182,7 +192,23 @@ class JobRunner:
             job = self.live.get(job_id)
             if job is not None and job.endpoint == endpoint:
                 return job.to_dict()
-        return self.store.load(endpoint, job_id).to_dict()
+        job = self.store.load(endpoint, job_id)
+        if self._stale(job):
+            # Its process died (killed, out of memory, instance gone): say so, and record it.
+            age = time.time() - datetime.fromisoformat(job.updated_at).timestamp()
+            job.status = "failed"
+            job.error = f"the process running this job ({job.runner}) stopped: no progress for {age:.0f}s"
+            try:
+                self.store.save(job)
+            except Exception as exc:
+                log.warning("could not record stale job %s: %s", job.id, exc)
+        return job.to_dict()
+
+    def _stale(self, job: Job) -> bool:
+        """Running with no heartbeat for `stale_after_s` (queued jobs wait for a worker on SQS)."""
+        waiting = job.status == "running" or (job.status == "queued" and self.queue is None)
+        age = time.time() - datetime.fromisoformat(job.updated_at).timestamp()
+        return waiting and age > self.stale_after_s
 
     # --- running them --------------------------------------------------------------------------
 
@@ -215,9 +241,16 @@ class JobRunner:
 
     def _execute(self, job: Job, zip_path: Path | None) -> bool:
         """Run the training and record the outcome on `job`; True if a retry might succeed."""
-        job.status, job.error = "running", None
+        job.status, job.error, job.runner = "running", None, _runner()
         self._save(job)
         last_save = 0.0
+        beating = threading.Event()
+
+        def heartbeat() -> None:  # long steps (an index build, head training) report no progress
+            while not beating.wait(self.heartbeat_s):
+                self._save(job)
+
+        threading.Thread(target=heartbeat, name=f"heartbeat-{job.id}", daemon=True).start()
 
         def on_progress(p: Progress) -> None:
             nonlocal last_save
@@ -235,7 +268,7 @@ class JobRunner:
                 if job.source is None or self.fetch is None:
                     raise TrainingError("the job has no zip to train from")
                 on_progress(Progress("download", 0, 1))
-                fd, name = tempfile.mkstemp(dir=self.uploads_dir, suffix=".zip")
+                fd, name = tempfile.mkstemp(dir=self.uploads_dir, prefix=f"{os.getpid()}-", suffix=".zip")
                 os.close(fd)
                 fetched = zip_path = Path(name)
                 self.fetch(job.source, zip_path)
@@ -258,11 +291,18 @@ class JobRunner:
         except ServiceError as exc:
             retry = _transient(exc)
             outcome = {"status": "failed", "error": exc.message}
-        except Exception as exc:  # a bug or the machine: details in the log, a summary for the client
+        except OSError as exc:  # the machine, not the input: another attempt (elsewhere) may work
+            retry = True
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            reason = "the disk is full" if full else f"{type(exc).__name__}"
+            log.error("training job %s failed: %s", job.id, exc)
+            outcome = {"status": "failed", "error": f"{reason} ({exc.strerror or exc})"}
+        except Exception as exc:  # a bug: details in the log, a summary for the client
             log.exception("training job %s failed", job.id)
             retry = True
             outcome = {"status": "failed", "error": f"internal error ({type(exc).__name__}: {exc})"}
         finally:
+            beating.set()
             for path in (zip_path, fetched):
                 if path is not None:
                     path.unlink(missing_ok=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,18 @@ def check_k(spec: EndpointSpec, k: int | None) -> int:
     return k
 
 
-def embed_uploads(loaded: LoadedVersion, uploads: list[tuple[str, bytes]], max_pixels: int) -> np.ndarray:
+def embed_uploads(
+    loaded: LoadedVersion,
+    uploads: list[tuple[str, bytes]],
+    max_pixels: int,
+    allowed: Collection[str] | None = None,
+) -> np.ndarray:
     """Decode every upload (filename, bytes) and embed them in one batch."""
     size = loaded.encoder.input_size
     arrays = []
     for filename, data in uploads:
         try:
-            arrays.append(images.prepare(data, size, max_pixels)[0])
+            arrays.append(images.prepare(data, size, max_pixels, allowed)[0])
         except BadImageError as exc:
             raise BadImageError(f"{filename}: {exc.message}") from None
     return loaded.encoder.encode(np.stack(arrays))
@@ -65,10 +70,15 @@ def matches(
 
 
 def search_images(
-    loaded: LoadedVersion, uploads: list[tuple[str, bytes]], k: int, max_pixels: int, image_url: ImageUrlFn
+    loaded: LoadedVersion,
+    uploads: list[tuple[str, bytes]],
+    k: int,
+    max_pixels: int,
+    image_url: ImageUrlFn,
+    allowed: Collection[str] | None = None,
 ) -> list[list[dict[str, Any]]]:
     """The top-k matches for each uploaded image, best first."""
-    vectors = embed_uploads(loaded, uploads, max_pixels)
+    vectors = embed_uploads(loaded, uploads, max_pixels, allowed)
     return [matches(loaded, loaded.index.query(v, k), image_url) for v in vectors]
 
 

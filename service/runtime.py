@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from . import training, versions
+from .auth import Tokens
 from .config import Settings
 from .endpoint import EndpointSpec, load_endpoints
 from .errors import (
@@ -39,6 +42,7 @@ class Service:
     registry: Registry
     jobs: JobRunner
     uploads_dir: Path
+    tokens: Tokens
 
     def image_key(self, runtime: EndpointRuntime, item_id: int, version: str | None) -> str:
         """Storage key of an item's original image, in the served version or a named one."""
@@ -86,6 +90,23 @@ class Service:
             "expires_in": expires,
         }
 
+    def versions_of(self, endpoint: str) -> dict[str, Any]:
+        """The endpoint's complete versions, oldest first, with what their manifests say."""
+        current = versions.read_current(self.storage, endpoint).version
+        listed = []
+        for version in versions.list_versions(self.storage, endpoint):
+            manifest = versions.read_manifest(self.storage, endpoint, version)
+            listed.append(
+                {
+                    "version": version,
+                    "count": manifest.get("count"),
+                    "current": version == current,
+                    "created_at": manifest.get("created_at"),
+                    "fine_tuned": bool(manifest.get("head")),
+                }
+            )
+        return {"endpoint": endpoint, "current": current, "versions": listed}
+
     def close(self) -> None:
         self.registry.stop()
         self.jobs.shutdown()
@@ -102,6 +123,27 @@ def _item_images(storage: Storage, endpoint: str, version: str) -> dict[str, str
     except KeyNotFoundError:
         return {}
     return {i: item["image"] for i, item in meta.items()}
+
+
+def _remove_leftovers(cache_dir: Path) -> None:
+    """Delete uploads and work folders left by jobs whose process died (a kill, an out-of-memory
+    kill, a reboot). Their names start with the owner's pid; live owners keep theirs."""
+    for folder in (cache_dir / "uploads", cache_dir / "work"):
+        for path in folder.glob("*") if folder.is_dir() else []:
+            owner = path.name.split("-", 1)[0]
+            if owner.isdigit() and not _alive(int(owner)):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                log.info("removed %s, left by a job that did not finish", path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def build_service(settings: Settings) -> Service:
@@ -144,7 +186,18 @@ def build_service(settings: Settings) -> Service:
         fetch=fetch_source,
         stage_upload=stage_upload if s3 else None,
         queue=queue,
+        stale_after_s=settings.job_stale_s,
     )
+    _remove_leftovers(settings.cache_dir)
+    tokens = Tokens.from_settings(
+        settings.admin_token,
+        settings.endpoint_tokens,
+        settings.query_token,
+        list(specs),
+        settings.signed_url_expiry_s,
+    )
+    if tokens.writes_open:
+        log.warning("no ADMIN_TOKEN or ENDPOINT_TOKENS: anyone who can reach this service may train it")
     return Service(
         settings=settings,
         specs=specs,
@@ -152,4 +205,5 @@ def build_service(settings: Settings) -> Service:
         registry=Registry(specs, storage, settings),
         jobs=jobs,
         uploads_dir=uploads,
+        tokens=tokens,
     )

@@ -16,6 +16,8 @@ class ImageArgsSchema(Schema):
     version = fields.String(
         metadata={"description": "The version the id belongs to (default: the one served now)"}
     )
+    expires = fields.Integer(metadata={"description": "Signed image URLs (QUERY_TOKEN set): expiry time"})
+    sig = fields.String(metadata={"description": "Signed image URLs: the signature"})
 
 
 class TrainFormSchema(Schema):
@@ -178,3 +180,23 @@ class WorkerResultSchema(Schema):
     job_id = fields.String(required=True)
     status = fields.String(required=True)
     error = fields.String(allow_none=True)
+
+
+class VersionSchema(Schema):
+    version = fields.String(required=True)
+    count = fields.Integer(allow_none=True)
+    created_at = fields.String(allow_none=True)
+    fine_tuned = fields.Boolean()
+    current = fields.Boolean(required=True)
+
+
+class VersionListSchema(Schema):
+    endpoint = fields.String(required=True)
+    current = fields.String(allow_none=True)
+    versions = fields.List(fields.Nested(VersionSchema), required=True)
+
+
+class RollbackSchema(Schema):
+    version = fields.String(
+        required=True, metadata={"description": "A version listed by GET /<endpoint>/versions"}
+    )

@@ -7,6 +7,7 @@ forward pass rarely waits for images.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import tempfile
 import threading
@@ -71,7 +72,7 @@ def train(
     work_root = settings.cache_dir / "work"
     work_root.mkdir(parents=True, exist_ok=True)
     with (
-        tempfile.TemporaryDirectory(dir=work_root, prefix=f"{spec.name}-") as tmp,
+        tempfile.TemporaryDirectory(dir=work_root, prefix=f"{os.getpid()}-{spec.name}-") as tmp,
         ingest.open_zip(zip_path) as zf,
     ):
         staging = Path(tmp)
@@ -288,7 +289,15 @@ def _decoded(
         # Zip reads stay on this thread (one file handle); only decoding is parallel.
         try:
             data = ingest.read_entry(zf, entry)
-            pending.append((entry, data, pool.submit(images.prepare, data, size, settings.max_image_pixels)))
+            pending.append(
+                (
+                    entry,
+                    data,
+                    pool.submit(
+                        images.prepare, data, size, settings.max_image_pixels, settings.allowed_formats
+                    ),
+                )
+            )
         except TrainingError as exc:
             pending.append((entry, b"", exc.message))
         if len(pending) >= window:

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError, NotFoundError, StorageError
+from .errors import ConflictError, IntegrityError, NotFoundError, StorageError
 from .storage import KeyNotFoundError, Storage
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,16 @@ def prune_versions(storage: Storage, endpoint: str, keep: int, stale_after_s: fl
         storage.delete_prefix(version_prefix(endpoint, version))
         log.info("deleted %s version %s", endpoint, version)
     return doomed
+
+
+def delete_version(storage: Storage, endpoint: str, version: str) -> None:
+    """Delete a published version; never the current one (roll back or publish first)."""
+    if not SAFE_VERSION.match(version) or version not in list_versions(storage, endpoint):
+        raise NotFoundError(f"no complete version {version!r} of endpoint {endpoint!r}")
+    if read_current(storage, endpoint).version == version:
+        raise ConflictError(f"{version} is the current version of {endpoint!r}; it cannot be deleted")
+    storage.delete_prefix(version_prefix(endpoint, version))
+    log.info("deleted %s version %s", endpoint, version)
 
 
 def rollback(storage: Storage, endpoint: str, version: str) -> None:

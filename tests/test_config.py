@@ -41,7 +41,9 @@ def test_explicit_overrides_win_over_the_environment() -> None:
 def test_the_aws_profile_needs_a_storage_uri_and_uses_the_encoder_mirror() -> None:
     with pytest.raises(ValueError, match="STORAGE_URI is required"):
         Settings.load(environ={"SERVICE_PROFILE": "aws"})
-    settings = Settings.load(environ={"SERVICE_PROFILE": "aws", "STORAGE_URI": "/srv"})
+    settings = Settings.load(
+        environ={"SERVICE_PROFILE": "aws", "STORAGE_URI": "/srv", "ADMIN_TOKEN": "t" * 20}
+    )
     assert settings.encoder_mode == "mirror"
 
 
