@@ -77,6 +77,7 @@ class JobSchema(Schema):
     fine_tune = fields.String()
     source = fields.String(allow_none=True, metadata={"description": "s3:// URI of the zip, when in S3"})
     attempts = fields.Integer(metadata={"description": "Deliveries by the job queue so far"})
+    runner = fields.String(allow_none=True, metadata={"description": "host:pid of the process running it"})
     evaluation = fields.Dict(
         metadata={
             "description": "Hold-out precision@1, precision@10 and mAP@10 of the frozen backbone and "

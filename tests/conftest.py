@@ -182,10 +182,12 @@ def upload(path_or_bytes: Path | bytes, filename: str = "upload.zip") -> tuple[i
     return io.BytesIO(data), filename
 
 
-def wait_job(client: FlaskClient, status_url: str, timeout: float = 120) -> dict[str, Any]:
+def wait_job(
+    client: FlaskClient, status_url: str, timeout: float = 120, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get(status_url).get_json()
+        job = client.get(status_url, headers=headers).get_json()
         if job["status"] in ("succeeded", "failed"):
             return job
         time.sleep(0.1)

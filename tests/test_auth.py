@@ -92,12 +92,10 @@ def test_queries_are_open_unless_a_query_token_is_set(
     make_app: Callable[..., Flask], photos_zip: Path
 ) -> None:
     client = make_app(admin_token=ADMIN, query_token=QUERY).test_client()
-    job = wait_job(
-        client,
-        client.post(
-            "/food/train", data={"file": upload(photos_zip), "fine_tune": "never"}, headers=bearer(ADMIN)
-        ).get_json()["status_url"],
+    started = client.post(
+        "/food/train", data={"file": upload(photos_zip), "fine_tune": "never"}, headers=bearer(ADMIN)
     )
+    job = wait_job(client, started.get_json()["status_url"], headers=bearer(QUERY))
     assert job["status"] == "succeeded"
     photo = demo.jpeg(demo.photo("coffee"))
     assert client.post("/food/infer", data=photo, content_type="image/jpeg").status_code == 401

@@ -80,14 +80,17 @@ def test_paths_outside_the_job_and_symlinks_never_touch_anything(
 
 
 def test_encrypted_and_nested_archives_are_skipped_with_a_reason(client: FlaskClient) -> None:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as zf:
-        zf.writestr("ok/coffee.jpg", JPEG)
-        secret = zipfile.ZipInfo("ok/secret.jpg")
-        secret.flag_bits |= 0x1  # marked encrypted (PKWARE): we never ask for a password
-        zf.writestr(secret, JPEG)
-        zf.writestr("ok/inner.zip", make_zip({"x.jpg": JPEG}))
-    job = train_zip(client, out.getvalue())
+    data = bytearray(
+        make_zip({"ok/coffee.jpg": JPEG, "ok/secret.jpg": JPEG, "ok/inner.zip": make_zip({"x.jpg": JPEG})})
+    )
+    # Mark ok/secret.jpg encrypted (general purpose flag bit 0) in its local and central headers,
+    # as an archiver with a password would; zipfile itself cannot write encrypted entries.
+    name = b"ok/secret.jpg"
+    local = data.index(name) - 30
+    central = data.index(name, local + 31) - 46
+    data[local + 6] |= 0x1
+    data[central + 8] |= 0x1
+    job = train_zip(client, bytes(data))
     reasons = {s["name"]: s["reason"] for s in job["skipped"]}
     assert job["counts"]["images"] == 1
     assert reasons["ok/secret.jpg"] == "encrypted entry"
