@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from service.config import ROOT
 
-SECTIONS = ("quality", "perf")
+SECTIONS = ("quality", "perf", "reliability")
 
 
 def main(names: list[str]) -> None:
@@ -21,7 +21,12 @@ def main(names: list[str]) -> None:
         print(f"== {name}", flush=True)
         started = time.perf_counter()
         result = module.run()
-        parts.append(module.markdown(result))
+        document = getattr(module, "DOCUMENT", None)
+        if document:  # a report of its own (docs/RELIABILITY.md)
+            (ROOT / "docs" / document).write_text(module.markdown(result) + "\n")
+            print(f"wrote docs/{document}")
+        else:
+            parts.append(module.markdown(result))
         print(f"== {name} done in {time.perf_counter() - started:.0f}s", flush=True)
     import tensorflow as tf
 
@@ -33,6 +38,8 @@ def main(names: list[str]) -> None:
         "compares figures measured side by side in the same run.",
         "",
     ]
+    if not parts:
+        return
     target = ROOT / "docs" / "BENCHMARKS.md"
     target.parent.mkdir(exist_ok=True)
     target.write_text("\n".join(header) + "\n" + "\n\n".join(parts) + "\n")

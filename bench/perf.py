@@ -117,7 +117,7 @@ def training_throughput(work: Path, settings: Settings, sizes: tuple[int, ...]) 
 
 @contextlib.contextmanager
 def gunicorn(
-    store: Path, cache: Path, workers: int, threads: int = 16
+    store: Path, cache: Path, workers: int, threads: int = 16, extra_env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """The Procfile's web command on a free port, serving `store`."""
     import socket
@@ -138,6 +138,7 @@ def gunicorn(
         "LOG_LEVEL": "WARNING",
     }
     env.pop("TF_INTRA_OP_THREADS", None)
+    env.update(extra_env or {})
     process = subprocess.Popen(
         shlex.split(line[4:]), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
