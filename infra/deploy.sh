@@ -19,7 +19,8 @@ output() {
 case "$action" in
   stack)
     aws cloudformation deploy --stack-name "$stack" --template-file infra/cloudformation.yaml \
-      --capabilities CAPABILITY_IAM --parameter-overrides "AppName=${APP_NAME:-simsvc}" \
+      --capabilities CAPABILITY_IAM \
+      --parameter-overrides "AppName=${APP_NAME:-simsvc}" "AdminToken=${ADMIN_TOKEN:?set ADMIN_TOKEN (openssl rand -hex 32)}" \
       --no-fail-on-empty-changeset
     aws cloudformation describe-stacks --stack-name "$stack" --query "Stacks[0].Outputs" --output table
     ;;
