@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,7 +21,9 @@ import numpy as np
 @dataclass
 class _Call:
     inputs: np.ndarray
+    wake: threading.Event = field(default_factory=threading.Event)  # done, or made leader
     done: bool = False
+    leads: bool = False
     output: np.ndarray | None = None
     error: BaseException | None = None
 
@@ -33,35 +35,42 @@ class Batcher:
         self.forward = forward
         self.max_batch = max_batch
         self._queue: deque[_Call] = deque()
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._running = False
         self.passes = 0  # forward passes run (for tests and benchmarks)
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         call = _Call(inputs)
-        leader = False
-        with self._changed:
+        with self._lock:
             self._queue.append(call)
-            while self._running and not call.done:
-                self._changed.wait()  # the leader's next pass may include this call
-            if not call.done:
-                self._running = leader = True  # idle: this caller leads
-        if leader:
+            if not self._running:
+                self._running = call.leads = True  # idle: this caller leads
+        if not call.leads:
+            call.wake.wait()  # answered by the leader's pass, or handed the lead
+        if call.leads:
             try:
                 while not call.done:
                     self._run_pass()
             finally:
-                with self._changed:
-                    self._running = False
-                    self._changed.notify_all()  # a waiting caller takes over, if any
+                self._hand_over()
         if call.error is not None:
             raise call.error
         assert call.output is not None
         return call.output
 
+    def _hand_over(self) -> None:
+        """Give the lead to the oldest waiting call (only it wakes), or go idle."""
+        with self._lock:
+            if self._queue:
+                successor = self._queue[0]
+                successor.leads = True
+                successor.wake.set()
+            else:
+                self._running = False
+
     def _run_pass(self) -> None:
         """Take what is queued (up to max_batch images) and run one forward pass for it."""
-        with self._changed:
+        with self._lock:
             calls, size = [], 0
             while self._queue and (not calls or size + len(self._queue[0].inputs) <= self.max_batch):
                 call = self._queue.popleft()
@@ -78,7 +87,6 @@ class Batcher:
         except BaseException as exc:  # every waiting caller gets the error, none hangs
             for call in calls:
                 call.error = exc
-        with self._changed:
-            for call in calls:
-                call.done = True
-            self._changed.notify_all()
+        for call in calls:
+            call.done = True
+            call.wake.set()
