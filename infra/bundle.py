@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(out: Path | None = None, ref: str = "HEAD") -> Path:
-    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     out = out or ROOT / "dist" / f"simsvc-{commit}.zip"
     out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["git", "archive", "--format=zip", f"--output={out}", ref], cwd=ROOT, check=True)
