@@ -21,6 +21,7 @@ case "$action" in
     aws cloudformation deploy --stack-name "$stack" --template-file infra/cloudformation.yaml \
       --capabilities CAPABILITY_IAM \
       --parameter-overrides "AppName=${APP_NAME:-simsvc}" "AdminToken=${ADMIN_TOKEN:?set ADMIN_TOKEN (openssl rand -hex 32)}" \
+        "CertificateArn=${CERTIFICATE_ARN:-}" \
       --no-fail-on-empty-changeset
     aws cloudformation describe-stacks --stack-name "$stack" --query "Stacks[0].Outputs" --output table
     ;;

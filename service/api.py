@@ -56,6 +56,17 @@ def svc() -> Service:
     return current_app.extensions["simsvc"]
 
 
+SMALL_BODY = 1 * MB
+BIG_BODY_ROUTES = {"simsvc.train", "simsvc.train_any", "simsvc.infer"}
+
+
+@blp.before_request
+def cap_small_bodies() -> None:
+    """Routes that take no upload take at most 1 MB, so nobody makes a worker read a big body."""
+    if request.endpoint not in BIG_BODY_ROUTES:
+        request.max_content_length = SMALL_BODY
+
+
 def endpoint(name: str, write: bool = False) -> EndpointRuntime:
     """The named endpoint (404 if unknown), once the request's token allows the action."""
     service = svc()
@@ -153,6 +164,8 @@ def train(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
 @blp.doc(requestBody=multipart(TrainAnyFormSchema), responses=error_responses(404, 413, 415, 422))
 def train_any() -> tuple[dict[str, str], int, dict[str, str]]:
     """Train the endpoint named by the form field `endpoint`"""
+    # Some write token before the body is read; the endpoint's own check follows.
+    svc().tokens.require_any_write(request.headers.get("Authorization"))
     _require_multipart("a zip in field 'file' and the endpoint name in field 'endpoint'")
     name = request.form.get("endpoint")
     if not name:
@@ -167,7 +180,7 @@ def _start_training(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
     endpoint(name, write=True)  # 404, 401, 403 before reading a large body
     if request.mimetype == "application/json":
         args = _load(TrainSourceSchema(), request.get_json(silent=True))
-        service.check_source(args["source"])
+        service.check_source(args["source"], name)
         job = service.jobs.submit(name, source=args["source"], fine_tune=args["fine_tune"])
     else:
         _require_multipart("a zip in field 'file' (or JSON with an s3:// 'source')")
@@ -339,12 +352,15 @@ def list_versions(name: str) -> dict[str, Any]:
 
 
 @blp.route("/<name>/rollback", methods=["POST"])
-@blp.arguments(RollbackSchema)
 @blp.response(200, VersionListSchema)
-@blp.doc(responses=error_responses(401, 403, 404, 409))
-def rollback(args: dict[str, Any], name: str) -> dict[str, Any]:
+@blp.doc(
+    requestBody={"required": True, "content": {"application/json": {"schema": RollbackSchema}}},
+    responses=error_responses(401, 403, 404, 409, 413, 422),
+)
+def rollback(name: str) -> dict[str, Any]:
     """Point the endpoint back at an earlier version (every worker follows within seconds)"""
-    endpoint(name, write=True)
+    endpoint(name, write=True)  # the token first, then the body
+    args = _load(RollbackSchema(), request.get_json(silent=True))
     versions.rollback(svc().storage, name, args["version"])
     return svc().versions_of(name)
 

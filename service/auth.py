@@ -73,6 +73,11 @@ class Tokens:
         candidates = [self.admin] + ([self.endpoints.get(endpoint, "")] if endpoint else [])
         self._check(authorization, candidates)
 
+    def require_any_write(self, authorization: str | None) -> None:
+        """Some write token (admin or any endpoint's), before a body naming the endpoint is read."""
+        if not self.writes_open:
+            self._check(authorization, [self.admin, *self.endpoints.values()])
+
     def require_query(self, authorization: str | None, endpoint: str | None) -> None:
         """Queries: open, unless QUERY_TOKEN is set."""
         if not self.query:
@@ -92,7 +97,7 @@ class Tokens:
     ) -> bool:
         if not (self.query and version and expires and sig) or expires < time.time():
             return False
-        return hmac.compare_digest(sig, self._sign(endpoint, item_id, version, expires))
+        return hmac.compare_digest(sig.encode(), self._sign(endpoint, item_id, version, expires).encode())
 
     def _sign(self, endpoint: str, item_id: int, version: str, expires: int) -> str:
         message = f"{endpoint}/{item_id}/{version}/{expires}".encode()

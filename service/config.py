@@ -118,6 +118,8 @@ class Settings:
             raise ValueError(f"SERVICE_ROLE must be one of {ROLES}, got {self.service_role!r}")
         if self.job_queue_url and not self.storage_uri.startswith("s3://"):
             raise ValueError("JOB_QUEUE_URL needs an s3:// STORAGE_URI: the worker tier reads the zips there")
+        if self.query_token and not (self.admin_token or self.endpoint_tokens):
+            raise ValueError("QUERY_TOKEN without ADMIN_TOKEN (or ENDPOINT_TOKENS) would leave writes open")
         if self.profile == "aws" and not (self.admin_token or self.endpoint_tokens):
             raise ValueError("the aws profile needs ADMIN_TOKEN (or ENDPOINT_TOKENS): writes are never open")
         unknown = self.allowed_formats - {"JPEG", "PNG", "WEBP", "BMP", "GIF"}

@@ -39,7 +39,8 @@ class NotFoundError(ServiceError):
 
 class EndpointNotFoundError(NotFoundError):
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"No endpoint named {name!r}. Known endpoints: {', '.join(known) or 'none'}.")
+        # Not listing the known names: with QUERY_TOKEN set, GET /endpoints needs a token.
+        super().__init__(f"No endpoint named {name!r} (GET /endpoints lists them).")
 
 
 class JobNotFoundError(NotFoundError):

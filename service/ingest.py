@@ -134,6 +134,11 @@ def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
         seen.add(name)
 
     if metadata_info is not None:
+        if metadata_info.file_size > limits.max_entry_bytes:
+            raise TrainingError(
+                f"{metadata_info.filename} is {metadata_info.file_size} bytes, over the limit of "
+                f"{limits.max_entry_bytes}"
+            )
         result.metadata_file = metadata_info.filename
         rows = _read_metadata(zf, metadata_info)
         result.metadata, result.metadata_unmatched = _match_metadata(
@@ -177,7 +182,7 @@ def _read_metadata(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> list[dict[str,
                 continue
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
                 raise TrainingError(f"{name} line {number}: not valid JSON") from None
             if not isinstance(row, dict) or not isinstance(row.get("filename"), str):
                 raise TrainingError(f"{name} line {number}: needs an object with a 'filename'")

@@ -34,6 +34,7 @@ from .errors import (
     EncoderUnavailableError,
     IntegrityError,
     JobNotFoundError,
+    JobRetryError,
     ServiceError,
     StorageError,
     TrainingError,
@@ -152,6 +153,8 @@ class JobRunner:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="train")
         self._closing = threading.Event()
+        if queue is None:
+            threading.Thread(target=self._keep_alive, name="job-keepalive", daemon=True).start()
 
     # --- creating jobs ------------------------------------------------------------------------
 
@@ -167,6 +170,7 @@ class JobRunner:
             fine_tune=fine_tune,
             source=source,
             version=versions.new_version_id(),
+            runner=None if self.queue else _runner(),
         )
         try:
             if self.queue is not None:
@@ -193,8 +197,9 @@ class JobRunner:
             if job is not None and job.endpoint == endpoint:
                 return job.to_dict()
         job = self.store.load(endpoint, job_id)
-        if self._stale(job):
+        if self.queue is None and self._silent(job):
             # Its process died (killed, out of memory, instance gone): say so, and record it.
+            # (With a queue, SQS redelivers the job or dead-letters it; the worker decides.)
             age = time.time() - datetime.fromisoformat(job.updated_at).timestamp()
             job.status = "failed"
             job.error = f"the process running this job ({job.runner}) stopped: no progress for {age:.0f}s"
@@ -204,11 +209,18 @@ class JobRunner:
                 log.warning("could not record stale job %s: %s", job.id, exc)
         return job.to_dict()
 
-    def _stale(self, job: Job) -> bool:
-        """Running with no heartbeat for `stale_after_s` (queued jobs wait for a worker on SQS)."""
-        waiting = job.status == "running" or (job.status == "queued" and self.queue is None)
+    def _silent(self, job: Job) -> bool:
+        """Queued or running, with no heartbeat for `stale_after_s`: its process is gone."""
         age = time.time() - datetime.fromisoformat(job.updated_at).timestamp()
-        return waiting and age > self.stale_after_s
+        return job.status in ("queued", "running") and age > self.stale_after_s
+
+    def _keep_alive(self) -> None:
+        """Heartbeat for jobs waiting in this process's queue (running ones beat on their own)."""
+        while not self._closing.wait(self.heartbeat_s):
+            with self._lock:
+                waiting = [job for job in self.live.values() if job.status == "queued"]
+            for job in waiting:
+                self._save(job)
 
     # --- running them --------------------------------------------------------------------------
 
@@ -224,6 +236,9 @@ class JobRunner:
         job = self.store.load(None, job_id)
         if job.status in ("succeeded", "failed"):
             return True  # a redelivered message of a finished job: nothing to do
+        if job.status == "running" and not self._silent(job):
+            # Still running somewhere (its heartbeat is fresh): never train one job twice at once.
+            raise JobRetryError(f"job {job.id} is still running on {job.runner}")
         job.attempts = attempt
         with self._lock:
             self.live[job.id] = job
@@ -250,7 +265,8 @@ class JobRunner:
             while not beating.wait(self.heartbeat_s):
                 self._save(job)
 
-        threading.Thread(target=heartbeat, name=f"heartbeat-{job.id}", daemon=True).start()
+        beat = threading.Thread(target=heartbeat, name=f"heartbeat-{job.id}", daemon=True)
+        beat.start()
 
         def on_progress(p: Progress) -> None:
             nonlocal last_save
@@ -303,6 +319,7 @@ class JobRunner:
             outcome = {"status": "failed", "error": f"internal error ({type(exc).__name__}: {exc})"}
         finally:
             beating.set()
+            beat.join()  # no heartbeat save may land after the final status
             for path in (zip_path, fetched):
                 if path is not None:
                     path.unlink(missing_ok=True)

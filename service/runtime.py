@@ -57,14 +57,18 @@ class Service:
                 raise ItemNotFoundError(f"no item {item_id} in {runtime.spec.name} version {version}")
         return versions.version_prefix(runtime.spec.name, version) + image
 
-    def check_source(self, uri: str) -> None:
-        """A zip in S3 a job may train from: in this service's bucket, present, not too big."""
+    def check_source(self, uri: str, endpoint: str) -> None:
+        """A zip in S3 a job may train from: in this endpoint's uploads, present, not too big."""
         s3 = self.storage if isinstance(self.storage, S3Storage) else None
         if s3 is None:
             raise ConflictError("training from an s3:// source needs an s3:// STORAGE_URI")
         key = s3.bucket_key(uri)
-        if key is None:
-            raise ForbiddenError(f"{uri} is outside this service's bucket (s3://{s3.bucket}/)")
+        allowed = s3.uri_of(f"uploads/{endpoint}/")
+        if key is None or not uri.startswith(allowed):
+            # Not another endpoint's uploads, nor anything else in (or outside) the bucket.
+            raise ForbiddenError(
+                f"{uri} is not in this endpoint's uploads ({allowed}; POST /{endpoint}/uploads)"
+            )
         try:
             size = s3.object_size(key)
         except KeyNotFoundError:

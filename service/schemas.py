@@ -17,7 +17,10 @@ class ImageArgsSchema(Schema):
         metadata={"description": "The version the id belongs to (default: the one served now)"}
     )
     expires = fields.Integer(metadata={"description": "Signed image URLs (QUERY_TOKEN set): expiry time"})
-    sig = fields.String(metadata={"description": "Signed image URLs: the signature"})
+    sig = fields.String(
+        validate=validate.Regexp(r"^[0-9a-f]{32}$"),
+        metadata={"description": "Signed image URLs: the signature"},
+    )
 
 
 class TrainFormSchema(Schema):

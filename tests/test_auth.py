@@ -171,3 +171,28 @@ def test_the_aws_profile_never_runs_with_open_writes() -> None:
     with pytest.raises(ValueError, match="needs ADMIN_TOKEN"):
         Settings.load(environ={"SERVICE_PROFILE": "aws", "STORAGE_URI": "s3://bucket/x"})
     assert Settings.load(environ={"SERVICE_PROFILE": "aws", "STORAGE_URI": "s3://b/x", "ADMIN_TOKEN": ADMIN})
+
+
+def test_a_malformed_image_signature_is_422_not_500(make_app: Callable[..., Flask]) -> None:
+    client = make_app(admin_token=ADMIN, query_token=QUERY).test_client()
+    response = client.get("/food/items/0/image?version=v&expires=9999999999&sig=%C3%A9")
+    assert response.status_code == 422
+
+
+def test_the_token_is_checked_before_a_body_is_read(locked: FlaskClient) -> None:
+    assert (
+        locked.post("/food/rollback", data=b"{not json", content_type="application/json").status_code == 401
+    )
+    assert locked.post("/train", data={"endpoint": "food"}).status_code == 401
+    big = b"{" + b" " * (2 * 1024 * 1024) + b"}"
+    assert (
+        locked.post(
+            "/food/rollback", data=big, content_type="application/json", headers=bearer(ADMIN)
+        ).status_code
+        == 413
+    )  # routes without uploads take 1 MB
+
+
+def test_a_query_token_alone_would_leave_writes_open(make_app: Callable[..., Flask]) -> None:
+    with pytest.raises(ValueError, match="would leave writes open"):
+        make_app(query_token=QUERY)

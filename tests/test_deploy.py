@@ -304,6 +304,8 @@ def test_a_presigned_upload_then_train_from_its_source(s3_client: FlaskClient, p
     ("source", "status"),
     [
         ("s3://somebody-elses-bucket/catalog.zip", 403),
+        ("s3://{bucket}/simsvc/uploads/fashion/theirs.zip", 403),  # another endpoint's uploads
+        ("s3://{bucket}/simsvc/food/CURRENT", 403),  # the store itself
         ("s3://{bucket}/simsvc/uploads/food/missing.zip", 422),
         ("https://example.com/catalog.zip", 422),
         (42, 422),

@@ -164,3 +164,15 @@ def test_a_zip_of_one_label_folder_keeps_that_label(tmp_path: Path) -> None:
     )
     assert [(e.name, e.label) for e in plan.entries] == [("shoes/1.jpg", "shoes"), ("shoes/2.jpg", "shoes")]
     assert plan.metadata == {"shoes/1.jpg": {"sku": "S1"}}
+
+
+def test_a_metadata_file_over_the_entry_limit_is_refused_unread(tmp_path: Path) -> None:
+    limits = ingest.ZipLimits(1000, 10_000_000, max_entry_bytes=100)
+    with pytest.raises(TrainingError, match="metadata.csv is 201 bytes, over the limit of 100"):
+        plan_of(tmp_path, {"a.jpg": b"1", "metadata.csv": b"filename,x\n" + b"a" * 190}, limits)
+
+
+def test_absurdly_nested_json_metadata_is_a_clear_error(tmp_path: Path) -> None:
+    deep = b'{"filename": "a.jpg", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(TrainingError, match="line 1: not valid JSON"):
+        plan_of(tmp_path, {"a.jpg": b"1", "metadata.jsonl": deep})

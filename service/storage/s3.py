@@ -167,7 +167,9 @@ class S3Storage(Storage):
     # --- whole-bucket addressing, for zips uploaded straight to S3 -------------------------------
 
     def uri_of(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self._key(key)}"
+        """s3:// URI of a key, or of a folder-like prefix ending in '/'."""
+        folder = key.endswith("/")
+        return f"s3://{self.bucket}/{self._key(key.rstrip('/'))}" + ("/" if folder else "")
 
     def bucket_key(self, uri: str) -> str | None:
         """The object key of an s3:// URI in this store's bucket; None for any other bucket."""
