@@ -164,9 +164,11 @@ def _common_root(names: list[str]) -> str:
 def _read_metadata(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> list[dict[str, Any]]:
     name = info.filename
     try:
-        text = zf.read(info).decode("utf-8-sig")
-    except (zipfile.BadZipFile, RuntimeError, UnicodeDecodeError, OSError) as exc:
+        text = _read(zf, info).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise TrainingError(f"{name}: could not be read as UTF-8 text ({exc})") from None
+    except TrainingError as exc:
+        raise TrainingError(f"{name}: {exc.message}") from None
     rows: list[dict[str, Any]] = []
     if name.endswith(".csv"):
         try:
@@ -215,8 +217,12 @@ def _match_metadata(
 
 def read_entry(zf: zipfile.ZipFile, entry: Entry) -> bytes:
     """The entry's bytes, or TrainingError with the reason (bad CRC, unsupported method...)."""
+    return _read(zf, entry.info)
+
+
+def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     try:
-        return zf.read(entry.info)
+        return zf.read(info)
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError) as exc:
         raise TrainingError(f"could not be read from the zip: {exc}") from None
     except Exception as exc:  # zlib.error and lzma errors have no common base
