@@ -4,8 +4,6 @@ Procfile command, and the worker tier's flow (moto's S3 and SQS over real HTTP).
 from __future__ import annotations
 
 import os
-import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +23,8 @@ from service import demo
 from service.config import ROOT
 from service.errors import EncoderUnavailableError
 
-from .conftest import ModelServer, S3Server, free_port, make_zip, upload, wait_job, wait_serving
+from .conftest import ModelServer, S3Server, make_zip, upload, wait_job, wait_serving
+from .procfile import procfile_server
 
 SQSD_HEADERS = {"User-Agent": "aws-sqsd/3.0.4", "Content-Type": "application/json"}
 
@@ -76,33 +75,9 @@ def test_the_procfile_command_serves_from_the_unpacked_bundle(
         zf.extractall(app_dir)
     # An endpoint that only this copy has: proof the server runs the bundle's code and files.
     (app_dir / "endpoints" / "bundled.toml").write_text('[encoder]\nsource = "offline"\ninput_size = 160\n')
-    port = free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "WEB_CONCURRENCY": "1",
-        "STORAGE_URI": str(tmp_path / "store"),
-        "CACHE_DIR": str(tmp_path / "cache"),
-        "MODELS_DIR": str(models_dir),
-    }
-    env.pop("PYTHONPATH", None)
-    web = next(line for line in (app_dir / "Procfile").read_text().splitlines() if line.startswith("web:"))
-    process = subprocess.Popen(
-        shlex.split(web[4:]), cwd=app_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "the bundle's server did not start"
-            time.sleep(0.3)
+    env = {"WEB_CONCURRENCY": "1", "MODELS_DIR": str(models_dir)}
+    with procfile_server(tmp_path, env, app_dir=app_dir) as server:
+        url = server.url
         names = [e["name"] for e in requests.get(f"{url}/endpoints", timeout=10).json()["endpoints"]]
         assert names == ["bundled", "fashion", "food"]
         job = requests.post(
@@ -126,9 +101,6 @@ def test_the_procfile_command_serves_from_the_unpacked_bundle(
             timeout=30,
         ).json()
         assert found["results"][0]["name"] == "moon/moon-original.jpg"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 # --- the worker tier ---------------------------------------------------------------------------------

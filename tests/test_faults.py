@@ -20,46 +20,22 @@ from service import demo, versions
 from service.config import ROOT
 from service.storage.local import LocalStorage
 
-from .conftest import free_port, make_zip
-from .test_gunicorn import Server, procfile_web_command
+from .conftest import make_zip
+from .procfile import Server, procfile_server
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("faults")
-    port = free_port()
     env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
         "WEB_CONCURRENCY": "2",
-        "STORAGE_URI": f"file://{tmp / 'store'}",
-        "CACHE_DIR": str(tmp / "cache"),
         "MODELS_DIR": str(models_dir),
         "WATCH_INTERVAL_S": "0.5",
         "JOB_STALE_S": "4",
     }
-    log = tmp / "gunicorn.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            procfile_web_command(), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
-    yield Server(url, process, log)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
+    with procfile_server(tmp_path_factory.mktemp("faults"), env) as running:
+        yield running
 
 
 def post_train(server: Server, zip_bytes: bytes) -> str:

@@ -2,95 +2,28 @@
 
 from __future__ import annotations
 
-import os
-import shlex
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
 from service import demo
-from service.config import ROOT
 
-from .conftest import TEST_PHOTOS, free_port, make_zip
+from .conftest import TEST_PHOTOS, make_zip
+from .procfile import Server, procfile_server
 
 pytestmark = pytest.mark.slow
 
 
-def procfile_web_command() -> list[str]:
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        if line.startswith("web:"):
-            return shlex.split(line[len("web:") :])
-    raise AssertionError("Procfile has no web: line")
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def workers(self) -> set[int]:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
-        return {int(pid) for pid in children.split()}
-
-    def versions_by_worker(self, endpoint: str, until: str, timeout: float = 60) -> dict[int, str]:
-        """Ask /health until every worker has answered with version `until` (or time runs out)."""
-        seen: dict[int, str] = {}
-        deadline = time.monotonic() + timeout
-        with ThreadPoolExecutor(8) as pool:
-            while time.monotonic() < deadline:
-                answers = pool.map(lambda _: requests.get(f"{self.url}/health", timeout=10).json(), range(8))
-                for body in answers:
-                    seen[body["worker"]] = body["endpoints"][endpoint]
-                if set(seen) >= self.workers() and all(v == until for v in seen.values()):
-                    break
-                time.sleep(0.1)
-        return seen
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("gunicorn")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # the venv's gunicorn
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "WEB_CONCURRENCY": "2",
-        "STORAGE_URI": f"file://{tmp / 'store'}",
-        "CACHE_DIR": str(tmp / "cache"),
-        "MODELS_DIR": str(models_dir),
-        "WATCH_INTERVAL_S": "0.5",
-    }
-    log = tmp / "gunicorn.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            procfile_web_command(), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"gunicorn did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield Server(url, process, log)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
+    env = {"WEB_CONCURRENCY": "2", "MODELS_DIR": str(models_dir), "WATCH_INTERVAL_S": "0.5"}
+    with procfile_server(tmp_path_factory.mktemp("gunicorn"), env) as running:
+        yield running
 
 
 def train(server: Server, endpoint: str, zip_bytes: bytes) -> dict:
