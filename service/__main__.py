@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from .config import ROOT, Settings
 
@@ -139,10 +140,8 @@ def query(args: argparse.Namespace) -> int:
     k = q.check_k(runtime.spec, args.k)
     loaded = runtime.current()
 
-    def image_path(loaded: q.LoadedVersion, item_id: int) -> str | None:
-        key = service.storage.local_path(
-            f"{args.endpoint}/versions/{loaded.version}/{loaded.items[item_id]['image']}"
-        )
+    def image_path(loaded: q.LoadedVersion, item_id: int, item: dict[str, Any]) -> str | None:
+        key = service.storage.local_path(f"{args.endpoint}/versions/{loaded.version}/{item['image']}")
         return key.as_uri() if key else None
 
     results = q.search_images(

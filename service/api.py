@@ -103,8 +103,8 @@ def image_url(name: str) -> query.ImageUrlFn:
         "/items/0/image", "/items/{}/image?version={}"
     )
 
-    def build(loaded: LoadedVersion, item_id: int) -> str:
-        key = versions.version_prefix(name, loaded.version) + loaded.items[item_id]["image"]
+    def build(loaded: LoadedVersion, item_id: int, item: dict[str, Any]) -> str:
+        key = versions.version_prefix(name, loaded.version) + item["image"]
         signed = service.storage.signed_url(key, service.settings.signed_url_expiry_s)
         return signed or template.format(item_id, loaded.version) + service.tokens.image_signature(
             name, item_id, loaded.version

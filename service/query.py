@@ -17,7 +17,8 @@ from .index import Neighbour
 from .serving import LoadedVersion
 
 # Builds the URL of an item's original image (the API knows its own routes).
-ImageUrlFn = Callable[[LoadedVersion, int], str | None]
+# (version, id, the item's metadata entry, already read) -> its URL
+ImageUrlFn = Callable[[LoadedVersion, int, dict[str, Any]], str | None]
 
 
 def check_k(spec: EndpointSpec, k: int | None) -> int:
@@ -63,7 +64,7 @@ def matches(
                 "score": round(n.score, 6),
                 "label": item.get("label"),
                 "metadata": item.get("metadata") or {},
-                "image_url": image_url(loaded, n.id),
+                "image_url": image_url(loaded, n.id, item),
             }
         )
     return results

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
+from .aws import LazyClient
 from .errors import StorageError
 
 
@@ -14,25 +14,11 @@ class SqsQueue:
 
     def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None) -> None:
         self.url = url
-        self.endpoint_url = endpoint_url or None
-        self.region = region or None
-        self._client: Any = None
-        self._lock = threading.Lock()
+        self._client = LazyClient("sqs", endpoint_url, region, read_timeout=30)
 
     @property
     def client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                import boto3
-                from botocore.config import Config
-
-                self._client = boto3.session.Session().client(
-                    "sqs",
-                    endpoint_url=self.endpoint_url,
-                    region_name=self.region,
-                    config=Config(connect_timeout=5, read_timeout=30, retries={"mode": "standard"}),
-                )
-            return self._client
+        return self._client.get()
 
     def send(self, message: dict[str, Any]) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -93,11 +93,17 @@ def read_manifest(storage: Storage, endpoint: str, version: str) -> dict[str, An
 
 def list_versions(storage: Storage, endpoint: str) -> list[str]:
     """Versions with a manifest (i.e. completely uploaded), oldest first."""
-    return [
-        v
-        for v in storage.list_folders(f"{endpoint}/versions/")
-        if SAFE_VERSION.match(v) and storage.exists(version_prefix(endpoint, v) + MANIFEST)
-    ]
+    return [v for v in storage.list_folders(f"{endpoint}/versions/") if _complete(storage, endpoint, v)]
+
+
+def _complete(storage: Storage, endpoint: str, version: str) -> bool:
+    """A well-formed version name whose manifest (written after every other file) is there."""
+    return bool(SAFE_VERSION.match(version)) and storage.exists(version_prefix(endpoint, version) + MANIFEST)
+
+
+def _require_complete(storage: Storage, endpoint: str, version: str) -> None:
+    if not _complete(storage, endpoint, version):
+        raise NotFoundError(f"no complete version {version!r} of endpoint {endpoint!r}")
 
 
 def prune_versions(storage: Storage, endpoint: str, keep: int, stale_after_s: float = 86400) -> list[str]:
@@ -108,7 +114,7 @@ def prune_versions(storage: Storage, endpoint: str, keep: int, stale_after_s: fl
     """
     current = read_current(storage, endpoint).version
     folders = [v for v in storage.list_folders(f"{endpoint}/versions/") if SAFE_VERSION.match(v)]
-    complete = [v for v in folders if storage.exists(version_prefix(endpoint, v) + MANIFEST)]
+    complete = [v for v in folders if _complete(storage, endpoint, v)]
     doomed = [v for v in complete[: max(0, len(complete) - keep)] if v != current]
     cutoff = (datetime.now(UTC) - timedelta(seconds=stale_after_s)).strftime("%Y%m%dT%H%M%S")
     doomed += [v for v in folders if v not in complete and v != current and v < cutoff]
@@ -120,8 +126,7 @@ def prune_versions(storage: Storage, endpoint: str, keep: int, stale_after_s: fl
 
 def delete_version(storage: Storage, endpoint: str, version: str) -> None:
     """Delete a published version; never the current one (roll back or publish first)."""
-    if not SAFE_VERSION.match(version) or version not in list_versions(storage, endpoint):
-        raise NotFoundError(f"no complete version {version!r} of endpoint {endpoint!r}")
+    _require_complete(storage, endpoint, version)
     if read_current(storage, endpoint).version == version:
         raise ConflictError(f"{version} is the current version of {endpoint!r}; it cannot be deleted")
     storage.delete_prefix(version_prefix(endpoint, version))
@@ -130,8 +135,7 @@ def delete_version(storage: Storage, endpoint: str, version: str) -> None:
 
 def rollback(storage: Storage, endpoint: str, version: str) -> None:
     """Point CURRENT back at an earlier complete version (checked before it is served)."""
-    if not SAFE_VERSION.match(version) or version not in list_versions(storage, endpoint):
-        raise NotFoundError(f"no complete version {version!r} of endpoint {endpoint!r}")
+    _require_complete(storage, endpoint, version)
     manifest = read_manifest(storage, endpoint, version)
     missing = [n for n in SERVING_FILES if not storage.exists(version_prefix(endpoint, version) + n)]
     if missing or any(n not in manifest.get("files", {}) for n in SERVING_FILES):

@@ -7,12 +7,12 @@ forks, and is shared by the threads of a worker (boto3 clients are thread-safe).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..aws import LazyClient
 from ..errors import StorageError
 from . import KeyNotFoundError, Storage, check_key
 
@@ -34,30 +34,29 @@ class S3Storage(Storage):
         self.endpoint_url = endpoint_url or None
         self.region = region or None
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._client: Any = None
-        self._lock = threading.Lock()
+        self._client = LazyClient(
+            "s3",
+            self.endpoint_url,
+            self.region,
+            # SigV4 everywhere: newer regions accept nothing else, pre-signed URLs included.
+            signature_version="s3v4",
+            read_timeout=60,
+            # S3-compatible servers (a local one in tests, MinIO) need path-style URLs.
+            s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+            max_pool_connections=32,
+        )
 
     @property
     def client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                import boto3
-                from botocore.config import Config
+        return self._client.get()
 
-                config = Config(
-                    # SigV4 everywhere: newer regions accept nothing else, pre-signed URLs included.
-                    signature_version="s3v4",
-                    connect_timeout=5,
-                    read_timeout=60,
-                    retries={"mode": "standard"},
-                    # S3-compatible servers (a local one in tests, MinIO) need path-style URLs.
-                    s3={"addressing_style": "path" if self.endpoint_url else "auto"},
-                    max_pool_connections=32,
-                )
-                self._client = boto3.session.Session().client(
-                    "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
-                )
-            return self._client
+    @staticmethod
+    def _transfer() -> Any:
+        """Multipart above 16 MB: big indexes and vectors move in parallel parts, and a failed part
+        is retried alone instead of the whole file."""
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=16 * MB, max_concurrency=4)
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -117,20 +116,11 @@ class S3Storage(Storage):
         return True
 
     def upload(self, key: str, path: Path) -> None:
-        from boto3.s3.transfer import TransferConfig
-
-        # Multipart above 16 MB: big indexes and vectors go up in parallel parts, and a failed
-        # part is retried alone instead of the whole file.
-        transfer = TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=16 * MB, max_concurrency=4)
         with self._errors("upload", key):
-            self.client.upload_file(str(path), self.bucket, self._key(key), Config=transfer)
+            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer())
 
     def download(self, key: str, path: Path) -> None:
-        from boto3.s3.transfer import TransferConfig
-
-        transfer = TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=16 * MB, max_concurrency=4)
-        with self._errors("download", key):
-            self.client.download_file(self.bucket, self._key(key), str(path), Config=transfer)
+        self.download_object(self._key(key), path, key)
 
     def exists(self, key: str) -> bool:
         return self.tag(key) is not None
@@ -183,12 +173,10 @@ class S3Storage(Storage):
         with self._errors("head", bucket_key):
             return int(self.client.head_object(Bucket=self.bucket, Key=bucket_key)["ContentLength"])
 
-    def download_object(self, bucket_key: str, path: Path) -> None:
-        from boto3.s3.transfer import TransferConfig
-
-        transfer = TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=16 * MB, max_concurrency=4)
-        with self._errors("download", bucket_key):
-            self.client.download_file(self.bucket, bucket_key, str(path), Config=transfer)
+    def download_object(self, bucket_key: str, path: Path, name: str | None = None) -> None:
+        """Download any object of the bucket (`name`: the key as errors should call it)."""
+        with self._errors("download", name or bucket_key):
+            self.client.download_file(self.bucket, bucket_key, str(path), Config=self._transfer())
 
     def signed_upload_url(self, key: str, expires_s: int) -> str:
         """A pre-signed PUT for `key` (so large zips go straight to S3, not through the web tier)."""
