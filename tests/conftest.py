@@ -8,6 +8,8 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -207,6 +209,12 @@ def wait_serving(client: FlaskClient, endpoint: str, version: str, timeout: floa
             return
         time.sleep(0.05)
     raise AssertionError(f"{endpoint} did not switch to {version} in {timeout}s")
+
+
+def cli(*args: str, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m service <args>` as a real subprocess (the CLI, exactly as a user runs it)."""
+    command = [sys.executable, "-m", "service", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def make_zip(files: dict[str, bytes]) -> bytes:

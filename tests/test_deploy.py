@@ -23,7 +23,7 @@ from service import demo
 from service.config import ROOT
 from service.errors import EncoderUnavailableError
 
-from .conftest import ModelServer, S3Server, make_zip, upload, wait_job, wait_serving
+from .conftest import ModelServer, S3Server, cli, make_zip, upload, wait_job, wait_serving
 from .procfile import procfile_server
 
 SQSD_HEADERS = {"User-Agent": "aws-sqsd/3.0.4", "Content-Type": "application/json"}
@@ -316,14 +316,7 @@ def test_mirrored_encoders_load_from_the_bucket_without_tf_hub(
         "ENCODER_MODE": "hub",
         "CACHE_DIR": str(tmp_path / "connected"),
     }
-    mirrored = subprocess.run(
-        [sys.executable, "-m", "service", "encoders", "mirror"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    mirrored = cli("encoders", "mirror", env=env)
     assert mirrored.returncode == 0, mirrored.stderr
     assert "tiny: http://127.0.0.1" in mirrored.stdout and "/encoders/" in mirrored.stdout
 

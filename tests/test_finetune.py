@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +15,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service import demo, versions
-from service.config import ROOT
 from service.images import prepare
 
-from .conftest import make_zip, upload, wait_job, wait_serving
+from .conftest import cli, make_zip, upload, wait_job, wait_serving
 
 
 def train_with(client: FlaskClient, zip_bytes: bytes, fine_tune: str) -> dict:
@@ -132,14 +129,7 @@ def test_the_evaluate_command_scores_the_served_version(
         "CACHE_DIR": str(tmp_path / "cache"),
         "MODELS_DIR": str(models_dir),
     }
-    trained = subprocess.run(
-        [sys.executable, "-m", "service", "train", "food", str(photos_zip), "--fine-tune", "never"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    trained = cli("train", "food", str(photos_zip), "--fine-tune", "never", env=env)
     assert trained.returncode == 0, trained.stderr
     queries = tmp_path / "queries.zip"
     queries.write_bytes(
@@ -151,14 +141,7 @@ def test_the_evaluate_command_scores_the_served_version(
             }
         )
     )
-    scored = subprocess.run(
-        [sys.executable, "-m", "service", "evaluate", "food", str(queries)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    scored = cli("evaluate", "food", str(queries), env=env)
     assert scored.returncode == 0, scored.stderr
     result = json.loads(scored.stdout)
     assert result["queries"] == 3 and result["labels_not_in_index"] == ["mystery"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +17,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service import demo, versions
-from service.config import ROOT
 from service.storage import open_storage
 
-from .conftest import S3Server, make_zip, train, upload, wait_job, wait_serving
+from .conftest import S3Server, cli, make_zip, train, upload, wait_job, wait_serving
 
 
 def jpeg(name: str) -> bytes:
@@ -56,6 +53,17 @@ def s3_app(
     return make_app(
         storage_uri=f"s3://{bucket}/simsvc", s3_endpoint_url=server.url, cache_dir=tmp_path / cache, **extra
     )
+
+
+def serving_on(
+    server: S3Server, make_app: Callable[..., Flask], tmp_path: Path, photos_zip: Path
+) -> tuple[FlaskClient, str, dict[str, Any]]:
+    """An app on a fresh bucket of `server`, trained on the photos and serving that version."""
+    bucket = server.bucket()
+    client = s3_app(make_app, server, bucket, tmp_path).test_client()
+    first = train(client, "food", photos_zip)
+    wait_serving(client, "food", first["version"])
+    return client, bucket, first
 
 
 def test_train_publish_infer_through_s3_and_a_cold_instance(
@@ -142,10 +150,7 @@ def test_racing_publishes_leave_one_complete_current(s3_server: S3Server, tmp_pa
 def test_serving_survives_an_s3_outage_and_then_picks_up_a_newer_version(
     make_app: Callable[..., Flask], private_s3: S3Server, photos_zip: Path, tmp_path: Path
 ) -> None:
-    bucket = private_s3.bucket()
-    client = s3_app(make_app, private_s3, bucket, tmp_path).test_client()
-    first = train(client, "food", photos_zip)
-    wait_serving(client, "food", first["version"])
+    client, bucket, first = serving_on(private_s3, make_app, tmp_path, photos_zip)
 
     private_s3.stop()
     assert infer(client).status_code == 200
@@ -169,10 +174,7 @@ def test_serving_survives_an_s3_outage_and_then_picks_up_a_newer_version(
 def test_an_s3_outage_during_training_fails_the_job_and_keeps_current(
     make_app: Callable[..., Flask], private_s3: S3Server, photos_zip: Path, tmp_path: Path
 ) -> None:
-    bucket = private_s3.bucket()
-    client = s3_app(make_app, private_s3, bucket, tmp_path).test_client()
-    first = train(client, "food", photos_zip)
-    wait_serving(client, "food", first["version"])
+    client, bucket, first = serving_on(private_s3, make_app, tmp_path, photos_zip)
 
     response = client.post("/food/train", data={"file": upload(photos_zip)})
     assert response.status_code == 202
@@ -244,37 +246,16 @@ def test_old_versions_are_pruned_and_can_be_rolled_back_to(
         "S3_ENDPOINT_URL": s3_server.url,
         "CACHE_DIR": str(tmp_path / "cli-cache"),
     }
-    listed = subprocess.run(
-        [sys.executable, "-m", "service", "versions", "list", "food"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    listed = cli("versions", "list", "food", env=env, timeout=120)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()[1:]
     assert [line.split()[-3] for line in lines] == made[1:]
     assert lines[-1].startswith("*") and not lines[0].startswith("*")
 
-    rolled = subprocess.run(
-        [sys.executable, "-m", "service", "versions", "rollback", "food", made[1]],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    rolled = cli("versions", "rollback", "food", made[1], env=env, timeout=120)
     assert rolled.returncode == 0, rolled.stderr
     wait_serving(client, "food", made[1])
     assert infer(client, "coffee").get_json()["results"][0]["label"] == "coffee"
 
-    gone = subprocess.run(
-        [sys.executable, "-m", "service", "versions", "rollback", "food", made[0]],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    gone = cli("versions", "rollback", "food", made[0], env=env, timeout=120)
     assert gone.returncode == 2 and "no complete version" in gone.stderr
