@@ -8,7 +8,7 @@ import secrets
 from http import HTTPStatus
 from typing import Any
 
-from flask import Flask, Response, current_app, redirect, request, send_file, url_for
+from flask import Flask, Response, current_app, jsonify, redirect, request, send_file, url_for
 from flask_smorest import Blueprint
 from flask_smorest.error_handler import ErrorSchema  # {code, status, message, errors}
 from marshmallow import EXCLUDE, Schema, ValidationError
@@ -249,7 +249,7 @@ def job_status(name: str, job_id: str) -> dict[str, Any]:
     },
     responses=error_responses(400, 404, 413, 415, 422, 503),
 )
-def infer(name: str, k: int | None = None) -> dict[str, Any]:
+def infer(name: str, k: int | None = None) -> Response:
     """The top-k indexed images most similar to each uploaded image"""
     service = svc()
     runtime = endpoint(name)
@@ -266,7 +266,9 @@ def infer(name: str, k: int | None = None) -> dict[str, Any]:
         result["batch"] = [{"filename": f, "results": r} for (f, _), r in zip(uploads, found, strict=True)]
     else:
         result["results"] = found[0]
-    return result
+    # Already in the documented shape (schemathesis checks it); skipping the schema's dump saves a
+    # tenth of a millisecond of Python per query, on the hottest route.
+    return jsonify(result)
 
 
 def _read_images() -> tuple[list[tuple[str, bytes]], bool]:

@@ -82,6 +82,8 @@ class Settings:
     # Threads decoding training images while the encoder runs; on 2 cores one is fastest (the
     # encoder wants both cores), measured by bench/perf.py.
     decode_threads: int = max(1, (os.cpu_count() or 2) // 2)
+    # How long a forward pass may wait, under load, for the concurrent requests it expects (batching.py).
+    batch_window_ms: float = 2.0
     # TensorFlow thread pools per process; 0 = TensorFlow's default.
     tf_intra_op_threads: int = 0
     tf_inter_op_threads: int = 0

@@ -6,10 +6,13 @@ TensorFlow and loads its encoders after the fork. Workers x TensorFlow threads =
 
 import os
 
+from service import gunicorn_worker
+
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# Threads let one worker answer /health and queries while a request is encoding.
-worker_class = "gthread"
+# Threads let one worker answer /health and queries while a request is encoding; the gthread
+# worker, balanced so keep-alive clients spread evenly over the workers (gunicorn_worker.py).
+worker_class = "service.gunicorn_worker.BalancedThreadWorker"
 # Many threads per worker: concurrent requests are batched into one forward pass (batching.py),
 # so more requests in flight means bigger, cheaper batches.
 threads = int(os.environ.get("GUNICORN_THREADS", "16"))
@@ -30,3 +33,15 @@ os.environ.setdefault("TF_INTER_OP_THREADS", "1")
 # Gunicorn's control socket lives at one fixed path per user; several servers on one machine
 # (tests, make run beside a deploy) would fight over it, and nothing here uses it.
 control_socket_disable = True
+
+# Connections per worker, shared with the workers (room for workers added with TTIN).
+gunicorn_worker.table = gunicorn_worker.ConnectionTable(slots=2 * workers + 8)
+
+
+def pre_fork(server, worker):  # noqa: ANN001 (gunicorn's hook signature)
+    taken = {w.balance_slot for w in server.WORKERS.values()}
+    worker.balance_slot = gunicorn_worker.table.claim(taken)
+
+
+def child_exit(server, worker):  # noqa: ANN001
+    gunicorn_worker.table.release(worker.balance_slot)

@@ -47,7 +47,7 @@ def auto_search_k(count: int) -> int:
 
 
 def cosine_from_angular(distance: float) -> float:
-    return float(np.clip(1.0 - distance * distance / 2.0, -1.0, 1.0))
+    return max(-1.0, min(1.0, 1.0 - distance * distance / 2.0))
 
 
 class IndexReader:

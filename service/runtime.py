@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from . import training, versions
+from . import batching, training, versions
 from .auth import Tokens
 from .config import Settings
 from .endpoint import EndpointSpec, load_endpoints
@@ -156,6 +156,7 @@ def build_service(settings: Settings) -> Service:
         level=settings.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     )
     configure_threads(settings.tf_intra_op_threads, settings.tf_inter_op_threads)
+    batching.configure(settings.batch_window_ms)
     specs = load_endpoints(settings.endpoints_dir)
     storage = open_storage(
         settings.storage_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region

@@ -121,3 +121,69 @@ def test_batched_inference_matches_one_by_one(
             [r["score"] for r in alone[name]], abs=1e-4
         )
         assert together[name][0]["name"] == f"{name}/{name}-original.jpg"
+
+
+def _gated(batcher_kwargs: dict) -> tuple[Batcher, threading.Event, list[int]]:
+    """A batcher whose forward passes block until `gate` is set, recording each pass's size."""
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        gate.wait(10)
+        return batch
+
+    return Batcher(forward, **batcher_kwargs), gate, sizes
+
+
+def _start(batcher: Batcher, count: int) -> list[threading.Thread]:
+    threads = [threading.Thread(target=batcher, args=(np.zeros((1, 1)),)) for _ in range(count)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # one after another, as closed-loop clients come back
+    return threads
+
+
+def _prime(batcher: Batcher, gate: threading.Event, callers: int) -> None:
+    """Leave the batcher having just served `callers` callers in one pass."""
+    gate.clear()
+    threads = _start(batcher, callers + 1)  # the first runs alone; the rest queue behind it
+    gate.set()
+    for t in threads:
+        t.join(10)
+
+
+def test_under_load_a_pass_waits_for_the_callers_it_expects() -> None:
+    # A window far longer than the test: without it, the three callers below would each run a
+    # pass of their own as they come in one by one.
+    batcher, gate, sizes = _gated({"window_s": 30, "busy_gap_s": 30})
+    _prime(batcher, gate, callers=3)
+    assert sizes == [1, 3]
+    threads = _start(batcher, 3)
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sizes == [1, 3, 3]
+
+
+def test_a_pass_after_an_idle_spell_does_not_wait() -> None:
+    batcher, gate, sizes = _gated({"window_s": 30, "busy_gap_s": 0.01})
+    _prime(batcher, gate, callers=3)
+    time.sleep(0.1)  # idle for longer than the busy gap
+    lone = threading.Thread(target=batcher, args=(np.zeros((1, 1)),))
+    lone.start()
+    lone.join(10)  # it would sit out the 30 s window if it waited for company
+    assert not lone.is_alive() and sizes == [1, 3, 1]
+
+
+def test_one_caller_at_a_time_never_waits() -> None:
+    batcher = Batcher(lambda b: b, window_s=30, busy_gap_s=30)
+    done = threading.Event()
+
+    def sequential() -> None:
+        for _ in range(20):
+            batcher(np.zeros((1, 1)))
+        done.set()
+
+    threading.Thread(target=sequential, daemon=True).start()
+    assert done.wait(10) and batcher.passes == 20

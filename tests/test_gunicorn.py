@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,6 +96,25 @@ def test_concurrent_requests_each_get_their_own_answer(server: Server) -> None:
         answers = list(pool.map(ask, asks))
     assert [status for _, status, _ in answers] == [200] * len(asks)
     assert all(found == f"{name}/{name}-original.jpg" for name, _, found in answers)
+
+
+def test_keep_alive_clients_spread_evenly_over_the_workers(server: Server) -> None:
+    # Plain gthread workers share one listening socket and the kernel lets one of them win most
+    # accepts: 8 keep-alive clients often all land on one worker (gunicorn_worker.py).
+    host, port = server.url.removeprefix("http://").split(":")
+    clients = [http.client.HTTPConnection(host, int(port), timeout=10) for _ in range(8)]
+    try:
+        for _ in range(5):  # a few rounds: a connection handed back reconnects to the other worker
+            owners = []
+            for client in clients:
+                client.request("GET", "/health")
+                response = client.getresponse()
+                owners.append(json.loads(response.read())["worker"])
+            time.sleep(0.1)
+        assert sorted(Counter(owners).values()) == [4, 4]
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_a_new_version_reaches_every_worker_without_a_restart(server: Server, photos_zip: Path) -> None:

@@ -1,0 +1,118 @@
+"""Gunicorn's threaded worker, taking new connections only while it holds no more than its peers.
+
+All workers wait on one listening socket, and Linux wakes them in an order that lets one worker
+win accept() again and again (Cloudflare, "Why does one NGINX worker take all the load?"). With
+keep-alive clients a connection then stays where it landed: measured here, 8 clients split 8/0,
+7/1 or 6/2 more often than 4/4, and one worker's single TensorFlow thread served them all while
+the other core idled (~200 requests/s instead of ~300). Each worker publishes its open
+connections in shared memory, and stops listening while it holds more than another live worker,
+so new connections go to the least loaded one (nginx calls this least_conn).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from typing import Any
+
+from gunicorn.workers.gthread import ThreadWorker
+
+FREE = -1  # a slot no live worker owns
+
+
+class ConnectionTable:
+    """Open connections per worker slot, in memory shared by the master and its workers."""
+
+    def __init__(self, slots: int) -> None:
+        self.counts = multiprocessing.RawArray("i", [FREE] * slots)  # inherited across fork
+
+    def claim(self, taken: set[int]) -> int | None:
+        """A free slot for a worker about to be forked (None: more workers than slots)."""
+        for slot in range(len(self.counts)):
+            if slot not in taken:
+                self.counts[slot] = 0
+                return slot
+        return None
+
+    def release(self, slot: int | None) -> None:
+        if slot is not None:
+            self.counts[slot] = FREE
+
+    def publish(self, slot: int, count: int) -> None:
+        self.counts[slot] = count
+
+    def fewest_elsewhere(self, slot: int) -> int | None:
+        """The fewest connections any other live worker holds (None: no other worker)."""
+        return min((c for i, c in enumerate(self.counts) if i != slot and c != FREE), default=None)
+
+    def may_accept(self, slot: int, count: int) -> bool:
+        """True if no other live worker holds fewer connections than `count`."""
+        fewest = self.fewest_elsewhere(slot)
+        return count == 0 or fewest is None or count <= fewest
+
+
+# Created when gunicorn reads its config (service/gunicorn_conf.py), before any worker forks.
+table: ConnectionTable | None = None
+
+
+# A worker holding this many more connections than a peer closes one after its response...
+SHED_EXCESS = 2
+# ...at most this often, so it does not drop several before the counts catch up.
+SHED_INTERVAL_S = 0.05
+
+
+class BalancedThreadWorker(ThreadWorker):
+    """gthread, with accepting switched off while this worker holds more connections than a peer,
+    and connections handed back while it holds two more than a peer."""
+
+    balance_slot: int | None = None  # set by the master's pre_fork hook
+    _last_shed = 0.0
+
+    def _fair(self) -> bool:
+        if table is None or self.balance_slot is None:
+            return True
+        table.publish(self.balance_slot, self.nr_conns)
+        return table.may_accept(self.balance_slot, self.nr_conns)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # Gunicorn's loop calls this whenever "can accept" differs from the current state, so a
+        # worker held back here asks again on every loop turn (each event, or once a second).
+        super().set_accept_enabled(enabled and self._fair())
+
+    def accept(self, listener: Any) -> None:
+        super().accept(listener)
+        if not self._fair():
+            super().set_accept_enabled(False)
+
+    # Where connections landed unevenly anyway (a peer closing many at once looked busy a moment,
+    # a client reconnected in a burst), keep-alive would keep them there for good. gthread answers
+    # "Connection: close" when it holds at least `max_keepalived` idle connections; reporting 0
+    # once in a while makes it hand one connection back, and the client reconnects to the peer.
+    @property
+    def max_keepalived(self) -> int:
+        if table is not None and self.balance_slot is not None:
+            fewest = table.fewest_elsewhere(self.balance_slot)
+            now = time.monotonic()
+            if fewest is not None and self.nr_conns - fewest >= SHED_EXCESS:
+                if now - self._last_shed > SHED_INTERVAL_S:
+                    self._last_shed = now
+                    return 0
+        return self._max_keepalived
+
+    @max_keepalived.setter
+    def max_keepalived(self, value: int) -> None:
+        self._max_keepalived = value
+
+    # Publish the count as soon as a connection closes: a peer deciding where the next client
+    # goes must not see a count from before the last benchmark run, or it takes them all.
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        super().finish_request(conn, fs)
+        self._fair()
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        super().murder_keepalived(force)
+        self._fair()
+
+    def murder_pending(self) -> None:
+        super().murder_pending()
+        self._fair()

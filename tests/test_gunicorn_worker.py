@@ -1,0 +1,54 @@
+"""Balancing keep-alive connections over gunicorn workers: the shared table and the hand-back rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import gunicorn_worker
+from service.gunicorn_worker import FREE, BalancedThreadWorker, ConnectionTable
+
+
+def test_slots_are_claimed_and_released() -> None:
+    table = ConnectionTable(slots=3)
+    assert table.claim(taken=set()) == 0
+    assert table.claim(taken={0}) == 1
+    assert table.claim(taken={0, 1, 2}) is None  # more workers than slots: that one runs unbalanced
+    table.release(1)
+    assert table.counts[1] == FREE
+
+
+def test_a_worker_accepts_only_while_it_holds_no_more_than_any_peer() -> None:
+    table = ConnectionTable(slots=4)
+    for slot in (0, 1, 2):
+        table.claim(taken=set(range(slot)))
+    table.publish(0, 3)
+    table.publish(1, 2)
+    table.publish(2, 5)
+    assert not table.may_accept(0, 3)  # slot 1 holds fewer
+    assert table.may_accept(1, 2)
+    table.release(1)  # a dead worker's slot is ignored, not read as "holds none"
+    assert table.may_accept(0, 3)
+    assert table.may_accept(3, 0)  # a worker with no connection always may
+
+
+def _worker(table: ConnectionTable, slot: int, conns: int) -> BalancedThreadWorker:
+    worker = BalancedThreadWorker.__new__(BalancedThreadWorker)  # no gunicorn arbiter needed
+    worker.balance_slot = slot
+    worker.nr_conns = conns
+    worker.max_keepalived = 990  # what gthread computes: worker_connections - threads
+    table.publish(slot, conns)
+    return worker
+
+
+def test_a_worker_two_connections_ahead_hands_one_back_now_and_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table = ConnectionTable(slots=2)
+    monkeypatch.setattr(gunicorn_worker, "table", table)
+    busy, idle = _worker(table, 0, 6), _worker(table, 1, 2)
+    assert busy.max_keepalived == 0  # gthread then answers "Connection: close"
+    assert busy.max_keepalived == 990  # not again until the counts can catch up
+    assert idle.max_keepalived == 990
+    busy._last_shed -= 1
+    busy.nr_conns = 3  # one ahead: nothing to gain by moving a client
+    assert busy.max_keepalived == 990
