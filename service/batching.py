@@ -6,12 +6,12 @@ runs queue up, and the next pass takes all of them together. A leader runs passe
 own call is answered, then hands over to a waiting caller, so under steady load no request is
 held back serving others.
 
-Under load a pass may also wait a moment (the window, 2 ms by default) for the callers it expects:
+Under load a pass may also wait a moment (the window, 3 ms by default) for the callers it expects:
 as many as the recent passes held. Without that, closed-loop clients split into small alternating
-groups (a pass of 2, then 2 more that arrived meanwhile) and every image pays for a small batch;
-with it, they meet in one pass (measured in bench/perf.py: 2.2 -> 3.6 images a pass with 4
-clients a worker, +9% requests/s). A lone request never waits: the window applies only right after
-a pass, and only while recent passes were shared.
+groups (a pass of 2, then the 2 that arrived meanwhile) and every image pays for a small batch;
+measured with 4 clients a worker: 2.2 images a pass without the window, about 3 with it, and
+~10% more requests/s (1 ms gained less, 3-6 ms the same). A lone request never waits: the window
+applies only right after a pass, and only while recent passes were shared.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # How long a pass may wait for company under load (set from BATCH_WINDOW_MS at start-up).
-DEFAULT_WINDOW_S = 0.002
+DEFAULT_WINDOW_S = 0.003
 # A pass that starts within this long of the previous one is "under load"; later, it runs at once.
 BUSY_GAP_S = 0.005
 # The number of callers to expect is the most any of the last few passes served.

@@ -83,7 +83,7 @@ class Settings:
     # encoder wants both cores), measured by bench/perf.py.
     decode_threads: int = max(1, (os.cpu_count() or 2) // 2)
     # How long a forward pass may wait, under load, for the concurrent requests it expects (batching.py).
-    batch_window_ms: float = 2.0
+    batch_window_ms: float = 3.0
     # TensorFlow thread pools per process; 0 = TensorFlow's default.
     tf_intra_op_threads: int = 0
     tf_inter_op_threads: int = 0
