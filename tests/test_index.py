@@ -64,8 +64,8 @@ def test_search_k_grows_with_the_index() -> None:
     from service.index import auto_search_k
 
     assert auto_search_k(500) == 1000  # small indexes: a floor that makes search exhaustive
-    assert auto_search_k(100_000) == 3162
-    assert auto_search_k(1_000_000) == 10_000
+    assert auto_search_k(100_000) == 4009
+    assert auto_search_k(1_000_000) == 8000
 
 
 def test_an_explicit_search_k_is_kept(tmp_path: Path) -> None:
