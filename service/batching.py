@@ -84,15 +84,17 @@ class Batcher:
                 while not call.done:
                     self._run_pass()
             finally:
-                self._hand_over()
+                self._hand_over(call)
         if call.error is not None:
             raise call.error
         assert call.output is not None
         return call.output
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, leader: _Call) -> None:
         """Give the lead to the oldest waiting call (only it wakes), or go idle."""
         with self._lock:
+            if not leader.done and leader in self._queue:  # the pass machinery itself failed:
+                self._queue.remove(leader)  # never hand the lead to a caller that has left
             if self._queue:
                 successor = self._queue[0]
                 successor.leads = True
@@ -102,15 +104,16 @@ class Batcher:
 
     def _run_pass(self) -> None:
         """Take what is queued (up to max_batch images) and run one forward pass for it."""
-        with self._lock:
-            self._wait_for_company()
-            calls, size = [], 0
-            while self._queue and (not calls or size + len(self._queue[0].inputs) <= self.max_batch):
-                call = self._queue.popleft()
-                calls.append(call)
-                size += len(call.inputs)
-            self._recent.append(len(calls))
+        calls: list[_Call] = []
         try:
+            with self._lock:
+                self._wait_for_company()
+                size = 0
+                while self._queue and (not calls or size + len(self._queue[0].inputs) <= self.max_batch):
+                    call = self._queue.popleft()
+                    calls.append(call)
+                    size += len(call.inputs)
+                self._recent.append(len(calls))
             batch = calls[0].inputs if len(calls) == 1 else np.concatenate([c.inputs for c in calls])
             outputs = self.forward(batch)
             self.passes += 1
@@ -119,6 +122,8 @@ class Batcher:
                 call.output = outputs[start : start + len(call.inputs)]
                 start += len(call.inputs)
         except BaseException as exc:  # every waiting caller gets the error, none hangs
+            if not calls:
+                raise  # nothing taken yet: the leader's own caller gets it
             for call in calls:
                 call.error = exc
         self._last_end = time.monotonic()

@@ -17,36 +17,42 @@ from typing import Any
 
 from gunicorn.workers.gthread import ThreadWorker
 
-FREE = -1  # a slot no live worker owns
+FREE = -1  # a slot no serving worker holds
+# A worker's main loop turns at least once a second (gthread's select timeout); a slot not
+# refreshed for this long belongs to a worker that hangs, and is ignored like a free one.
+STALE_S = 3.0
 
 
 class ConnectionTable:
     """Open connections per worker slot, in memory shared by the master and its workers."""
 
     def __init__(self, slots: int) -> None:
-        self.counts = multiprocessing.RawArray("i", [FREE] * slots)  # inherited across fork
+        # Inherited across fork. The master only hands out slot numbers; a slot counts once its
+        # worker serves (a worker still booting must not look like an idle peer: the others
+        # would stop accepting and wait for it).
+        self.counts = multiprocessing.RawArray("i", [FREE] * slots)
+        self.seen = multiprocessing.RawArray("d", [0.0] * slots)  # time.monotonic() of the last publish
 
     def claim(self, taken: set[int]) -> int | None:
-        """A free slot for a worker about to be forked (None: more workers than slots)."""
-        for slot in range(len(self.counts)):
-            if slot not in taken:
-                self.counts[slot] = 0
-                return slot
-        return None
+        """A slot number for a worker about to be forked (None: more workers than slots)."""
+        return next((slot for slot in range(len(self.counts)) if slot not in taken), None)
 
     def release(self, slot: int | None) -> None:
         if slot is not None:
             self.counts[slot] = FREE
 
     def publish(self, slot: int, count: int) -> None:
+        self.seen[slot] = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
         self.counts[slot] = count
 
     def fewest_elsewhere(self, slot: int) -> int | None:
-        """The fewest connections any other live worker holds (None: no other worker)."""
-        return min((c for i, c in enumerate(self.counts) if i != slot and c != FREE), default=None)
+        """The fewest connections any other serving worker holds (None: no other worker)."""
+        fresh = time.monotonic() - STALE_S
+        counts = (c for i, c in enumerate(self.counts) if i != slot and c != FREE and self.seen[i] >= fresh)
+        return min(counts, default=None)
 
     def may_accept(self, slot: int, count: int) -> bool:
-        """True if no other live worker holds fewer connections than `count`."""
+        """True if no other serving worker holds fewer connections than `count`."""
         fewest = self.fewest_elsewhere(slot)
         return count == 0 or fewest is None or count <= fewest
 
@@ -59,6 +65,8 @@ table: ConnectionTable | None = None
 SHED_EXCESS = 2
 # ...at most this often, so it does not drop several before the counts catch up.
 SHED_INTERVAL_S = 0.05
+# How often a worker that stopped accepting asks again.
+HELD_BACK_RECHECK_S = 0.02
 
 
 class BalancedThreadWorker(ThreadWorker):
@@ -71,8 +79,18 @@ class BalancedThreadWorker(ThreadWorker):
     def _fair(self) -> bool:
         if table is None or self.balance_slot is None:
             return True
+        if not self.alive:  # stopping: it takes no one, so it must not hold the others back
+            table.release(self.balance_slot)
+            return False
         table.publish(self.balance_slot, self.nr_conns)
         return table.may_accept(self.balance_slot, self.nr_conns)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        # Held back, a worker re-checks often: the peer it deferred to may have filled up in the
+        # meantime, and with idle clients the next event could be a second away.
+        if self.alive and not self._accepting:
+            timeout = min(timeout, HELD_BACK_RECHECK_S)
+        super().wait_for_and_dispatch_events(timeout)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         # Gunicorn's loop calls this whenever "can accept" differs from the current state, so a

@@ -187,3 +187,15 @@ def test_one_caller_at_a_time_never_waits() -> None:
 
     threading.Thread(target=sequential, daemon=True).start()
     assert done.wait(10) and batcher.passes == 20
+
+
+def test_a_failure_before_the_pass_leaves_no_dead_leader(monkeypatch: pytest.MonkeyPatch) -> None:
+    batcher = Batcher(lambda b: b + 1)
+    real_wait = batcher._wait_for_company
+    monkeypatch.setattr(batcher, "_wait_for_company", lambda: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(MemoryError):
+        batcher(np.zeros((1, 1)))
+    monkeypatch.setattr(batcher, "_wait_for_company", real_wait)
+    done = threading.Event()
+    threading.Thread(target=lambda: (batcher(np.zeros((1, 1))), done.set()), daemon=True).start()
+    assert done.wait(10)  # the next caller leads and is answered

@@ -101,15 +101,21 @@ def test_concurrent_requests_each_get_their_own_answer(server: Server) -> None:
 def test_keep_alive_clients_spread_evenly_over_the_workers(server: Server) -> None:
     # Plain gthread workers share one listening socket and the kernel lets one of them win most
     # accepts: 8 keep-alive clients often all land on one worker (gunicorn_worker.py).
+    seen: set[int] = set()
+    deadline = time.monotonic() + 60
+    while seen != server.workers() and time.monotonic() < deadline:  # both workers serve first
+        seen |= {requests.get(f"{server.url}/health", timeout=10).json()["worker"] for _ in range(4)}
     host, port = server.url.removeprefix("http://").split(":")
     clients = [http.client.HTTPConnection(host, int(port), timeout=10) for _ in range(8)]
     try:
-        for _ in range(5):  # a few rounds: a connection handed back reconnects to the other worker
+        for _ in range(10):  # rounds: a connection handed back reconnects to the other worker
             owners = []
             for client in clients:
                 client.request("GET", "/health")
                 response = client.getresponse()
                 owners.append(json.loads(response.read())["worker"])
+            if sorted(Counter(owners).values()) == [4, 4]:
+                break
             time.sleep(0.1)
         assert sorted(Counter(owners).values()) == [4, 4]
     finally:

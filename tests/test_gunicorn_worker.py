@@ -31,6 +31,17 @@ def test_a_worker_accepts_only_while_it_holds_no_more_than_any_peer() -> None:
     assert table.may_accept(3, 0)  # a worker with no connection always may
 
 
+def test_booting_and_hung_workers_do_not_hold_the_others_back() -> None:
+    table = ConnectionTable(slots=3)
+    table.publish(0, 4)
+    booting = table.claim(taken={0})  # forked, still loading: nothing published yet
+    assert booting == 1 and table.may_accept(0, 4)
+    table.publish(booting, 0)  # serving now: new clients go to it
+    assert not table.may_accept(0, 4)
+    table.seen[booting] -= 10  # its main loop stopped turning: a hung worker
+    assert table.may_accept(0, 4)
+
+
 def _worker(table: ConnectionTable, slot: int, conns: int) -> BalancedThreadWorker:
     worker = BalancedThreadWorker.__new__(BalancedThreadWorker)  # no gunicorn arbiter needed
     worker.balance_slot = slot
@@ -52,3 +63,12 @@ def test_a_worker_two_connections_ahead_hands_one_back_now_and_then(
     busy._last_shed -= 1
     busy.nr_conns = 3  # one ahead: nothing to gain by moving a client
     assert busy.max_keepalived == 990
+
+
+def test_a_stopping_worker_leaves_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = ConnectionTable(slots=2)
+    monkeypatch.setattr(gunicorn_worker, "table", table)
+    stopping, peer = _worker(table, 0, 1), _worker(table, 1, 3)
+    stopping.alive, peer.alive = False, True
+    assert not stopping._fair()  # it takes no one...
+    assert table.counts[0] == FREE and peer._fair()  # ...and no longer holds the busier peer back
