@@ -292,25 +292,25 @@ def clustered(n: int, dim: int, seed: int, clusters: int = 2000) -> tuple[np.nda
     return norm(data), norm(queries)
 
 
-def per_query_ms(search: Any, queries: np.ndarray, passes: int = 3) -> float:
-    """Milliseconds per query: the median of `passes` timed passes over all queries, after one
-    untimed pass (the first touch of an mmapped index pays page faults, not search)."""
-    for q in queries:
-        search(q)
+def timed_search(search: Any, queries: np.ndarray, passes: int = 3) -> tuple[list[Any], float]:
+    """Each query's answer, and milliseconds per query: the median of `passes` timed passes over
+    all queries after the untimed one that gave the answers (the first touch of an mmapped index
+    pays page faults, not search)."""
+    answers = [search(q) for q in queries]
     times = []
     for _ in range(passes):
         started = time.perf_counter()
         for q in queries:
             search(q)
         times.append((time.perf_counter() - started) / len(queries) * 1000)
-    return float(np.median(times))
+    return answers, float(np.median(times))
 
 
 def index_bench(n: int, work: Path, trees: tuple[int, ...], search_ks: tuple[int, ...]) -> dict[str, Any]:
     search_ks = tuple(sorted({*search_ks, auto_search_k(n)}))  # always measure the default
     data, queries = clustered(n, DIM, seed=n)
-    truth = [set(np.argpartition(-(data @ q), 10)[:10]) for q in queries]
-    exact_ms = per_query_ms(lambda q: np.argpartition(-(data @ q), 10)[:10], queries)
+    exact, exact_ms = timed_search(lambda q: np.argpartition(-(data @ q), 10)[:10], queries)
+    truth = [set(top) for top in exact]
     raw_bytes = data.nbytes
     configs = []
     for n_trees in trees:
@@ -321,8 +321,7 @@ def index_bench(n: int, work: Path, trees: tuple[int, ...], search_ks: tuple[int
         index = AnnoyIndex(DIM, "angular")
         index.load(str(path))
         for search_k in search_ks:
-            found = [index.get_nns_by_vector(q, 10, search_k=search_k) for q in queries]
-            ms = per_query_ms(
+            found, ms = timed_search(
                 lambda q, ix=index, k=search_k: ix.get_nns_by_vector(q, 10, search_k=k), queries
             )
             recall = float(np.mean([len(set(f) & t) / 10 for f, t in zip(found, truth, strict=True)]))

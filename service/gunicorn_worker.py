@@ -76,14 +76,21 @@ class BalancedThreadWorker(ThreadWorker):
     balance_slot: int | None = None  # set by the master's pre_fork hook
     _last_shed = 0.0
 
+    def _publish(self) -> None:
+        """Put this worker's connection count in the table (or take it out while stopping)."""
+        if table is None or self.balance_slot is None:
+            return
+        if self.alive:
+            table.publish(self.balance_slot, self.nr_conns)
+        else:  # stopping: it takes no one, so it must not hold the others back
+            table.release(self.balance_slot)
+
     def _fair(self) -> bool:
+        """Publish, then decide: may this worker take a new connection?"""
         if table is None or self.balance_slot is None:
             return True
-        if not self.alive:  # stopping: it takes no one, so it must not hold the others back
-            table.release(self.balance_slot)
-            return False
-        table.publish(self.balance_slot, self.nr_conns)
-        return table.may_accept(self.balance_slot, self.nr_conns)
+        self._publish()
+        return self.alive and table.may_accept(self.balance_slot, self.nr_conns)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         # Held back, a worker re-checks often: the peer it deferred to may have filled up in the
@@ -94,7 +101,7 @@ class BalancedThreadWorker(ThreadWorker):
 
     def set_accept_enabled(self, enabled: bool) -> None:
         # Gunicorn's loop calls this whenever "can accept" differs from the current state, so a
-        # worker held back here asks again on every loop turn (each event, or once a second).
+        # worker held back here asks again on every loop turn (each event, or every 20 ms).
         super().set_accept_enabled(enabled and self._fair())
 
     def accept(self, listener: Any) -> None:
@@ -110,8 +117,8 @@ class BalancedThreadWorker(ThreadWorker):
     def max_keepalived(self) -> int:
         if table is not None and self.balance_slot is not None:
             fewest = table.fewest_elsewhere(self.balance_slot)
-            now = time.monotonic()
             if fewest is not None and self.nr_conns - fewest >= SHED_EXCESS:
+                now = time.monotonic()
                 if now - self._last_shed > SHED_INTERVAL_S:
                     self._last_shed = now
                     return 0
@@ -125,12 +132,12 @@ class BalancedThreadWorker(ThreadWorker):
     # goes must not see a count from before the last benchmark run, or it takes them all.
     def finish_request(self, conn: Any, fs: Any) -> None:
         super().finish_request(conn, fs)
-        self._fair()
+        self._publish()
 
     def murder_keepalived(self, force: bool = False) -> None:
         super().murder_keepalived(force)
-        self._fair()
+        self._publish()
 
     def murder_pending(self) -> None:
         super().murder_pending()
-        self._fair()
+        self._publish()
