@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ENCODER := models/offline-mobilenetv2-160/saved_model.pb
 
-.PHONY: run test lint bench encoder demo clean
+.PHONY: run test lint bench bench-tools encoder demo clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-$(ENCODER): $(VENV)/.installed service/offline_encoder.py
+$(ENCODER): $(VENV)/.installed service/encoders/offline.py
 	$(PY) -m service build-encoder
 
 encoder: $(ENCODER)
@@ -27,13 +27,25 @@ run: demo
 test: $(ENCODER)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Writes docs/BENCHMARKS.md (needs the Debian package dataset-fashion-mnist).
-bench: $(ENCODER)
+# Writes docs/BENCHMARKS.md and docs/RELIABILITY.md; BENCH="lifecycle" runs one section.
+bench: $(ENCODER) bench-tools
 	$(PY) -m bench $(BENCH)
+
+# What the benchmarks run besides Python: the wrk load generator and the Fashion-MNIST images,
+# both Debian packages (installed here when missing, as root; otherwise say what is needed).
+bench-tools:
+	@if ! command -v wrk >/dev/null || [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq wrk dataset-fashion-mnist >/dev/null; \
+	  else \
+	    echo "make bench needs the Debian packages wrk and dataset-fashion-mnist (apt-get install)"; exit 1; \
+	  fi; \
+	fi
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
-	rm -rf $(VENV) models cache data .pytest_cache .ruff_cache
+	rm -rf $(VENV) models cache data .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

@@ -8,9 +8,9 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from service.config import ROOT
+from service.core.config import ROOT
 
-SECTIONS = ("quality", "perf", "reliability")
+SECTIONS = ("quality", "perf", "filters", "lifecycle", "reliability")
 
 
 def main(names: list[str]) -> None:
@@ -42,8 +42,23 @@ def main(names: list[str]) -> None:
         return
     target = ROOT / "docs" / "BENCHMARKS.md"
     target.parent.mkdir(exist_ok=True)
+    if names and target.exists():
+        # Some sections only: replace them in the document (by their "## " title), keep the rest.
+        parts = merge_sections(target.read_text(), parts)
+        header[2] = header[2].replace(
+            "Written by `make bench`", f"Written by `make bench` in parts; {', '.join(chosen)} last,"
+        )
     target.write_text("\n".join(header) + "\n" + "\n\n".join(parts) + "\n")
     print(f"wrote {target}")
+
+
+def merge_sections(document: str, fresh: list[str]) -> list[str]:
+    """The document's "## " sections in order, those with a fresh version replaced, new ones added."""
+    old = ["## " + s.strip() for s in document.split("\n## ")[1:]]
+    title = lambda section: section.splitlines()[0]  # noqa: E731
+    by_title = {title(s): s for s in fresh}
+    merged = [by_title.pop(title(s), s) for s in old]
+    return merged + list(by_title.values())
 
 
 if __name__ == "__main__":

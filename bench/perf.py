@@ -30,10 +30,12 @@ import numpy as np
 from annoy import AnnoyIndex
 from PIL import Image
 
-from service import demo, encoders, jsonmap, training, versions
-from service.config import ROOT, Settings
-from service.endpoint import parse_endpoint
-from service.index import auto_search_k, build_index
+from service import encoders
+from service.catalog import demo, jsonmap, training
+from service.catalog.index import auto_search_k, build_index
+from service.core.config import ROOT, Settings
+from service.core.endpoint import parse_endpoint
+from service.storage import versions
 
 DIM = 256  # the endpoints' feature_dim: what a fine-tuned version indexes
 BATCH_SIZES = (1, 8, 16, 32, 64, 128)
@@ -97,9 +99,13 @@ def training_throughput(
     rows = []
     for count in sizes:
         zip_path = fashion_zip(work / f"fashion-{count}.zip", count)
-        store = LocalStorage(work / "store")
         measured = []
-        for _ in range(runs):
+        for run in range(runs):
+            # A fresh store each run: in one store a second train of the same images would reuse
+            # the first one's vectors (and measure no embedding). The serving section serves the
+            # last one, kept in work/store.
+            last = count == sizes[-1] and run == runs - 1
+            store = LocalStorage(work / ("store" if last else f"store-{count}-{run}"))
             started = time.perf_counter()
             result = training.train(spec, zip_path, store, settings, fine_tune="never")
             seconds = time.perf_counter() - started
@@ -114,6 +120,8 @@ def training_throughput(
                     "version": result.version,
                 }
             )
+            if not last:
+                shutil.rmtree(work / f"store-{count}-{run}")
         measured.sort(key=lambda r: r["seconds"])
         rows.append({**measured[len(measured) // 2], "runs": [r["images_per_s"] for r in measured]})
         print(f"  train {count}: {rows[-1]}", flush=True)
@@ -354,7 +362,7 @@ def index_bench(n: int, work: Path, trees: tuple[int, ...], search_ks: tuple[int
 def publish_synthetic(store: Path, data: np.ndarray, index_file: Path, models_dir: Path) -> str:
     """A complete fashion version around a prebuilt index: a random head maps the offline
     encoder's vectors to DIM, so queries run the real path end to end."""
-    from service.head import Head
+    from service.catalog.head import Head
     from service.storage.local import LocalStorage
 
     version = versions.new_version_id()

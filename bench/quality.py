@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service import demo, encoders, training, versions
-from service.config import ROOT, Settings
-from service.endpoint import parse_endpoint
-from service.evaluation import evaluate, exact_search
-from service.head import HeadEncoder, TrainingData, thumbnails, train_head
-from service.images import to_input
-from service.serving import load_version
+from service import encoders
+from service.catalog import demo, training
+from service.catalog.evaluation import evaluate, exact_search
+from service.catalog.head import HeadEncoder, TrainingData, thumbnails, train_head
+from service.catalog.images import to_input
+from service.core.config import ROOT, Settings
+from service.core.endpoint import parse_endpoint
+from service.serving.registry import load_version
+from service.storage import versions
 from service.storage.local import LocalStorage
 
 INDEXED, QUERIES, SEED = 10_000, 2_000, 0

@@ -12,6 +12,6 @@ if TYPE_CHECKING:
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """The WSGI app (gunicorn: "service:create_app()"); imported lazily to keep the CLI fast."""
-    from .app import create_app as _create_app
+    from service.api.app import create_app as _create_app
 
     return _create_app(config)

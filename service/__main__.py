@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ROOT, Settings
+from service.core.config import ROOT, Settings
 
 DESCRIPTION = "Image-similarity service. Settings come from environment variables (see README)."
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except Exception as exc:  # noqa: BLE001 - a CLI prints the reason, not a traceback
-        from .errors import EndpointConfigError, ServiceError
+        from service.core.errors import EndpointConfigError, ServiceError
 
         if isinstance(exc, ServiceError | EndpointConfigError | ValueError):
             print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
@@ -88,8 +88,8 @@ def serve(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import training
-    from .runtime import build_service
+    from service.catalog import training
+    from service.serving.runtime import build_service
 
     service = build_service(Settings.load({"warm_on_start": False}))
     if args.endpoint not in service.specs:
@@ -132,15 +132,15 @@ def train(args: argparse.Namespace) -> int:
 
 
 def query(args: argparse.Namespace) -> int:
-    from . import query as q
-    from .runtime import build_service
+    from service.serving import query as q
+    from service.serving.runtime import build_service
 
     service = build_service(Settings.load({"warm_on_start": False}))
     runtime = service.registry.get(args.endpoint)
     k = q.check_k(runtime.spec, args.k)
     loaded = runtime.current()
 
-    def image_path(loaded: q.LoadedVersion, item_id: int, item: dict[str, Any]) -> str | None:
+    def image_path(loaded: q.LoadedVersion, item_id: int, photo: int, item: dict[str, Any]) -> str | None:
         key = service.storage.local_path(f"{args.endpoint}/versions/{loaded.version}/{item['image']}")
         return key.as_uri() if key else None
 
@@ -158,8 +158,8 @@ def query(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from . import query as q
-    from .runtime import build_service
+    from service.serving import query as q
+    from service.serving.runtime import build_service
 
     service = build_service(Settings.load({"warm_on_start": False}))
     loaded = service.registry.get(args.endpoint).current()
@@ -168,9 +168,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from . import demo as demo_data
-    from . import training, versions
-    from .runtime import build_service
+    from service.catalog import demo as demo_data
+    from service.catalog import training
+    from service.serving.runtime import build_service
+    from service.storage import versions
 
     service = build_service(Settings.load({"warm_on_start": False}))
     zips = demo_data.demo_zips(service.settings.cache_dir / "demo")
@@ -186,8 +187,8 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def versions_command(args: argparse.Namespace) -> int:
-    from . import versions
-    from .runtime import build_service
+    from service.serving.runtime import build_service
+    from service.storage import versions
 
     service = build_service(Settings.load({"warm_on_start": False}))
     service.registry.get(args.endpoint)  # an unknown endpoint is an error, not an empty list
@@ -206,9 +207,10 @@ def versions_command(args: argparse.Namespace) -> int:
 
 def encoders_command(args: argparse.Namespace) -> int:
     """Mirror each remote handle: download it from TF-Hub here, upload it to the store's mirror."""
-    from . import encoders, mirror
-    from .runtime import build_service
-    from .storage import encoder_mirror
+    from service import encoders
+    from service.encoders import mirror
+    from service.serving.runtime import build_service
+    from service.storage import encoder_mirror
 
     service = build_service(Settings.load({"warm_on_start": False}))
     target = encoder_mirror(service.settings, service.storage)
@@ -226,7 +228,7 @@ def encoders_command(args: argparse.Namespace) -> int:
 
 
 def build_encoder(args: argparse.Namespace) -> int:
-    from .offline_encoder import build
+    from service.encoders.offline import build
 
     settings = Settings.load({"warm_on_start": False})
     settings.models_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +237,7 @@ def build_encoder(args: argparse.Namespace) -> int:
 
 
 def endpoints(args: argparse.Namespace) -> int:
-    from .endpoint import load_endpoints
+    from service.core.endpoint import load_endpoints
 
     for spec in load_endpoints(Settings.load().endpoints_dir).values():
         print(json.dumps(spec.summary()))

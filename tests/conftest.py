@@ -23,8 +23,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import create_app, demo
-from service.config import ROOT
+from service import create_app
+from service.catalog import demo
+from service.core.config import ROOT
 from service.encoders import OFFLINE_NAME
 
 # A handful of real photos keeps the suite fast; five variants each, one folder per photo.
@@ -101,7 +102,7 @@ def models_dir() -> Path:
     """The offline encoder built by `make encoder` (built here if missing)."""
     models = ROOT / "models"
     if not (models / OFFLINE_NAME / "saved_model.pb").is_file():
-        from service.offline_encoder import build
+        from service.encoders.offline import build
 
         models.mkdir(exist_ok=True)
         build(models)
@@ -116,7 +117,7 @@ def photos_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real SavedModel (32x32 in, 16-d out) with a `__call__`, like TF-Hub's models."""
-    from service import tfruntime
+    from service.encoders import tfruntime
 
     tf = tfruntime.tensorflow()
 

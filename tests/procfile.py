@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from service.config import ROOT
+from service.core.config import ROOT
 
 from .conftest import free_port
 

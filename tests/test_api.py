@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import demo
+from service.catalog import demo
 
 from .conftest import make_zip, train, upload, wait_job, wait_serving
 
@@ -408,11 +408,15 @@ def test_a_rejected_upload_leaves_no_file_behind(make_app: Callable[..., Flask])
     assert list(app.extensions["simsvc"].uploads_dir.iterdir()) == []
 
 
-def test_an_endpoint_still_loading_says_retry_later(make_app: Callable[..., Flask]) -> None:
+def test_an_endpoint_still_loading_says_retry_later(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = make_app(warm_on_start=False)
     runtime = app.extensions["simsvc"].registry.get("food")
-    runtime.checked, runtime.loading = True, "20260101T000000.000000Z-abcdef"  # as mid-load
-    response = app.test_client().post("/food/infer", data=photo_jpeg("moon"), content_type="image/jpeg")
+    monkeypatch.setattr(runtime, "load_wait_s", 0.2)  # a request waits this long for a load
+    with runtime._lock:  # a load under way in another thread holds the lock
+        runtime.checked, runtime.loading = True, "20260101T000000.000000Z-abcdef"
+        response = app.test_client().post("/food/infer", data=photo_jpeg("moon"), content_type="image/jpeg")
     assert_error(response, 503, "is loading version")
     assert response.headers["Retry-After"] == "2"
 

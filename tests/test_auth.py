@@ -13,8 +13,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import demo
-from service.config import Settings
+from service.catalog import demo
+from service.core.config import Settings
 
 from .conftest import upload, wait_job, wait_serving
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
-from service import demo
-from service.batching import Batcher
+from service.catalog import demo
+from service.encoders.batching import Batcher
 
 from .conftest import TEST_PHOTOS
 

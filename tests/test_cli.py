@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service import demo
+from service.catalog import demo
 
 from .conftest import cli
 
@@ -63,3 +63,8 @@ def test_demo_trains_every_untrained_endpoint_once(env: dict[str, str]) -> None:
         assert "fashion-mnist.zip" in first.stdout
     again = cli("demo", env=env)
     assert "fashion: already serving" in again.stdout and "food: already serving" in again.stdout
+
+
+def test_bad_token_settings_stop_cli_commands_too(env: dict[str, str]) -> None:
+    bad = cli("versions", "list", "food", env={**env, "ENDPOINT_TOKENS": json.dumps({"nope": "x" * 20})})
+    assert bad.returncode == 2 and "ENDPOINT_TOKENS names unknown endpoints: nope" in bad.stderr

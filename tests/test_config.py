@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ROOT, Settings
+from service.core.config import ROOT, Settings
 
 
 def test_the_local_profile_is_the_default() -> None:

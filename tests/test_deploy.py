@@ -19,9 +19,9 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import demo
-from service.config import ROOT
-from service.errors import EncoderUnavailableError
+from service.catalog import demo
+from service.core.config import ROOT
+from service.core.errors import EncoderUnavailableError
 
 from .conftest import ModelServer, S3Server, cli, make_zip, upload, wait_job, wait_serving
 from .procfile import procfile_server
@@ -57,7 +57,7 @@ def test_the_bundle_holds_what_eb_needs_and_nothing_ignored(bundle: Path) -> Non
         "Procfile",
         "requirements.txt",
         "service/__init__.py",
-        "service/gunicorn_conf.py",
+        "service/server/gunicorn_conf.py",
         "endpoints/fashion.toml",
         ".ebextensions/01-service.config",
         ".platform/nginx/conf.d/simsvc.conf",
@@ -332,3 +332,24 @@ def test_mirrored_encoders_load_from_the_bucket_without_tf_hub(
     missing = encoders.EncoderSource("mirror", "https://tfhub.dev/google/never/mirrored/1", 224)
     with pytest.raises(EncoderUnavailableError, match="is not mirrored"):
         encoders.load(missing, tmp_path / "fresh-instance", store)
+
+
+def test_the_template_alarms_on_5xx_latency_dead_letters_and_degraded_endpoints() -> None:
+    from cfnlint.decode import cfn_yaml
+
+    template = cfn_yaml.load(str(ROOT / "infra" / "cloudformation.yaml"))
+    alarms = [
+        r["Properties"] for r in template["Resources"].values() if r["Type"] == "AWS::CloudWatch::Alarm"
+    ]
+
+    def watched(alarm: dict) -> set[str]:
+        names = {alarm.get("MetricName")}
+        names |= {
+            m["MetricStat"]["Metric"]["MetricName"] for m in alarm.get("Metrics", []) if "MetricStat" in m
+        }
+        return names
+
+    every = set().union(*(watched(a) for a in alarms))
+    assert {"ApplicationRequests5xx", "ApplicationLatencyP99", "ApproximateNumberOfMessagesVisible"} <= every
+    assert "DegradedEndpoints" in every
+    assert all(a["AlarmActions"] for a in alarms)

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import demo, encoders
+from service import encoders
+from service.catalog import demo
+from service.catalog.images import to_input
+from service.core.endpoint import EncoderSpec
+from service.core.errors import EncoderUnavailableError
 from service.encoders import EncoderSource
-from service.endpoint import EncoderSpec
-from service.errors import EncoderUnavailableError
-from service.images import to_input
 
 from .conftest import ModelServer
 

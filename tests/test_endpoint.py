@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from service import create_app
-from service.config import ROOT
-from service.endpoint import load_endpoints, parse_endpoint
-from service.errors import EndpointConfigError
+from service.core.config import ROOT
+from service.core.endpoint import load_endpoints, parse_endpoint
+from service.core.errors import EndpointConfigError
 
 GOOD = """
 description = "test"

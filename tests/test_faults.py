@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from service import demo, versions
-from service.config import ROOT
+from service.catalog import demo
+from service.core.config import ROOT
+from service.storage import versions
 from service.storage.local import LocalStorage
 
 from .conftest import make_zip
@@ -73,7 +74,9 @@ def test_a_worker_killed_mid_job_leaves_a_failed_job_and_no_leftovers(server: Se
     while (job := requests.get(status_url, timeout=10).json())["stage"] != "embed":
         assert time.monotonic() < deadline, job
         time.sleep(0.05)
-    pid = int(job["runner"].rsplit(":", 1)[1])
+    assert "runner" not in job  # host:pid stays in the store, for the operator
+    record = json.loads((server.log.parent / "store" / "jobs" / f"{job['id']}.json").read_text())
+    pid = int(record["runner"].rsplit(":", 1)[1])
     assert pid in server.workers()
     os.kill(pid, signal.SIGKILL)
 
@@ -92,7 +95,7 @@ def test_a_worker_killed_mid_job_leaves_a_failed_job_and_no_leftovers(server: Se
 PUBLISH_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from service import versions
+    from service.storage import versions
     from service.storage.local import LocalStorage
 
     store, stage, version = LocalStorage(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3]

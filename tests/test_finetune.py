@@ -14,8 +14,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import demo, versions
-from service.images import prepare
+from service.catalog import demo
+from service.catalog.images import prepare
+from service.storage import versions
 
 from .conftest import cli, make_zip, upload, wait_job, wait_serving
 

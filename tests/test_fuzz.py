@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service import ingest
-from service.errors import ServiceError
-from service.images import prepare
+from service.catalog import ingest
+from service.catalog.images import prepare
+from service.core.errors import ServiceError
 
 from .conftest import make_zip
 

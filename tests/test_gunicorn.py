@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from service import demo
+from service.catalog import demo
 
 from .conftest import TEST_PHOTOS, make_zip
 from .procfile import Server, procfile_server
@@ -100,7 +100,7 @@ def test_concurrent_requests_each_get_their_own_answer(server: Server) -> None:
 
 def test_keep_alive_clients_spread_evenly_over_the_workers(server: Server) -> None:
     # Plain gthread workers share one listening socket and the kernel lets one of them win most
-    # accepts: 8 keep-alive clients often all land on one worker (gunicorn_worker.py).
+    # accepts: 8 keep-alive clients often all land on one worker (server/worker.py).
     seen: set[int] = set()
     deadline = time.monotonic() + 60
     while seen != server.workers() and time.monotonic() < deadline:  # both workers serve first

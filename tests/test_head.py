@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.evaluation import evaluate, exact_search, ranking_metrics
-from service.head import Head, HeadConfig, TrainingData, stratified_split, thumbnails, train_head
+from service.catalog.evaluation import evaluate, exact_search, ranking_metrics
+from service.catalog.head import Head, TrainingData, stratified_split, thumbnails, train_head
+from service.core.endpoint import HeadConfig
 
 
 def test_thumbnails_are_block_means() -> None:

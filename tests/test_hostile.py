@@ -15,8 +15,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
 
-from service import demo
-from service.images import decode
+from service.catalog import demo
+from service.catalog.images import decode
 
 from .conftest import make_zip, upload, wait_job, wait_serving
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import demo
-from service.errors import BadImageError
-from service.images import decode, prepare, to_input
+from service.catalog import demo
+from service.catalog.images import decode, prepare, to_input
+from service.core.errors import BadImageError
 
 LIMIT = 10_000_000
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.catalog.index import IndexReader, build_index, cosine_from_angular
 from service.encoders import normalise
-from service.index import IndexReader, build_index, cosine_from_angular
 
 VECTORS = normalise(np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]], np.float32))
 
@@ -61,7 +61,7 @@ def test_every_item_finds_itself_first(tmp_path: Path) -> None:
 
 
 def test_search_k_grows_with_the_index() -> None:
-    from service.index import auto_search_k
+    from service.catalog.index import auto_search_k
 
     assert auto_search_k(500) == 1000  # small indexes: a floor that makes search exhaustive
     assert auto_search_k(100_000) == 4009

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service import ingest
-from service.errors import NotAZipError, PayloadTooLargeError, TrainingError
+from service.catalog import ingest
+from service.core.errors import NotAZipError, PayloadTooLargeError, TrainingError
 
 from .conftest import make_zip
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import IntegrityError
-from service.jsonmap import JsonLinesMap, write
+from service.catalog.jsonmap import JsonLinesMap, write
+from service.core.errors import IntegrityError
 
 VALUES = ["shoes/a.jpg", {"label": "x", "metadata": {"note": 'line\nbreak, "quoted"'}}, None, 3.5, "ünï"]
 

@@ -16,8 +16,8 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import demo, versions
-from service.storage import open_storage
+from service.catalog import demo
+from service.storage import open_storage, versions
 
 from .conftest import S3Server, cli, make_zip, train, upload, wait_job, wait_serving
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from service.errors import StorageError
+from service.core.errors import StorageError
 from service.storage import KeyNotFoundError, Storage, open_storage
 from service.storage.local import LocalStorage
 from service.storage.s3 import S3Storage

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service import demo, encoders, training, versions
-from service.config import ROOT, Settings
-from service.endpoint import parse_endpoint
-from service.images import to_input
+from service import encoders
+from service.catalog import demo, training
+from service.catalog.images import to_input
+from service.core.config import ROOT, Settings
+from service.core.endpoint import parse_endpoint
+from service.storage import versions
 from service.storage.local import LocalStorage
 
 from .conftest import make_zip
@@ -70,7 +73,8 @@ def test_the_original_bytes_are_kept(setup: tuple[LocalStorage, Settings]) -> No
     spec = parse_endpoint(ROOT / "endpoints" / "food.toml")
     result = training.train(spec, _zip(Path(settings.cache_dir), {"coins/c.png": png}), storage, settings)
     prefix = versions.version_prefix("food", result.version)
-    assert storage.read(prefix + "images/0.png") == png
+    # Content-addressed: the same bytes under the same key in every version that holds them.
+    assert storage.read(prefix + f"images/{hashlib.sha256(png).hexdigest()}.png") == png
 
 
 def _zip(folder: Path, files: dict[str, bytes]) -> Path:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service import versions
-from service.errors import IntegrityError
+from service.core.errors import IntegrityError
+from service.storage import versions
 from service.storage.local import LocalStorage
 
 

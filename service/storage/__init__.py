@@ -6,92 +6,20 @@ Implementations: `LocalStorage` (file://, plain paths) and `S3Storage` (s3://buc
 
 from __future__ import annotations
 
-import abc
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import NotFoundError, StorageError
+from service.storage.base import KeyNotFoundError, Storage, check_key
 
-
-class KeyNotFoundError(NotFoundError):
-    def __init__(self, key: str) -> None:
-        super().__init__(f"{key} not found in storage")
-        self.key = key
-
-
-class Storage(abc.ABC):
-    """What the service needs from a store. Writes of single keys are atomic."""
-
-    uri: str
-    # Uploads a publish runs at once: network stores gain from many, a local disk from one.
-    upload_concurrency: int = 1
-
-    @abc.abstractmethod
-    def read(self, key: str) -> bytes:
-        """The bytes at `key`; KeyNotFoundError if absent."""
-
-    @abc.abstractmethod
-    def read_tagged(self, key: str) -> tuple[bytes, str]:
-        """The bytes at `key` and a tag that changes whenever they do (for conditional writes)."""
-
-    @abc.abstractmethod
-    def tag(self, key: str) -> str | None:
-        """The current tag of `key` (None if absent), cheaper than reading it."""
-
-    @abc.abstractmethod
-    def write(self, key: str, data: bytes) -> None:
-        """Write `data` at `key`, replacing it atomically."""
-
-    @abc.abstractmethod
-    def write_if(self, key: str, data: bytes, expected_tag: str | None) -> bool:
-        """Write only if `key` still has `expected_tag` (None: only if absent). False if not."""
-
-    @abc.abstractmethod
-    def upload(self, key: str, path: Path) -> None:
-        """Copy a local file to `key`."""
-
-    @abc.abstractmethod
-    def download(self, key: str, path: Path) -> None:
-        """Copy `key` to a local file (the caller renames it into place)."""
-
-    @abc.abstractmethod
-    def exists(self, key: str) -> bool: ...
-
-    @abc.abstractmethod
-    def list(self, prefix: str) -> list[str]:
-        """All keys under `prefix` (a folder-like prefix ending in '/'), sorted."""
-
-    @abc.abstractmethod
-    def list_folders(self, prefix: str) -> list[str]:
-        """The names of the immediate sub-folders of `prefix`, sorted (one level, cheap)."""
-
-    @abc.abstractmethod
-    def delete_prefix(self, prefix: str) -> None:
-        """Delete every key under `prefix`."""
-
-    def local_path(self, key: str) -> Path | None:
-        """A path to read `key` from without copying, where the store is a local folder."""
-        return None
-
-    def signed_url(self, key: str, expires_s: int) -> str | None:
-        """A URL a client can GET `key` from directly, where the store offers one."""
-        return None
-
-
-def check_key(key: str) -> str:
-    """Refuse keys that could escape the store's root."""
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise StorageError(f"invalid storage key {key!r}")
-    return key
+__all__ = ["KeyNotFoundError", "Storage", "check_key", "encoder_mirror", "open_storage"]
 
 
 def open_storage(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
     """Storage for a URI: `file:///abs/path` or a plain path (local), `s3://bucket/prefix`."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
-        from .local import LocalStorage
+        from service.storage.local import LocalStorage
 
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise ValueError(
@@ -99,7 +27,7 @@ def open_storage(uri: str, *, endpoint_url: str | None = None, region: str | Non
             )
         return LocalStorage(Path(parsed.path if parsed.scheme == "file" else uri))
     if parsed.scheme == "s3":
-        from .s3 import S3Storage
+        from service.storage.s3 import S3Storage
 
         return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
     raise ValueError(f"unsupported STORAGE_URI scheme {parsed.scheme!r} in {uri!r} (use file:// or s3://)")

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import KeyNotFoundError, Storage, check_key
+from service.storage.base import KeyNotFoundError, Storage, check_key
 
 
 class LocalStorage(Storage):
@@ -72,6 +72,13 @@ class LocalStorage(Storage):
         with self._atomic(key) as tmp:
             shutil.copyfile(path, tmp)
 
+    def copy(self, source: str, key: str) -> None:
+        # Version files are immutable, so a hard link is a copy that costs nothing.
+        path = self._path(source)
+        if not path.is_file():
+            raise KeyNotFoundError(source)
+        self.upload(key, path)
+
     def download(self, key: str, path: Path) -> None:
         try:
             shutil.copyfile(self._path(key), path)
@@ -95,6 +102,9 @@ class LocalStorage(Storage):
     def list_folders(self, prefix: str) -> list[str]:
         base = self.root / prefix.rstrip("/") if prefix else self.root
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..aws import LazyClient
-from ..errors import StorageError
-from . import KeyNotFoundError, Storage, check_key
+from service.core.errors import StorageError
+from service.storage.aws import LazyClient
+from service.storage.base import KeyNotFoundError, Storage, check_key
 
 MB = 1024 * 1024
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
@@ -119,6 +119,16 @@ class S3Storage(Storage):
         with self._errors("upload", key):
             self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer())
 
+    def copy(self, source: str, key: str) -> None:
+        # Server-side: the bytes never leave S3 (managed copy: multipart above 5 GB).
+        with self._errors("copy", source):
+            self.client.copy(
+                {"Bucket": self.bucket, "Key": self._key(source)},
+                self.bucket,
+                self._key(key),
+                Config=self._transfer(),
+            )
+
     def download(self, key: str, path: Path) -> None:
         self.download_object(self._key(key), path, key)
 
@@ -146,6 +156,10 @@ class S3Storage(Storage):
             for p in page.get("CommonPrefixes", [])
         )
         return sorted(folders)
+
+    def delete(self, key: str) -> None:
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def delete_prefix(self, prefix: str) -> None:
         keys = [self._key(k) for k in self.list(prefix)]

@@ -1,0 +1,1 @@
+"""HTTP: the app factory, one routes module per resource, schemas, tokens, error handlers (the only Flask)."""

@@ -1,0 +1,291 @@
+"""Marshmallow schemas: what each route takes and returns (they also make /openapi.json)."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+
+class KArgsSchema(Schema):
+    k = fields.Integer(
+        validate=validate.Range(min=1),
+        metadata={"description": "How many results (1..the endpoint's max_k; default: its default_k)"},
+    )
+
+
+class SearchArgsSchema(KArgsSchema):
+    """k, and an optional filter on the label and metadata fields (service/serving/filters.py)."""
+
+    label = fields.List(
+        fields.String(),
+        metadata={
+            "description": "Only items with this label; repeat for any of several "
+            "(`label=shoes&label=boots`)",
+            "example": ["shoes"],
+        },
+    )
+    where = fields.String(
+        metadata={
+            "description": "Only items whose metadata match: a JSON object mapping a field to a value "
+            '(equality: `"red"`; 1 equals 1.0, "1" does not), a list (any of them), or '
+            '`{"min": .., "max": ..}` (an inclusive numeric range; either bound optional; strings '
+            "holding a number count). Every field must match; an item without the field does not. "
+            "At most 4096 characters, 50 fields, 100 values per list. A malformed filter is a 422 "
+            "naming the problem. Results always satisfy the filter, and number k whenever at least k "
+            "items match.",
+            "example": '{"colour": ["red", "blue"], "price": {"max": 50}}',
+        },
+    )
+
+
+class ImageArgsSchema(Schema):
+    version = fields.String(
+        metadata={"description": "The version the id belongs to (default: the one served now)"}
+    )
+    expires = fields.Integer(metadata={"description": "Signed image URLs (QUERY_TOKEN set): expiry time"})
+    sig = fields.String(
+        validate=validate.Regexp(r"^[0-9a-f]{32}$"),
+        metadata={"description": "Signed image URLs: the signature"},
+    )
+
+
+class TrainFormSchema(Schema):
+    fine_tune = fields.String(
+        load_default="auto",
+        validate=validate.OneOf(["auto", "always", "never"]),
+        metadata={
+            "description": "Train a feature-vector head on the labels: auto (if the labels allow "
+            "and it beats the frozen backbone on a hold-out), always, or never"
+        },
+    )
+    file = fields.Raw(
+        required=True,
+        metadata={
+            "type": "string",
+            "format": "binary",
+            "description": "A zip of images; folders are labels; optional metadata.csv/jsonl",
+        },
+    )
+
+
+class TrainAnyFormSchema(TrainFormSchema):
+    endpoint = fields.String(required=True, metadata={"description": "The endpoint to train"})
+
+
+class InferFormSchema(Schema):
+    image = fields.List(
+        fields.Raw(metadata={"type": "string", "format": "binary"}),
+        required=True,
+        metadata={"description": "One or more images (repeat the field for a batch)"},
+    )
+
+
+class JobCreatedSchema(Schema):
+    job_id = fields.String(required=True)
+    status_url = fields.String(required=True)
+
+
+class SkippedSchema(Schema):
+    name = fields.String(required=True)
+    reason = fields.String(required=True)
+
+
+class JobSchema(Schema):
+    id = fields.String(required=True)
+    endpoint = fields.String(required=True)
+    kind = fields.String(
+        validate=validate.OneOf(["train", "add"]),
+        metadata={"description": "train: replace the catalogue (POST /train); add: POST /items"},
+    )
+    status = fields.String(
+        required=True, validate=validate.OneOf(["queued", "running", "succeeded", "failed"])
+    )
+    stage = fields.String(allow_none=True, metadata={"description": "ingest, embed, index, publish"})
+    done = fields.Integer(required=True)
+    total = fields.Integer(required=True)
+    version = fields.String(allow_none=True)
+    error = fields.String(allow_none=True)
+    skipped = fields.List(fields.Nested(SkippedSchema), required=True)
+    counts = fields.Dict(required=True)
+    fine_tune = fields.String()
+    source = fields.String(allow_none=True, metadata={"description": "s3:// URI of the zip, when in S3"})
+    attempts = fields.Integer(metadata={"description": "Deliveries by the job queue so far"})
+    evaluation = fields.Dict(
+        metadata={
+            "description": "Hold-out precision@1, precision@10 and mAP@10 of the frozen backbone and "
+            "of the fine-tuned head, and which one was kept"
+        }
+    )
+    created_at = fields.String()
+    updated_at = fields.String()
+
+
+class MatchSchema(Schema):
+    id = fields.Integer(
+        required=True, metadata={"description": "The item's id: stable across versions while it exists"}
+    )
+    name = fields.String(
+        required=True,
+        metadata={"description": "The item's name: its image's path in the zip, or its metadata `item`"},
+    )
+    photo = fields.String(
+        metadata={"description": "Items with several photos: the path of the photo that matched"}
+    )
+    score = fields.Float(
+        required=True, metadata={"description": "Cosine similarity, 1 - d^2/2 of Annoy's angular d"}
+    )
+    label = fields.String(allow_none=True)
+    metadata = fields.Dict(required=True)
+    image_url = fields.String(allow_none=True)
+
+
+class BatchEntrySchema(Schema):
+    filename = fields.String(allow_none=True)
+    results = fields.List(fields.Nested(MatchSchema), required=True)
+
+
+class InferResultSchema(Schema):
+    endpoint = fields.String(required=True)
+    version = fields.String(required=True)
+    results = fields.List(
+        fields.Nested(MatchSchema), metadata={"description": "For a single image, best first"}
+    )
+    batch = fields.List(
+        fields.Nested(BatchEntrySchema), metadata={"description": "For several images, in order"}
+    )
+
+
+class SimilarResultSchema(Schema):
+    endpoint = fields.String(required=True)
+    version = fields.String(required=True)
+    id = fields.Integer(required=True)
+    results = fields.List(fields.Nested(MatchSchema), required=True)
+
+
+class EndpointSchema(Schema):
+    name = fields.String(required=True)
+    description = fields.String()
+    status = fields.String(
+        required=True, validate=validate.OneOf(["loading", "untrained", "ready", "failed"])
+    )
+    version = fields.String(allow_none=True)
+    count = fields.Integer(required=True)
+    labels = fields.Dict(keys=fields.String(), values=fields.Integer())
+    encoder = fields.Dict()
+    feature_dim = fields.Integer()
+    index = fields.Dict()
+    default_k = fields.Integer()
+    max_k = fields.Integer()
+    trained_at = fields.String(allow_none=True)
+    error = fields.String(allow_none=True, metadata={"description": "Why the last check or load failed"})
+    degraded = fields.Boolean(metadata={"description": "True while the store cannot be reached"})
+    degraded_since = fields.String(allow_none=True)
+
+
+class EndpointListSchema(Schema):
+    endpoints = fields.List(fields.Nested(EndpointSchema), required=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True)
+    worker = fields.Integer(metadata={"description": "The answering process id"})
+    endpoints = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(allow_none=True),
+        metadata={"description": "The version each endpoint serves in this process"},
+    )
+
+
+class TrainSourceSchema(Schema):
+    source = fields.String(
+        required=True,
+        validate=validate.Regexp(r"^s3://[^/]+/.+", error="Must be an s3://bucket/key URI."),
+        metadata={"description": "s3://<the service's bucket>/<key> of a zip uploaded beforehand"},
+    )
+    fine_tune = fields.String(load_default="auto", validate=validate.OneOf(["auto", "always", "never"]))
+
+
+class UploadSchema(Schema):
+    upload_url = fields.String(required=True, metadata={"description": "PUT the zip here"})
+    method = fields.String(required=True, metadata={"example": "PUT"})
+    source = fields.String(required=True, metadata={"description": 'Then POST {"source": this} to /train'})
+    expires_in = fields.Integer(required=True)
+
+
+class WorkerMessageSchema(Schema):
+    job_id = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-f]{16}$"))
+    endpoint = fields.String()
+
+
+class WorkerResultSchema(Schema):
+    job_id = fields.String(required=True)
+    status = fields.String(required=True)
+    error = fields.String(allow_none=True)
+
+
+class VersionSchema(Schema):
+    version = fields.String(required=True)
+    count = fields.Integer(allow_none=True)
+    created_at = fields.String(allow_none=True)
+    fine_tuned = fields.Boolean()
+    current = fields.Boolean(required=True)
+
+
+class VersionListSchema(Schema):
+    endpoint = fields.String(required=True)
+    current = fields.String(allow_none=True)
+    versions = fields.List(fields.Nested(VersionSchema), required=True)
+
+
+class RollbackSchema(Schema):
+    version = fields.String(
+        required=True, metadata={"description": "A version listed by GET /<endpoint>/versions"}
+    )
+
+
+class AddItemsFormSchema(Schema):
+    file = fields.Raw(
+        metadata={
+            "type": "string",
+            "format": "binary",
+            "description": "A zip as for /train (folders = labels, optional metadata file); "
+            "an image whose name (path in the zip) exists already replaces that item",
+        }
+    )
+    image = fields.List(
+        fields.Raw(metadata={"type": "string", "format": "binary"}),
+        metadata={"description": "Or one or more images (repeat the field), with the fields below"},
+    )
+    name = fields.String(
+        metadata={"description": "One image only: the item's name (default: <label>/<file name>)"}
+    )
+    label = fields.String(metadata={"description": "The images' label"})
+    metadata = fields.String(metadata={"description": "A JSON object: the images' metadata fields"})
+    fine_tune = fields.String(
+        load_default="auto",
+        validate=validate.OneOf(["auto", "always", "never"]),
+        metadata={
+            "description": "always: train the head again on every item's stored vectors; "
+            "otherwise the current version's head (if any) embeds the new images"
+        },
+    )
+
+
+class DeleteItemsSchema(Schema):
+    ids = fields.List(fields.Integer(), load_default=list, metadata={"description": "Item ids"})
+    names = fields.List(fields.String(), load_default=list, metadata={"description": "Item names"})
+
+
+class EditItemSchema(Schema):
+    label = fields.String(allow_none=True, validate=validate.Length(max=256))
+    metadata = fields.Dict(
+        allow_none=True,
+        metadata={"description": "Merged into the item's metadata (JSON merge patch: null removes a field)"},
+    )
+
+
+class ChangeSchema(Schema):
+    endpoint = fields.String(required=True)
+    version = fields.String(required=True, metadata={"description": "The new version, carrying the change"})
+    kind = fields.String(required=True, validate=validate.OneOf(["delete", "edit"]))
+    items = fields.List(fields.Integer(), required=True, metadata={"description": "The items changed"})
+    count = fields.Integer(required=True, metadata={"description": "Items in the new version"})

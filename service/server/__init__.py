@@ -1,0 +1,1 @@
+"""Deployment: gunicorn's settings and the worker class the Procfile runs (no service code imported)."""

@@ -1,0 +1,218 @@
+"""Gunicorn's threaded worker, taking new connections only while it holds no more than its peers.
+
+All workers wait on one listening socket, and Linux wakes them in an order that lets one worker
+win accept() again and again (Cloudflare, "Why does one NGINX worker take all the load?"). With
+keep-alive clients a connection then stays where it landed: measured here, 8 clients split 8/0,
+7/1 or 6/2 more often than 4/4, and one worker's single TensorFlow thread served them all while
+the other core idled (~200 requests/s instead of ~300). Each worker publishes its open
+connections in shared memory, and stops listening while it holds more than another live worker,
+so new connections go to the least loaded one (nginx calls this least_conn).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from typing import Any
+
+from gunicorn.http.errors import NoMoreData
+from gunicorn.workers.gthread import ThreadWorker
+
+FREE = -1  # a slot no serving worker holds
+# A worker's main loop turns at least once a second (gthread's select timeout); a slot not
+# refreshed for this long belongs to a worker that hangs, and is ignored like a free one.
+STALE_S = 3.0
+
+
+class ConnectionTable:
+    """Open connections per worker slot, in memory shared by the master and its workers."""
+
+    def __init__(self, slots: int) -> None:
+        # Inherited across fork. The master only hands out slot numbers; a slot counts once its
+        # worker serves (a worker still booting must not look like an idle peer: the others
+        # would stop accepting and wait for it).
+        self.counts = multiprocessing.RawArray("i", [FREE] * slots)
+        self.seen = multiprocessing.RawArray("d", [0.0] * slots)  # time.monotonic() of the last publish
+
+    def claim(self, taken: set[int]) -> int | None:
+        """A slot number for a worker about to be forked (None: more workers than slots)."""
+        return next((slot for slot in range(len(self.counts)) if slot not in taken), None)
+
+    def release(self, slot: int | None) -> None:
+        if slot is not None:
+            self.counts[slot] = FREE
+
+    def publish(self, slot: int, count: int) -> None:
+        self.seen[slot] = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
+        self.counts[slot] = count
+
+    def fewest_elsewhere(self, slot: int) -> int | None:
+        """The fewest connections any other serving worker holds (None: no other worker)."""
+        fresh = time.monotonic() - STALE_S
+        counts = (c for i, c in enumerate(self.counts) if i != slot and c != FREE and self.seen[i] >= fresh)
+        return min(counts, default=None)
+
+    def may_accept(self, slot: int, count: int) -> bool:
+        """True if no other serving worker holds fewer connections than `count`."""
+        fewest = self.fewest_elsewhere(slot)
+        return count == 0 or fewest is None or count <= fewest
+
+
+# Created when gunicorn reads its config (service/server/gunicorn_conf.py), before any worker forks.
+table: ConnectionTable | None = None
+
+
+# A worker holding this many more connections than a peer closes one after its response...
+SHED_EXCESS = 2
+# ...at most this often, so it does not drop several before the counts catch up.
+SHED_INTERVAL_S = 0.05
+# How often a worker that stopped accepting asks again.
+HELD_BACK_RECHECK_S = 0.02
+
+
+# Slow clients: a thread serves a connection from its first byte, so a client that trickles its
+# headers (or body) holds a thread. Headers must arrive within HEADER_TIMEOUT_S of the request's
+# first byte; the body within BODY_TIMEOUT_S plus its length at BODY_MIN_RATE bytes a second
+# (a 100 KB image: 5.4 s; chunked bodies: 4 x BODY_TIMEOUT_S); then the connection is dropped (a
+# body that is too slow gets a 408 from the app). nginx, in front on Elastic Beanstalk, buffers
+# whole requests, so there these never trigger.
+HEADER_TIMEOUT_S = float(os.environ.get("GUNICORN_HEADER_TIMEOUT", "5"))
+BODY_TIMEOUT_S = float(os.environ.get("GUNICORN_BODY_TIMEOUT", "5"))
+BODY_MIN_RATE = float(os.environ.get("GUNICORN_BODY_MIN_RATE", str(256 * 1024)))
+
+
+def body_deadline(req: Any) -> float:
+    """Seconds a request body may take: a base, plus its length at the minimum rate."""
+    length = next((v for k, v in getattr(req, "headers", []) if k.upper() == "CONTENT-LENGTH"), None)
+    if length is None or not str(length).isdigit():
+        return 4 * BODY_TIMEOUT_S
+    return BODY_TIMEOUT_S + int(length) / BODY_MIN_RATE
+
+
+class SlowHeadersError(NoMoreData):
+    """The client did not send its request headers in time (gunicorn closes it quietly)."""
+
+
+class _ReadDeadline:
+    """A client socket whose reads fail once the current request's time to arrive is up."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.deadline: float | None = None
+        self.reading_body = False
+
+    def __getattr__(self, name: str) -> Any:  # everything else: the socket itself
+        return getattr(self._sock, name)
+
+    def recv(self, size: int, *flags: int) -> bytes:
+        if self.deadline is None:
+            return self._sock.recv(size, *flags)
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            if self.reading_body:
+                raise TimeoutError("the request body arrived too slowly")
+            raise SlowHeadersError(f"no complete request headers within {HEADER_TIMEOUT_S:g} s")
+        previous = self._sock.gettimeout()
+        self._sock.settimeout(remaining)
+        try:
+            return self._sock.recv(size, *flags)
+        except TimeoutError:
+            if self.reading_body:
+                raise TimeoutError("the request body arrived too slowly") from None
+            raise SlowHeadersError(f"no complete request headers within {HEADER_TIMEOUT_S:g} s") from None
+        finally:
+            self._sock.settimeout(previous)
+
+
+class BalancedThreadWorker(ThreadWorker):
+    """gthread, with accepting switched off while this worker holds more connections than a peer,
+    and connections handed back while it holds two more than a peer."""
+
+    balance_slot: int | None = None  # set by the master's pre_fork hook
+    _last_shed = 0.0
+
+    def _publish(self) -> None:
+        """Put this worker's connection count in the table (or take it out while stopping)."""
+        if table is None or self.balance_slot is None:
+            return
+        if self.alive:
+            table.publish(self.balance_slot, self.nr_conns)
+        else:  # stopping: it takes no one, so it must not hold the others back
+            table.release(self.balance_slot)
+
+    def _fair(self) -> bool:
+        """Publish, then decide: may this worker take a new connection?"""
+        if table is None or self.balance_slot is None:
+            return True
+        self._publish()
+        return self.alive and table.may_accept(self.balance_slot, self.nr_conns)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        # Held back, a worker re-checks often: the peer it deferred to may have filled up in the
+        # meantime, and with idle clients the next event could be a second away.
+        if self.alive and not self._accepting:
+            timeout = min(timeout, HELD_BACK_RECHECK_S)
+        super().wait_for_and_dispatch_events(timeout)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # Gunicorn's loop calls this whenever "can accept" differs from the current state, so a
+        # worker held back here asks again on every loop turn (each event, or every 20 ms).
+        super().set_accept_enabled(enabled and self._fair())
+
+    def accept(self, listener: Any) -> None:
+        super().accept(listener)
+        if not self._fair():
+            super().set_accept_enabled(False)
+
+    def enqueue_req(self, conn: Any) -> None:
+        if not isinstance(conn.sock, _ReadDeadline):
+            conn.sock = _ReadDeadline(conn.sock)
+        super().enqueue_req(conn)
+
+    def handle(self, conn: Any) -> Any:
+        if isinstance(conn.sock, _ReadDeadline):  # headers from now on
+            conn.sock.deadline, conn.sock.reading_body = time.monotonic() + HEADER_TIMEOUT_S, False
+        return super().handle(conn)
+
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        if isinstance(conn.sock, _ReadDeadline):  # the headers are in: the body's turn
+            conn.sock.deadline, conn.sock.reading_body = time.monotonic() + body_deadline(req), True
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            if isinstance(conn.sock, _ReadDeadline):
+                conn.sock.deadline = None
+
+    # Where connections landed unevenly anyway (a peer closing many at once looked busy a moment,
+    # a client reconnected in a burst), keep-alive would keep them there for good. gthread answers
+    # "Connection: close" when it holds at least `max_keepalived` idle connections; reporting 0
+    # once in a while makes it hand one connection back, and the client reconnects to the peer.
+    @property
+    def max_keepalived(self) -> int:
+        if table is not None and self.balance_slot is not None:
+            fewest = table.fewest_elsewhere(self.balance_slot)
+            if fewest is not None and self.nr_conns - fewest >= SHED_EXCESS:
+                now = time.monotonic()
+                if now - self._last_shed > SHED_INTERVAL_S:
+                    self._last_shed = now
+                    return 0
+        return self._max_keepalived
+
+    @max_keepalived.setter
+    def max_keepalived(self, value: int) -> None:
+        self._max_keepalived = value
+
+    # Publish the count as soon as a connection closes: a peer deciding where the next client
+    # goes must not see a count from before the last benchmark run, or it takes them all.
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        super().finish_request(conn, fs)
+        self._publish()
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        super().murder_keepalived(force)
+        self._publish()
+
+    def murder_pending(self) -> None:
+        super().murder_pending()
+        self._publish()

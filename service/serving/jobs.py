@@ -1,0 +1,375 @@
+"""Training jobs: created by the web tier, run in-process or by the worker tier, status in storage.
+
+Status lives at `jobs/<job_id>.json` in the store, so any worker process (or instance) can
+answer `GET /<endpoint>/jobs/<id>`, whichever one runs the job.
+
+Without a queue, jobs run one at a time in a background thread of the worker that took the
+upload. With a queue (JOB_QUEUE_URL), the web tier stores the zip in S3, records the job and
+sends its id to SQS; an Elastic Beanstalk worker environment receives it from the SQS daemon
+(POST /worker/jobs) and runs it there (`JobRunner.run_delivered`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from service.catalog.changes import ChangeResult
+from service.catalog.training import Progress, TrainResult
+from service.core import metrics
+from service.core.errors import (
+    EncoderUnavailableError,
+    IntegrityError,
+    JobNotFoundError,
+    JobRetryError,
+    ServiceError,
+    StorageError,
+    TrainingError,
+)
+from service.storage import KeyNotFoundError, Storage, versions
+
+log = logging.getLogger(__name__)
+
+JOB_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _runner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"  # after gunicorn's fork: this worker
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Job:
+    id: str
+    endpoint: str
+    kind: str = "train"  # train: replace the catalogue; add: add or replace items (POST /items)
+    status: str = "queued"  # queued | running | succeeded | failed
+    stage: str | None = None
+    done: int = 0
+    total: int = 0
+    version: str | None = None  # the version it publishes (named when the zip was uploaded)
+    error: str | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    counts: dict[str, Any] = field(default_factory=dict)
+    fine_tune: str = "auto"
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # s3:// URI of the zip, for jobs that run elsewhere
+    attempts: int = 0
+    runner: str | None = None  # host:pid of the process running it
+    created_at: str = field(default_factory=_now)
+    updated_at: str = field(default_factory=_now)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class JobStore:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def save(self, job: Job) -> None:
+        job.updated_at = _now()
+        self.storage.write(f"jobs/{job.id}.json", json.dumps(job.to_dict()).encode())
+
+    def load(self, endpoint: str | None, job_id: str) -> Job:
+        if not JOB_ID.match(job_id):
+            raise JobNotFoundError(endpoint or "?", job_id)
+        try:
+            data = json.loads(self.storage.read(f"jobs/{job_id}.json"))
+        except KeyNotFoundError:
+            raise JobNotFoundError(endpoint or "?", job_id) from None
+        if endpoint is not None and data.get("endpoint") != endpoint:
+            raise JobNotFoundError(endpoint, job_id)
+        known = {f.name for f in dataclasses.fields(Job)}
+        return Job(**{k: v for k, v in data.items() if k in known})
+
+
+# train(endpoint, zip_path, on_progress, version, fine_tune, kind) -> TrainResult (or ChangeResult)
+TrainFn = Callable[[str, Path, Callable[[Progress], None], str, str, str], TrainResult | ChangeResult]
+# fetch(s3 uri, local path): download a job's zip
+FetchFn = Callable[[str, Path], None]
+
+
+class Queue(Protocol):
+    def send(self, message: dict[str, Any]) -> None: ...
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether another attempt could succeed: the store or the encoder's source was unreachable,
+    or something unexpected happened (a full disk, a killed process). Bad input never is."""
+    if isinstance(exc, IntegrityError | versions.SupersededError):
+        return False
+    if isinstance(exc, StorageError | EncoderUnavailableError):
+        return True
+    return not isinstance(exc, ServiceError)
+
+
+class JobRunner:
+    """Creates jobs and runs them: in-process (no queue) or via the queue and the worker tier.
+
+    The store is the record every worker reads; this process also keeps the jobs it runs in
+    memory until their final status is stored, so it can answer for them while the store is down.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        train: TrainFn,
+        uploads_dir: Path,
+        fetch: FetchFn | None = None,
+        stage_upload: Callable[[str, Path], str] | None = None,
+        queue: Queue | None = None,
+        progress_interval_s: float = 0.5,
+        final_save_retry_s: float = 600,
+        stale_after_s: float = 600,
+    ) -> None:
+        self.store = store
+        self.train = train
+        self.uploads_dir = uploads_dir
+        self.fetch = fetch
+        self.stage_upload = stage_upload
+        self.queue = queue
+        self.progress_interval_s = progress_interval_s
+        self.final_save_retry_s = final_save_retry_s
+        self.stale_after_s = stale_after_s
+        self.heartbeat_s = max(1.0, min(30.0, stale_after_s / 5))
+        self.live: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="train")
+        self._closing = threading.Event()
+        if queue is None:
+            threading.Thread(target=self._keep_alive, name="job-keepalive", daemon=True).start()
+
+    # --- creating jobs ------------------------------------------------------------------------
+
+    def submit(
+        self,
+        endpoint: str,
+        zip_path: Path | None = None,
+        source: str | None = None,
+        fine_tune: str = "auto",
+        kind: str = "train",
+    ) -> Job:
+        """Create a job for a zip on this machine (`zip_path`, deleted when done) or in S3 (`source`)."""
+        # The version is named now, not when the job starts: a zip queued behind another job is
+        # still older than one uploaded after it, and "the newest upload wins" (versions.publish).
+        job = Job(
+            id=secrets.token_hex(8),
+            endpoint=endpoint,
+            kind=kind,
+            fine_tune=fine_tune,
+            source=source,
+            # A change is named when it publishes: it is built on whatever is current then.
+            version=versions.new_version_id() if kind == "train" else None,
+            runner=None if self.queue else _runner(),
+        )
+        try:
+            if self.queue is not None:
+                if zip_path is not None:
+                    if self.stage_upload is None:
+                        raise StorageError("a job queue needs S3 storage to hand zips to the worker tier")
+                    job.source = self.stage_upload(f"uploads/{endpoint}/{job.id}.zip", zip_path)
+                self.store.save(job)  # a store that is down refuses the job now, not silently later
+                self.queue.send({"job_id": job.id, "endpoint": endpoint})
+                return job
+            self.store.save(job)
+        finally:
+            if self.queue is not None and zip_path is not None:
+                zip_path.unlink(missing_ok=True)
+        with self._lock:
+            self.live[job.id] = job
+        self._pool.submit(self._run_local, job, zip_path)
+        return job
+
+    def status(self, endpoint: str, job_id: str) -> dict[str, Any]:
+        """A job's status: this process's own copy while it has one, else the stored record."""
+        with self._lock:
+            job = self.live.get(job_id)
+            if job is not None and job.endpoint == endpoint:
+                return job.to_dict()
+        job = self.store.load(endpoint, job_id)
+        if self.queue is None and self._silent(job):
+            # Its process died (killed, out of memory, instance gone): say so, and record it.
+            # (With a queue, SQS redelivers the job or dead-letters it; the worker decides.)
+            age = time.time() - datetime.fromisoformat(job.updated_at).timestamp()
+            job.status = "failed"
+            job.error = f"the process running this job stopped: no progress for {age:.0f}s"
+            try:
+                self.store.save(job)
+            except Exception as exc:
+                log.warning("could not record stale job %s: %s", job.id, exc)
+        return job.to_dict()
+
+    def _silent(self, job: Job) -> bool:
+        """Queued or running, with no heartbeat for `stale_after_s`: its process is gone."""
+        age = time.time() - datetime.fromisoformat(job.updated_at).timestamp()
+        return job.status in ("queued", "running") and age > self.stale_after_s
+
+    def _keep_alive(self) -> None:
+        """Heartbeat for jobs waiting in this process's queue (running ones beat on their own)."""
+        while not self._closing.wait(self.heartbeat_s):
+            with self._lock:
+                waiting = [job for job in self.live.values() if job.status == "queued"]
+            for job in waiting:
+                self._save(job)
+
+    # --- running them --------------------------------------------------------------------------
+
+    def _run_local(self, job: Job, zip_path: Path | None) -> None:
+        try:
+            self._execute(job, zip_path)
+        finally:
+            self._store_final(job)
+
+    def run_delivered(self, job_id: str, attempt: int, max_attempts: int) -> bool:
+        """Run a job delivered by the queue (worker tier). True when it is finished, succeeded or
+        failed for good; False when this attempt failed in a way worth retrying."""
+        job = self.store.load(None, job_id)
+        if job.status in ("succeeded", "failed"):
+            return True  # a redelivered message of a finished job: nothing to do
+        if job.status == "running" and not self._silent(job):
+            # Still running somewhere (its heartbeat is fresh): never train one job twice at once.
+            raise JobRetryError(f"job {job.id} is still running on {job.runner}")
+        job.attempts = attempt
+        with self._lock:
+            self.live[job.id] = job
+        try:
+            retry = self._execute(job, None)
+            if retry and attempt < max_attempts:
+                job.status, job.stage = "queued", None
+                job.error = f"attempt {attempt} of {max_attempts} failed, will retry: {job.error}"
+                return False
+            if retry:
+                job.error = f"gave up after {attempt} attempts: {job.error}"
+            return not retry
+        finally:
+            self._store_final(job)
+
+    def _execute(self, job: Job, zip_path: Path | None) -> bool:
+        """Run the training and record the outcome on `job`; True if a retry might succeed."""
+        job.status, job.error, job.runner = "running", None, _runner()
+        job_started = time.monotonic()
+        self._save(job)
+        last_save = 0.0
+        beating = threading.Event()
+
+        def heartbeat() -> None:  # long steps (an index build, head training) report no progress
+            while not beating.wait(self.heartbeat_s):
+                self._save(job)
+
+        beat = threading.Thread(target=heartbeat, name=f"heartbeat-{job.id}", daemon=True)
+        beat.start()
+
+        def on_progress(p: Progress) -> None:
+            nonlocal last_save
+            with self._lock:
+                changed_stage = p.stage != job.stage
+                job.stage, job.done, job.total = p.stage, p.done, p.total
+            if changed_stage or time.monotonic() - last_save >= self.progress_interval_s:
+                last_save = time.monotonic()
+                self._save(job)
+
+        retry = False
+        fetched: Path | None = None
+        try:
+            if zip_path is None:
+                if job.source is None or self.fetch is None:
+                    raise TrainingError("the job has no zip to train from")
+                on_progress(Progress("download", 0, 1))
+                fd, name = tempfile.mkstemp(dir=self.uploads_dir, prefix=f"{os.getpid()}-", suffix=".zip")
+                os.close(fd)
+                fetched = zip_path = Path(name)
+                self.fetch(job.source, zip_path)
+            result = self.train(
+                job.endpoint,
+                zip_path,
+                on_progress,
+                job.version or versions.new_version_id(),
+                job.fine_tune,
+                job.kind,
+            )
+            outcome: dict[str, Any] = {
+                "status": "succeeded",
+                "version": result.version,
+                "evaluation": result.evaluation,
+                "counts": result.counts,
+                "skipped": [{"name": s.name, "reason": s.reason} for s in result.skipped],
+            }
+        except TrainingError as exc:
+            outcome = {
+                "status": "failed",
+                "error": exc.message,
+                "skipped": [{"name": s.name, "reason": s.reason} for s in exc.skipped],
+            }
+        except ServiceError as exc:
+            retry = _transient(exc)
+            outcome = {"status": "failed", "error": exc.message}
+        except OSError as exc:  # the machine, not the input: another attempt (elsewhere) may work
+            retry = True
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            reason = "the disk is full" if full else f"{type(exc).__name__}"
+            log.error("training job %s failed: %s", job.id, exc)
+            outcome = {"status": "failed", "error": f"{reason} ({exc.strerror or exc})"}
+        except Exception as exc:  # a bug: details in the log, a summary for the client
+            log.exception("training job %s failed", job.id)
+            retry = True
+            outcome = {"status": "failed", "error": f"internal error ({type(exc).__name__}: {exc})"}
+        finally:
+            beating.set()
+            beat.join()  # no heartbeat save may land after the final status
+            for path in (zip_path, fetched):
+                if path is not None:
+                    path.unlink(missing_ok=True)
+        with self._lock:
+            for name, value in outcome.items():
+                setattr(job, name, value)
+        metrics.JOBS.labels(job.kind, outcome["status"]).inc()
+        metrics.JOB_SECONDS.labels(job.kind).observe(time.monotonic() - job_started)
+        log.info("job %s for %s %s %s", job.id, job.endpoint, job.status, job.error or job.version)
+        return retry
+
+    def _save(self, job: Job) -> None:
+        with self._lock:
+            snapshot = Job(**job.to_dict())
+        try:
+            self.store.save(snapshot)
+        except Exception as exc:  # progress is best effort; the final status is retried
+            log.warning("could not save the status of job %s: %s", job.id, exc)
+
+    def _store_final(self, job: Job) -> None:
+        """Store the final status, retrying with backoff while the store is unreachable."""
+        delay, deadline = 0.5, time.monotonic() + self.final_save_retry_s
+        while True:
+            try:
+                self.store.save(job)
+                break
+            except Exception as exc:
+                if time.monotonic() > deadline or self._closing.is_set():
+                    log.error("gave up storing the final status of job %s: %s", job.id, exc)
+                    return
+                self._closing.wait(delay)
+                delay = min(delay * 2, 15)
+        with self._lock:
+            self.live.pop(job.id, None)
+
+    def shutdown(self) -> None:
+        self._closing.set()
+        self._pool.shutdown(wait=True, cancel_futures=False)

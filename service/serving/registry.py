@@ -1,0 +1,373 @@
+"""Serving state: each worker loads the version CURRENT names, and swaps when CURRENT changes.
+
+A loaded version is immutable; a swap builds the new one completely (files verified, index
+opened and warmed, encoder loaded) and then replaces one reference. Requests already holding
+the old version finish on it, so none fails during a swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from service import encoders
+from service.catalog.head import Head, HeadEncoder
+from service.catalog.index import IndexReader
+from service.catalog.jsonmap import JsonLinesMap
+from service.core import metrics
+from service.core.config import Settings
+from service.core.endpoint import EndpointSpec
+from service.core.errors import (
+    EndpointLoadingError,
+    EndpointNotFoundError,
+    EndpointUnavailableError,
+    IntegrityError,
+    NotTrainedError,
+    ServiceError,
+    StorageError,
+)
+from service.serving.filters import ColumnCache
+from service.storage import Storage, encoder_mirror, versions
+
+log = logging.getLogger(__name__)
+
+
+class Embedder(Protocol):
+    """What queries need from an encoder: its input size, output dimension, and `encode`."""
+
+    input_size: int
+    dim: int
+
+    def encode(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """One published version, ready to answer queries."""
+
+    endpoint: str
+    version: str
+    manifest: dict[str, Any]
+    encoder: Embedder  # the backbone, or backbone + the version's own head
+    index: IndexReader
+    names: JsonLinesMap  # row -> the image's path in the zip
+    items: JsonLinesMap  # row -> {"label", "metadata", "image", "sha256", "item"}
+    item_of: np.ndarray  # row -> its item's stable id (-1: a deleted item's row)
+    rows_by_item: np.ndarray  # the rows ordered by item id, for `rows_of`
+    count: int  # items (not rows: a deleted item's rows stay until the index is rebuilt)
+    # Filter columns (label, metadata fields), built when a filtered query first needs them.
+    filter_columns: ColumnCache = field(default_factory=ColumnCache, compare=False, repr=False)
+
+    @property
+    def tombstones(self) -> int:
+        return len(self.item_of) - int(np.count_nonzero(self.item_of >= 0))
+
+    def rows_of(self, item_id: int) -> np.ndarray:
+        """The rows (images) of an item, in index order; empty if there is no such item."""
+        if item_id < 0:
+            return self.rows_by_item[:0]
+        ordered = self.item_of[self.rows_by_item]
+        lo, hi = np.searchsorted(ordered, [item_id, item_id + 1])
+        return np.sort(self.rows_by_item[lo:hi])
+
+
+def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: Settings) -> LoadedVersion:
+    """Fetch, verify and open a published version together with the encoder that built it."""
+    manifest = versions.read_manifest(storage, spec.name, version)
+    folder = versions.fetch_serving_files(storage, spec.name, version, manifest, settings.cache_dir)
+    # The version's own encoder, not whatever the endpoint file names today: vectors from two
+    # different encoders are not comparable.
+    recorded = manifest["encoder"]
+    source = encoders.EncoderSource.from_dict(recorded)
+    if source.kind == "offline":  # found by name where this instance keeps it; fingerprint below
+        source = encoders.offline_source(settings.models_dir)
+    elif source.kind in ("hub", "mirror"):  # the same handle, fetched the way this instance does
+        source = replace(source, kind="mirror" if settings.encoder_mode == "mirror" else "hub")
+    backbone = encoders.load(source, settings.hub_cache, encoder_mirror(settings, storage))
+    if recorded.get("fingerprint") not in (None, backbone.fingerprint):
+        raise IntegrityError(
+            f"{spec.name} version {version} was built by encoder {recorded['location']} with "
+            f"fingerprint {recorded['fingerprint']}, but that encoder now has fingerprint "
+            f"{backbone.fingerprint}; retrain the endpoint"
+        )
+    encoder: Embedder = backbone
+    if manifest.get("head"):  # a fine-tuned version: its own head on top of that backbone
+        head = Head.load(folder)
+        if head.fingerprint != manifest["head"]["fingerprint"]:
+            raise IntegrityError(f"{spec.name} version {version}: the head does not match its manifest")
+        encoder = HeadEncoder(backbone, head)
+    if encoder.dim != int(manifest["dim"]):
+        raise IntegrityError(
+            f"{spec.name} version {version}: encoder gives {encoder.dim}-d vectors, "
+            f"the index holds {manifest['dim']}-d"
+        )
+    rows = int(manifest.get("rows", manifest["count"]))
+    # Memory-mapped, like the index: workers share the pages instead of parsing a copy each.
+    names = JsonLinesMap(folder / "ids.json", rows)
+    items = JsonLinesMap(folder / "metadata.json", rows)
+    index = IndexReader(folder / "index.ann", int(manifest["dim"]), spec.search_k)
+    if index.count != rows:
+        raise IntegrityError(f"{spec.name} version {version}: the index holds {index.count} rows, not {rows}")
+    if (folder / "rows.npy").exists() and "rows.npy" in manifest.get("files", {}):
+        item_of = np.load(folder / "rows.npy", allow_pickle=False)
+    else:  # built before stable item ids: an item per row, its id the row
+        item_of = np.arange(rows, dtype=np.int64)
+    if item_of.shape != (rows,) or item_of.dtype != np.int64:
+        raise IntegrityError(f"{spec.name} version {version}: rows.npy does not fit the index")
+    index.warm()
+    return LoadedVersion(
+        endpoint=spec.name,
+        version=version,
+        manifest=manifest,
+        encoder=encoder,
+        index=index,
+        names=names,
+        items=items,
+        item_of=item_of,
+        rows_by_item=np.argsort(item_of, kind="stable"),
+        count=int(manifest["count"]),
+    )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="seconds") if moment else None
+
+
+class EndpointRuntime:
+    """The serving state of one endpoint in this process."""
+
+    # How long a request waits for a load under way before it answers 503 "loading".
+    load_wait_s = 20.0
+
+    def __init__(self, spec: EndpointSpec, storage: Storage, settings: Settings) -> None:
+        self.spec = spec
+        self.storage = storage
+        self.settings = settings
+        self.loaded: LoadedVersion | None = None
+        self.checked = False  # CURRENT read at least once
+        self.error: str | None = None  # why the latest check or load failed, if it did
+        self.loading: str | None = None  # the version being loaded right now
+        self.degraded_since: datetime | None = None  # since when the store is unreachable
+        self._seen_tag: str | None = None  # CURRENT's tag when last handled (loaded or refused)
+        self._note_seen = 0  # the published note's time stamp when last looked at
+        self._lock = threading.Lock()
+
+    def refresh(self, force: bool = False, wait_s: float = -1) -> bool:
+        """Load the version CURRENT names if it is not the one served; True if it swapped.
+
+        `force`: read CURRENT even if its tag looks unchanged (a version published here).
+        `wait_s`: give up (False) after waiting this long for a load another thread has under way.
+
+        Each check is one cheap request (CURRENT's tag: a HEAD on S3). While the store cannot be
+        reached the endpoint keeps serving what it has and is marked degraded; a version that
+        fails its integrity checks is refused once, not re-downloaded every round.
+        """
+        if not self._lock.acquire(timeout=wait_s):
+            return False
+        with self._lock_held():
+            key = f"{self.spec.name}/{versions.CURRENT}"
+            try:
+                tag = self.storage.tag(key)
+                if tag is None or (tag == self._seen_tag and not force):
+                    self._reachable()
+                    return False
+                pointer = versions.read_current(self.storage, self.spec.name)
+                self._reachable()
+                if pointer.version is None or (self.loaded and pointer.version == self.loaded.version):
+                    self._seen_tag = pointer.tag
+                    return False
+                started = time.monotonic()
+                self.loading = pointer.version
+                fresh = load_version(self.storage, self.spec, pointer.version, self.settings)
+            except StorageError as exc:
+                if not isinstance(exc, IntegrityError):
+                    return self._unreachable(exc.message)  # try again next round
+                self._seen_tag = tag
+                return self._failed(exc.message)
+            except ServiceError as exc:
+                self._seen_tag = tag
+                return self._failed(exc.message)
+            except Exception as exc:  # a corrupt file can surface as anything; keep serving
+                log.exception("%s: loading the current version failed", self.spec.name)
+                self._seen_tag = tag
+                return self._failed(f"could not load the current version: {type(exc).__name__}")
+            finally:
+                self.loading = None
+                self.checked = True
+            previous = self.loaded
+            self.loaded, self.error, self._seen_tag = fresh, None, pointer.tag
+            metrics.SERVED_VERSION.labels(self.spec.name).set(versions.created_at(fresh.version))
+            log.info(
+                "%s: serving version %s (%d items, loaded in %.2fs)",
+                self.spec.name,
+                fresh.version,
+                fresh.count,
+                time.monotonic() - started,
+            )
+        keep = {fresh.version} | ({previous.version} if previous else set())
+        versions.prune_cache(self.settings.cache_dir, self.spec.name, keep)
+        return True
+
+    @contextmanager
+    def _lock_held(self) -> Iterator[None]:
+        """Release the lock `refresh` acquired (with a timeout) when the block ends."""
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _reachable(self) -> None:
+        self.checked = True
+        if self.degraded_since is not None:
+            metrics.DEGRADED.labels(self.spec.name).set(0)
+            log.info("%s: storage reachable again", self.spec.name)
+            self.degraded_since = None
+            self.error = None
+
+    def _unreachable(self, message: str) -> bool:
+        if self.degraded_since is None:
+            self.degraded_since = datetime.now(UTC)
+            metrics.DEGRADED.labels(self.spec.name).set(1)
+            log.error("%s: storage unreachable, serving what is loaded: %s", self.spec.name, message)
+        self.error = message
+        return False
+
+    def _failed(self, message: str) -> bool:
+        if self.error != message:
+            log.error("%s: cannot load the current version: %s", self.spec.name, message)
+        self.error = message
+        return False
+
+    def current(self) -> LoadedVersion:
+        """The version to answer a query with.
+
+        Before answering, a cheap look (one stat) at this instance's note of the last version
+        published here: a job or change that reported success is served from the next request
+        on, in every worker. A worker with nothing loaded loads (or waits for the load of) the
+        current version rather than answering "loading".
+        """
+        self._follow_note()
+        loaded = self.loaded
+        if loaded is None:
+            self.refresh(wait_s=self.load_wait_s)  # or waits for the load another thread runs
+            loaded = self.loaded
+        if loaded is not None:
+            return loaded
+        if self.loading:
+            raise EndpointLoadingError(
+                f"endpoint {self.spec.name!r} is loading version {self.loading}; retry in a few seconds"
+            )
+        if self.error:
+            raise EndpointUnavailableError(f"endpoint {self.spec.name!r} is unavailable: {self.error}")
+        raise NotTrainedError(
+            f"endpoint {self.spec.name!r} has no trained version yet: POST a zip of images to "
+            f"/{self.spec.name}/train"
+        )
+
+    def _follow_note(self) -> None:
+        """Load the version this instance last published, if it is not the one served."""
+        stamp, noted = versions.published_note(self.settings.cache_dir, self.spec.name)
+        if stamp == self._note_seen:
+            return
+        if noted is not None and (self.loaded is None or self.loaded.version != noted):
+            self.refresh(force=True, wait_s=self.load_wait_s)
+        # Marked seen only once handled: a request arriving while another loads the version waits
+        # for that load (on the lock in refresh) instead of answering from the old one.
+        self._note_seen = stamp
+
+    def status(self) -> dict[str, Any]:
+        self._follow_note()
+        if not self.checked and not self.loading:
+            self.refresh()  # nobody has read CURRENT yet (e.g. no warm-up thread)
+        loaded = self.loaded
+        if loaded:
+            state = "ready"
+        elif self.loading:
+            state = "loading"
+        else:
+            state = "failed" if self.error else "untrained"
+        info: dict[str, Any] = {
+            **self.spec.summary(),
+            "status": state,
+            "version": None,
+            "count": 0,
+            "labels": {},
+            "trained_at": None,
+            "error": self.error,
+            "degraded": self.degraded_since is not None,
+            "degraded_since": self.degraded_since.isoformat(timespec="seconds")
+            if self.degraded_since
+            else None,
+        }
+        if loaded:
+            manifest = loaded.manifest
+            info.update(
+                version=loaded.version,
+                count=loaded.count,
+                labels=manifest.get("labels", {}),
+                trained_at=manifest.get("created_at"),
+                encoder={**info["encoder"], "serving": public_encoder(manifest["encoder"])},
+            )
+        return info
+
+
+def public_encoder(recorded: dict[str, Any]) -> dict[str, Any]:
+    """What a version's manifest says of its encoder, less where it sits on a server's disk
+    (TF-Hub handles are public and stay)."""
+    shown = {k: v for k, v in recorded.items() if k != "location"}
+    if recorded.get("kind") in ("hub", "mirror"):
+        shown["location"] = recorded.get("location")
+    return shown
+
+
+class Registry:
+    """All endpoints of this process, and the thread that keeps them on their CURRENT version."""
+
+    def __init__(self, specs: dict[str, EndpointSpec], storage: Storage, settings: Settings) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.endpoints = {name: EndpointRuntime(s, storage, settings) for name, s in specs.items()}
+        self.started_at = datetime.now(UTC)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def get(self, name: str) -> EndpointRuntime:
+        try:
+            return self.endpoints[name]
+        except KeyError:
+            raise EndpointNotFoundError(name, sorted(self.endpoints)) from None
+
+    def refresh_all(self) -> None:
+        for runtime in self.endpoints.values():
+            runtime.refresh()
+
+    def start(self) -> None:
+        """Load every endpoint in the background, then poll CURRENT every watch interval."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="version-watcher", daemon=True)
+            self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh_all()
+            except Exception:  # never let the watcher die; the next round tries again
+                log.exception("version watcher round failed")
+            self._stop.wait(self.settings.watch_interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def versions_served(self) -> dict[str, str | None]:
+        return {n: (r.loaded.version if r.loaded else None) for n, r in self.endpoints.items()}
