@@ -99,7 +99,9 @@ class JobSchema(Schema):
     status = fields.String(
         required=True, validate=validate.OneOf(["queued", "running", "succeeded", "failed"])
     )
-    stage = fields.String(allow_none=True, metadata={"description": "ingest, embed, index, publish"})
+    stage = fields.String(
+        allow_none=True, metadata={"description": "ingest, convert, embed, fine-tune, index, publish"}
+    )
     done = fields.Integer(required=True)
     total = fields.Integer(required=True)
     version = fields.String(allow_none=True)
@@ -113,6 +115,12 @@ class JobSchema(Schema):
         metadata={
             "description": "Hold-out precision@1, precision@10 and mAP@10 of the frozen backbone and "
             "of the fine-tuned head, and which one was kept"
+        }
+    )
+    runtime = fields.Dict(
+        metadata={
+            "description": "The runtime that serves the version: litert (the converted encoder, with "
+            "the cosines it was checked at) or tensorflow (with the reason it was not converted)"
         }
     )
     created_at = fields.String()

@@ -29,6 +29,7 @@ from service.catalog.head import HEAD_FILES, Head
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import ConflictError, InvalidParameterError, ItemNotFoundError, TrainingError
+from service.encoders import litert
 from service.storage import KeyNotFoundError, Storage, versions
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ChangeResult:
     skipped: list[ingest.Skipped] = field(default_factory=list)
     evaluation: dict[str, Any] = field(default_factory=dict)
     rebases: int = 0
+    runtime: dict[str, Any] = field(default_factory=dict)  # which runtime serves it, and why
 
 
 @dataclass
@@ -105,6 +107,14 @@ def _publish_with_rebase(
                 if versions.read_current(storage, spec.name).tag == (base.pointer.tag if base else None):
                     raise
                 continue  # the base was pruned while we read it: build on the newer version
+            served_by = (manifest.get("runtime") or {}).get("name")
+            if (
+                base is not None
+                and served_by == litert.RUNTIME
+                and not (Path(tmp) / litert.MODEL_FILE).exists()
+            ):
+                # A change that embeds nothing keeps the base's converted encoder, as it is.
+                carried = {**_carry(base, spec.name, [litert.MODEL_FILE]), **carried}
             manifest = {
                 **manifest,
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -172,7 +182,7 @@ def add_items(
     """
     report = on_progress or (lambda p: None)
     report(training.Progress("ingest", 0, 0))
-    encoder = training.load_encoder(spec, settings, storage)
+    encoder = training.converted_encoder(training.load_encoder(spec, settings, storage), settings, report)
     thumb_dim = 3 * spec.head.thumbnail**2
     first = _read_base(storage, spec, settings)
     if first is not None:
@@ -238,9 +248,11 @@ def add_items(
                     head.save(staging)
                 else:
                     carried.update(_carry(base, spec.name, HEAD_FILES))
+            runtime = training.stage_converted(encoder, staging, settings)
             manifest = {
                 **(base.manifest if base else {}),
                 "encoder": {**encoder.describe(), "handle": spec.encoder.source},
+                "runtime": runtime,
                 "head": training.head_manifest(head),
                 "fine_tune": fine_tune
                 if retrain
@@ -274,6 +286,7 @@ def add_items(
                 },
                 skipped=skipped,
                 evaluation=evaluation,
+                runtime=runtime,
             )
             return manifest, carried, result
 

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -31,6 +32,7 @@ from service.catalog.head import HEAD_FILES, Head, thumbnails
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec, HeadConfig
 from service.core.errors import BadImageError, TrainingError
+from service.encoders import convert, litert
 from service.storage import Storage, encoder_mirror, versions
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class TrainResult:
     skipped: list[ingest.Skipped] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)  # hold-out metrics when fine-tuned
+    runtime: dict[str, Any] = field(default_factory=dict)  # which runtime serves it, and why
 
 
 ProgressFn = Callable[[Progress], None]
@@ -69,10 +72,12 @@ def train(
     report = on_progress or (lambda p: None)
     version = version or versions.new_version_id()
     report(Progress("ingest", 0, 0))
-    encoder = load_encoder(spec, settings, storage)
     with work_folder(settings, spec.name) as tmp, ingest.open_zip(zip_path) as zf:
         staging = Path(tmp)
-        plan = ingest.plan(zf, ingest.ZipLimits.from_settings(settings))
+        plan = ingest.plan(
+            zf, ingest.ZipLimits.from_settings(settings)
+        )  # a bad zip fails before the encoder loads
+        encoder = converted_encoder(load_encoder(spec, settings, storage), settings, report)
         wants_head = finetune.plan(fine_tune, [e.label for e in plan.entries], spec.head)
         thumb_dim = 3 * spec.head.thumbnail**2
         base, reusable = catalogue.current_catalogue(storage, spec.name, encoder.fingerprint, thumb_dim)
@@ -109,6 +114,7 @@ def train(
         catalogue.write(rows, staging, spec.n_trees, head=outcome.head is not None)
         if outcome.head is not None:
             outcome.head.save(staging)
+        runtime = stage_converted(encoder, staging, settings)
         labels = Counter(e["label"] for e in rows.entries if e["label"] is not None)
         counts = {
             "files": len(plan.entries) + len(plan.skipped),
@@ -123,6 +129,7 @@ def train(
         }
         manifest = {
             "encoder": {**encoder.describe(), "handle": spec.encoder.source},
+            "runtime": runtime,
             "head": head_manifest(outcome.head),
             "fine_tune": fine_tune,
             "evaluation": outcome.evaluation,
@@ -147,7 +154,7 @@ def train(
         report(Progress("publish", 1, 1))
     versions.note_published(settings.cache_dir, spec.name, version)
     prune(storage, spec.name, settings.keep_versions)
-    return TrainResult(version, rows.count, counts, skipped, manifest, outcome.evaluation)
+    return TrainResult(version, rows.count, counts, skipped, manifest, outcome.evaluation, runtime)
 
 
 def reserver(storage: Storage, endpoint: str) -> Callable[[int, int], int]:
@@ -159,6 +166,27 @@ def load_encoder(spec: EndpointSpec, settings: Settings, storage: Storage) -> en
     """The endpoint's encoder, found the way this instance finds encoders (hub, mirror, offline)."""
     source = encoders.resolve(spec.encoder, settings.encoder_mode, settings.models_dir)
     return encoders.load(source, settings.hub_cache, encoder_mirror(settings, storage))
+
+
+def converted_encoder(encoder: encoders.Encoder, settings: Settings, report: ProgressFn) -> convert.Verified:
+    """The encoder a job embeds with: converted for LiteRT and checked, or TensorFlow and why."""
+    report(Progress("convert", 0, 1))
+    verified = convert.prepare(
+        encoder, settings.cache_dir, settings.encoder_runtime, settings.converted_min_cosine
+    )
+    report(Progress("convert", 1, 1))
+    return verified
+
+
+def stage_converted(encoder: convert.Verified, staging: Path, settings: Settings) -> dict[str, Any]:
+    """Put the converted model (if it passed every check) with the version; its `runtime` entry."""
+    path = convert.model_path(encoder, settings.cache_dir)
+    if path is not None:
+        try:
+            os.link(path, staging / litert.MODEL_FILE)  # same disk: no copy
+        except OSError:
+            shutil.copyfile(path, staging / litert.MODEL_FILE)
+    return encoder.runtime
 
 
 def work_folder(settings: Settings, endpoint: str, kind: str = "train") -> tempfile.TemporaryDirectory[str]:
@@ -289,7 +317,7 @@ def embed(
     zf: zipfile.ZipFile,
     plan: ingest.ZipPlan,
     staging: Path,
-    encoder: encoders.Encoder,
+    encoder: convert.Verified | encoders.Encoder,
     settings: Settings,
     head: HeadConfig | None,
     thumb_side: int,

@@ -28,6 +28,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 # offline: serve every remote handle with the bundled offline encoder.
 ENCODER_MODES = ("hub", "mirror", "offline")
 ROLES = ("web", "worker")
+ENCODER_RUNTIMES = ("litert", "tensorflow")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class Settings:
     # offline: the bundled encoder
     encoder_mode: str = "offline"
     models_dir: Path = ROOT / "models"
+    # litert: each version's encoder is converted to TFLite and served by LiteRT when it converts
+    # and agrees with TensorFlow (else TensorFlow serves it, and says why); tensorflow: never convert.
+    encoder_runtime: str = "litert"
+    # The least cosine between a converted model's vector and TensorFlow's, per image checked.
+    converted_min_cosine: float = 0.9999
     cache_dir: Path = ROOT / "cache"
     tfhub_cache_dir: Path | None = None
     # Seconds between checks of each endpoint's CURRENT pointer.
@@ -99,7 +105,8 @@ class Settings:
     decode_threads: int = max(1, (os.cpu_count() or 2) // 2)
     # How long a forward pass may wait, under load, for the requests it expects (encoders/batching.py).
     batch_window_ms: float = 3.0
-    # TensorFlow thread pools per process; 0 = TensorFlow's default.
+    # Thread pools per process, TensorFlow's and LiteRT's (intra-op: threads per forward pass);
+    # 0 = the runtime's default (all cores).
     tf_intra_op_threads: int = 0
     tf_inter_op_threads: int = 0
     log_level: str = "INFO"
@@ -131,6 +138,12 @@ class Settings:
     def validated(self) -> Settings:
         if self.encoder_mode not in ENCODER_MODES:
             raise ValueError(f"ENCODER_MODE must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
+        if self.encoder_runtime not in ENCODER_RUNTIMES:
+            raise ValueError(
+                f"ENCODER_RUNTIME must be one of {ENCODER_RUNTIMES}, got {self.encoder_runtime!r}"
+            )
+        if not 0 < self.converted_min_cosine <= 1:
+            raise ValueError(f"CONVERTED_MIN_COSINE must be in (0, 1], got {self.converted_min_cosine}")
         if not self.storage_uri:
             raise ValueError("STORAGE_URI is required (e.g. s3://my-bucket/simsvc or file:///srv/data)")
         if self.service_role not in ROLES:

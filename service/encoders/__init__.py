@@ -75,6 +75,8 @@ def resolve(spec: EncoderSpec, encoder_mode: str, models_dir: Path) -> EncoderSo
 class Encoder:
     """A loaded encoder: `encode` maps a batch of RGB images to L2-normalised vectors."""
 
+    runtime = "tensorflow"
+
     def __init__(self, source: EncoderSource, path: Path) -> None:
         tf = tfruntime.tensorflow()
         hub = tfruntime.tensorflow_hub()
@@ -102,7 +104,7 @@ class Encoder:
 
         # Calling the traced graph directly skips tf.function's per-call signature matching
         # (measured: 0.3-0.5 ms less per pass, caller-thread time at batch 1).
-        self._forward = forward.get_concrete_function()
+        self.forward_function = forward.get_concrete_function()  # also what convert.py converts
         self._tensor = tf.convert_to_tensor
         # One call traces the function, checks the output shape and learns the dimension.
         out = self._call(np.zeros((1, size, size, 3), np.uint8))
@@ -116,7 +118,11 @@ class Encoder:
         self.batcher = Batcher(self._call, max_batch=MAX_BATCH)
 
     def _call(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._forward(self._tensor(batch)), dtype=np.float32)
+        return np.asarray(self.forward_function(self._tensor(batch)), dtype=np.float32)
+
+    def raw(self, batch: np.ndarray) -> np.ndarray:
+        """The model's output before normalisation, in one pass (what conversion is checked against)."""
+        return self._call(batch)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         """Embed a uint8 RGB batch [N, size, size, 3] (see images.to_input); rows have unit length."""

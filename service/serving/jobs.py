@@ -71,6 +71,7 @@ class Job:
     counts: dict[str, Any] = field(default_factory=dict)
     fine_tune: str = "auto"
     evaluation: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)  # the runtime that serves its version, and why
     source: str | None = None  # s3:// URI of the zip, for jobs that run elsewhere
     attempts: int = 0
     runner: str | None = None  # host:pid of the process running it
@@ -310,6 +311,7 @@ class JobRunner:
                 "status": "succeeded",
                 "version": result.version,
                 "evaluation": result.evaluation,
+                "runtime": result.runtime,
                 "counts": result.counts,
                 "skipped": [{"name": s.name, "reason": s.reason} for s in result.skipped],
             }

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,6 +27,7 @@ from service.core import metrics
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import (
+    EncoderUnavailableError,
     EndpointLoadingError,
     EndpointNotFoundError,
     EndpointUnavailableError,
@@ -34,6 +36,7 @@ from service.core.errors import (
     ServiceError,
     StorageError,
 )
+from service.encoders import litert
 from service.serving.filters import ColumnCache
 from service.storage import Storage, encoder_mirror, versions
 
@@ -61,6 +64,7 @@ class LoadedVersion:
     names: JsonLinesMap  # row -> the image's path in the zip
     items: JsonLinesMap  # row -> {"label", "metadata", "image", "sha256", "item"}
     item_of: np.ndarray  # row -> its item's stable id (-1: a deleted item's row)
+    runtime: dict[str, Any]  # {"name": "litert" | "tensorflow", ...}: what runs the encoder, and why
     rows_by_item: np.ndarray  # the rows ordered by item id, for `rows_of`
     count: int  # items (not rows: a deleted item's rows stay until the index is rebuilt)
     # Filter columns (label, metadata fields), built when a filtered query first needs them.
@@ -79,13 +83,36 @@ class LoadedVersion:
         return np.sort(self.rows_by_item[lo:hi])
 
 
-def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: Settings) -> LoadedVersion:
-    """Fetch, verify and open a published version together with the encoder that built it."""
-    manifest = versions.read_manifest(storage, spec.name, version)
-    folder = versions.fetch_serving_files(storage, spec.name, version, manifest, settings.cache_dir)
-    # The version's own encoder, not whatever the endpoint file names today: vectors from two
-    # different encoders are not comparable.
+def _backbone(
+    storage: Storage,
+    spec: EndpointSpec,
+    version: str,
+    manifest: dict[str, Any],
+    folder: Path,
+    settings: Settings,
+) -> tuple[Embedder, dict[str, Any]]:
+    """The version's own encoder (not whatever the endpoint file names today: vectors of two
+    encoders are not comparable), and the runtime that runs it: the converted model with LiteRT
+    when the version has one (no TensorFlow in this process), else TensorFlow."""
     recorded = manifest["encoder"]
+    runtime = dict(
+        manifest.get("runtime") or {"name": "tensorflow", "reason": "built before converted encoders"}
+    )
+    if runtime.get("name") == litert.RUNTIME:
+        digest = manifest.get("files", {}).get(litert.MODEL_FILE, {}).get("sha256")
+        try:
+            if digest is None:
+                raise EncoderUnavailableError(f"the manifest lists no {litert.MODEL_FILE}")
+            converted = litert.load(folder / litert.MODEL_FILE, digest, recorded)
+            if converted.input_size != int(recorded.get("input_size") or converted.input_size):
+                raise EncoderUnavailableError(f"{litert.MODEL_FILE} takes {converted.input_size}px images")
+            return converted, {"name": litert.RUNTIME, **{k: v for k, v in runtime.items() if k != "name"}}
+        except EncoderUnavailableError as exc:  # e.g. LiteRT not installed here: TensorFlow still can
+            log.warning("%s version %s: serving with TensorFlow: %s", spec.name, version, exc)
+            runtime = {
+                "name": "tensorflow",
+                "reason": f"the converted model could not be loaded: {exc.message}",
+            }
     source = encoders.EncoderSource.from_dict(recorded)
     if source.kind == "offline":  # found by name where this instance keeps it; fingerprint below
         source = encoders.offline_source(settings.models_dir)
@@ -98,6 +125,14 @@ def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: S
             f"fingerprint {recorded['fingerprint']}, but that encoder now has fingerprint "
             f"{backbone.fingerprint}; retrain the endpoint"
         )
+    return backbone, runtime
+
+
+def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: Settings) -> LoadedVersion:
+    """Fetch, verify and open a published version together with the encoder that built it."""
+    manifest = versions.read_manifest(storage, spec.name, version)
+    folder = versions.fetch_serving_files(storage, spec.name, version, manifest, settings.cache_dir)
+    backbone, runtime = _backbone(storage, spec, version, manifest, folder, settings)
     encoder: Embedder = backbone
     if manifest.get("head"):  # a fine-tuned version: its own head on top of that backbone
         head = Head.load(folder)
@@ -133,6 +168,7 @@ def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: S
         items=items,
         item_of=item_of,
         rows_by_item=np.argsort(item_of, kind="stable"),
+        runtime=runtime,
         count=int(manifest["count"]),
     )
 
@@ -315,6 +351,7 @@ class EndpointRuntime:
                 labels=manifest.get("labels", {}),
                 trained_at=manifest.get("created_at"),
                 encoder={**info["encoder"], "serving": public_encoder(manifest["encoder"])},
+                runtime=loaded.runtime,
             )
         return info
 

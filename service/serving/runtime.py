@@ -23,7 +23,7 @@ from service.core.errors import (
     ItemNotFoundError,
     PayloadTooLargeError,
 )
-from service.encoders import batching
+from service.encoders import batching, litert
 from service.encoders.tfruntime import configure_threads
 from service.serving.jobs import JobRunner, JobStore
 from service.serving.query import check_item
@@ -210,6 +210,7 @@ def build_service(settings: Settings) -> Service:
     """Assemble the parts; endpoint files are validated here, so a bad one stops the start-up."""
     logs.configure(settings.log_level, settings.log_format)
     configure_threads(settings.tf_intra_op_threads, settings.tf_inter_op_threads)
+    litert.configure_threads(settings.tf_intra_op_threads)
     batching.configure(settings.batch_window_ms)
     specs = load_endpoints(settings.endpoints_dir)
     parse_token_settings(settings.admin_token, settings.endpoint_tokens, settings.query_token, list(specs))

@@ -41,7 +41,9 @@ MANIFEST = "manifest.json"
 # not for answering queries), and so do the images, read on demand.
 SERVING_FILES = ("index.ann", "ids.json", "metadata.json")
 # Served when the version has it (versions built before stable item ids lack it).
-OPTIONAL_SERVING_FILES = ("rows.npy",)
+# rows.npy: item ids (versions before them have none); encoder.tflite: the converted encoder
+# (versions served by TensorFlow have none).
+OPTIONAL_SERVING_FILES = ("rows.npy", "encoder.tflite")
 
 
 class SupersededError(StorageError):
