@@ -142,6 +142,9 @@ def settings_for(tmp: Path, models: Path, **extra: Any) -> dict[str, Any]:
         "cache_dir": tmp / "cache",
         "models_dir": models,
         "watch_interval_s": 0.2,
+        # Jobs in a thread: a child process per job would cost each of the suite's ~100 jobs a
+        # TensorFlow import. The child-process path has its own tests (test_runtime_lite.py).
+        "train_in_child": False,
         **extra,
     }
 

@@ -184,6 +184,12 @@ class EndpointSchema(Schema):
     default_k = fields.Integer()
     max_k = fields.Integer()
     trained_at = fields.String(allow_none=True)
+    runtime = fields.Dict(
+        metadata={
+            "description": "What runs the served version's encoder: litert (its converted model) or "
+            "tensorflow, with the reason"
+        }
+    )
     error = fields.String(allow_none=True, metadata={"description": "Why the last check or load failed"})
     degraded = fields.Boolean(metadata={"description": "True while the store cannot be reached"})
     degraded_since = fields.String(allow_none=True)

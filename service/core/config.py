@@ -84,6 +84,9 @@ class Settings:
     max_image_pixels: int = 40_000_000
     # Images in one /infer request (multipart parts); more is a 413.
     max_infer_images: int = 32
+    # Run each training job in a child process: the web worker never loads TensorFlow, and the job's
+    # memory goes back when it ends. False: in a thread of the worker (tests, debugging).
+    train_in_child: bool = True
     # A training job that runs longer than this fails (its time, not its images, is the limit).
     job_max_s: float = 6 * 3600
     # An image that takes longer than this to decode is skipped (the budgets above make it rare).

@@ -20,6 +20,17 @@ class ServiceError(Exception):
         """Extra response headers for this error."""
         return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else {}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Intact across processes (a training job's child), whatever a subclass's __init__ takes.
+        return (_restore, (type(self), self.args, dict(self.__dict__)))
+
+
+def _restore(cls: type[ServiceError], args: tuple[Any, ...], state: dict[str, Any]) -> ServiceError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class ForbiddenError(ServiceError):
     """Understood, but not allowed (e.g. a training source outside the service's bucket)."""

@@ -65,6 +65,9 @@ def sample_inputs(size: int) -> np.ndarray:
 def tflite_bytes(encoder: Encoder) -> bytes:
     """The encoder's forward pass (uint8 batch in, features out) as a float32 TFLite model."""
     tf = tfruntime.tensorflow()
+    # The converter logs every renamed input (thousands of names) and its temporary SavedModel.
+    for noisy in ("absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([encoder.forward_function], encoder.layer)
     # Built-in ops only: LiteRT runs them without TensorFlow (no Flex delegate); no quantisation.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

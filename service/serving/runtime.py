@@ -25,6 +25,7 @@ from service.core.errors import (
 )
 from service.encoders import batching, litert
 from service.encoders.tfruntime import configure_threads
+from service.serving import jobproc
 from service.serving.jobs import JobRunner, JobStore
 from service.serving.query import check_item
 from service.serving.queue import SqsQueue
@@ -230,9 +231,9 @@ def build_service(settings: Settings) -> Service:
         fine_tune: str,
         kind: str,
     ) -> training.TrainResult | changes.ChangeResult:
-        if kind == "add":
-            return changes.add_items(specs[endpoint], zip_path, storage, settings, on_progress, fine_tune)
-        return training.train(specs[endpoint], zip_path, storage, settings, on_progress, version, fine_tune)
+        if settings.train_in_child:  # TensorFlow loads in the child, never in this worker
+            return jobproc.run_job(settings, endpoint, zip_path, on_progress, version, fine_tune, kind)
+        return jobproc.work(settings, endpoint, zip_path, on_progress, version, fine_tune, kind, storage)
 
     s3 = storage if isinstance(storage, S3Storage) else None
 

@@ -1,0 +1,147 @@
+"""Run a training job's work in a child process: web workers never load TensorFlow.
+
+Training needs TensorFlow (TF-Hub models, conversion, the head); serving a converted version does
+not. Run in a thread of a web worker, a job would leave that worker holding TensorFlow's few
+hundred MB for the rest of its life. A fresh child process (spawned, not forked: TensorFlow is
+not fork-safe) does the work and exits, returning its memory; progress and the outcome come back
+over a pipe, so the job runner sees the same calls and exceptions as in a thread. A child that
+dies (out of memory, killed) fails the job with its exit code; one that outlives the job's time
+limit is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from service.catalog import changes, training
+from service.core import logs
+from service.core.config import Settings
+from service.core.endpoint import load_endpoints
+from service.core.errors import ServiceError, TrainingError
+from service.encoders import litert
+from service.encoders.tfruntime import configure_threads
+from service.storage import open_storage
+
+log = logging.getLogger(__name__)
+
+# How long past JOB_MAX_S a child may run before it is killed (it checks the limit itself first).
+KILL_GRACE_S = 60.0
+
+Work = training.TrainResult | changes.ChangeResult
+
+
+def run_job(
+    settings: Settings,
+    endpoint: str,
+    zip_path: Path,
+    on_progress: training.ProgressFn,
+    version: str,
+    fine_tune: str,
+    kind: str,
+) -> Work:
+    """Run `work` (below) in a child process; the same result or exception as running it here."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(
+        target=_child,
+        args=(settings, endpoint, str(zip_path), version, fine_tune, kind, sender),
+        name=f"job-{endpoint}",
+        daemon=True,  # goes when this worker goes
+    )
+    child.start()
+    sender.close()  # the child holds the only sending end: EOF here means it has exited
+    deadline = time.monotonic() + settings.job_max_s + KILL_GRACE_S
+    outcome: tuple[str, Any] | None = None
+    try:
+        while outcome is None:
+            if not receiver.poll(1.0):
+                if time.monotonic() > deadline:
+                    child.kill()
+                    raise TrainingError(
+                        f"the job ran over its time limit (JOB_MAX_S={settings.job_max_s:g} s)"
+                    )
+                continue
+            try:
+                tag, payload = receiver.recv()
+            except EOFError:
+                break
+            if tag == "progress":
+                on_progress(payload)
+            else:
+                outcome = (tag, payload)
+    finally:
+        receiver.close()
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    if outcome is None:
+        raise RuntimeError(f"the training process stopped (exit code {child.exitcode}) before it finished")
+    tag, payload = outcome
+    if tag == "error":
+        raise payload
+    return payload
+
+
+def work(
+    settings: Settings,
+    endpoint: str,
+    zip_path: Path,
+    on_progress: training.ProgressFn,
+    version: str,
+    fine_tune: str,
+    kind: str,
+    storage: Any = None,
+) -> Work:
+    """A job's work: train (replace the catalogue) or add items; in whichever process runs it."""
+    spec = load_endpoints(settings.endpoints_dir)[endpoint]
+    if storage is None:
+        storage = open_storage(
+            settings.storage_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+        )
+    if kind == "add":
+        return changes.add_items(spec, zip_path, storage, settings, on_progress, fine_tune)
+    return training.train(spec, zip_path, storage, settings, on_progress, version, fine_tune)
+
+
+def _child(
+    settings: Settings,
+    endpoint: str,
+    zip_path: str,
+    version: str,
+    fine_tune: str,
+    kind: str,
+    conn: Connection,
+) -> None:
+    logs.configure(settings.log_level, settings.log_format)
+    configure_threads(settings.tf_intra_op_threads, settings.tf_inter_op_threads)
+    litert.configure_threads(settings.tf_intra_op_threads)
+    send: Callable[[str, Any], None] = lambda tag, payload: conn.send((tag, payload))  # noqa: E731
+    try:
+        result = work(
+            settings, endpoint, Path(zip_path), lambda p: send("progress", p), version, fine_tune, kind
+        )
+        send("result", result)
+    except BaseException as exc:  # every failure goes back to the job runner, as it would in a thread
+        if not isinstance(exc, ServiceError):  # a bug: its traceback stays in this process's log
+            log.exception("training job for %s failed", endpoint)
+        send("error", _portable(exc))
+    finally:
+        conn.close()
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception if it survives pickling, else a RuntimeError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        log.exception("training failed with an exception that cannot leave the process")
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
