@@ -128,6 +128,9 @@ def test_a_model_tflite_builtins_cannot_express_is_served_by_tensorflow(
     batch = photos(encoder.input_size)
     expected = encoder.encode(batch)  # TensorFlow runs it (Svd has a TensorFlow kernel)
     assert encoder.dim == 16 and np.all(np.isfinite(expected))
+    # TFLite's built-in ops cannot express it: the converter itself refuses, naming the op.
+    with pytest.raises(Exception, match="Svd"):
+        convert.tflite_bytes(encoder)
 
     verified = convert.prepare(encoder, cache_dir, runtime="litert", min_cosine=MIN_COSINE)
 
