@@ -54,20 +54,58 @@ def timed(fn: Any, repeat: int) -> list[float]:
 
 
 def raw_encoder(encoder: encoders.Encoder) -> dict[str, Any]:
-    """Forward-pass time at batch 1, and images/s at each batch size (median of repeated passes)."""
+    """TensorFlow: forward-pass time at batch 1, and images/s at each batch size (median of passes)."""
     size = encoder.input_size
     rng = np.random.default_rng(0)
     throughput = {}
     for batch in BATCH_SIZES:
         x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-        encoder._call(x)  # warm
+        encoder.raw(x)  # warm
         repeat = max(5, 256 // batch)
-        throughput[batch] = round(batch / float(np.median(timed(lambda x=x: encoder._call(x), repeat))), 1)
+        throughput[batch] = round(batch / float(np.median(timed(lambda x=x: encoder.raw(x), repeat))), 1)
     one = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
-    single = timed(lambda: encoder._call(one), 100)
+    single = timed(lambda: encoder.raw(one), 100)
     best = max(throughput, key=throughput.get)
     return {
+        "runtime": "TensorFlow (SavedModel)",
         "batch1_ms": round(float(np.median(single)) * 1000, 2),
+        "throughput": throughput,
+        "best_batch": best,
+        "best_images_per_s": throughput[best],
+    }
+
+
+def raw_litert(model: Path, size: int) -> dict[str, Any]:
+    """LiteRT with XNNPACK, the same model converted: batch 1 on all cores and on one (what each
+    of two workers gets), and images/s at real batch sizes 1 to 64 (an interpreter per size)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    rng = np.random.default_rng(0)
+
+    def interpreter(batch: int, threads: int) -> Any:
+        it = Interpreter(model_path=str(model), num_threads=threads)
+        index = it.get_input_details()[0]["index"]
+        it.resize_tensor_input(index, [batch, size, size, 3])
+        it.allocate_tensors()
+        x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+
+        def run() -> None:
+            it.set_tensor(index, x)
+            it.invoke()
+
+        run()  # warm
+        return run
+
+    cores = os.cpu_count() or 1
+    throughput = {}
+    for batch in (1, 8, 16, 32, 64):
+        run = interpreter(batch, cores)
+        throughput[batch] = round(batch / float(np.median(timed(run, max(5, 512 // batch)))), 1)
+    best = max(throughput, key=throughput.get)
+    return {
+        "runtime": "LiteRT (converted, XNNPACK)",
+        "batch1_ms": round(float(np.median(timed(interpreter(1, cores), 300))) * 1000, 3),
+        "batch1_ms_1_thread": round(float(np.median(timed(interpreter(1, 1), 300))) * 1000, 3),
         "throughput": throughput,
         "best_batch": best,
         "best_images_per_s": throughput[best],
@@ -277,6 +315,7 @@ def serving(store: Path, work: Path, raw: dict[str, Any]) -> list[dict[str, Any]
     for workers in (1, 2):
         with gunicorn(store, work / f"cache-{workers}", workers) as (url, process):
             row: dict[str, Any] = {"workers": workers, "tf_threads": max(1, (os.cpu_count() or 1) // workers)}
+            row["runtime"] = get_json(url, "/fashion")["runtime"]["name"]
             for name, (body, ctype) in bodies.items():
                 row[f"latency {name}"] = latency(url, body, ctype)
             row["load"] = [concurrency(url, body_file, "image/png", c) for c in (8, 32)]
@@ -453,17 +492,74 @@ def memory_bench(work: Path, small_store: Path, index: dict[str, Any], models_di
 # --- everything ---------------------------------------------------------------------------------
 
 
+def worker_boot(store: Path, work: Path) -> dict[str, Any]:
+    """A worker killed under the Procfile's gunicorn: seconds from the new worker's fork to its
+    first answer that serves the version (GET /health from that worker, endpoint loaded)."""
+    with gunicorn(store, work / "cache-boot", workers=2) as (url, process):
+        version = get_json(url, "/fashion")["version"]
+        rows = []
+        for _ in range(3):
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+            old = set(children.read_text().split())
+            os.kill(int(sorted(old)[0]), signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while not (new := set(children.read_text().split()) - old):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("gunicorn started no new worker")
+                time.sleep(0.005)
+            born = time.monotonic()
+            pid = int(new.pop())
+            while True:
+                try:
+                    body = get_json(url, "/health")
+                    if body["worker"] == pid and body["endpoints"].get("fashion") == version:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the new worker never served the version")
+                time.sleep(0.005)
+            rows.append(round(time.monotonic() - born, 2))
+        memory = worker_memory(process)
+    return {"seconds": rows, "memory": memory}
+
+
+def overhead_split(store: Path, work: Path) -> dict[str, Any]:
+    """Where a request's CPU time goes in one gunicorn worker (bench/overhead.py)."""
+    from bench import overhead
+
+    body = work / "overhead.png"
+    body.write_bytes(overhead.query_body())
+    body.with_suffix(".lua").write_text(WRK_SCRIPT)
+    with gunicorn(store, work / "cache-overhead", 1, extra_env={"TF_INTRA_OP_THREADS": "1"}) as (
+        url,
+        process,
+    ):
+        pid = int(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()[0])
+        return overhead.split(url, pid, body, wrk)
+
+
 def run() -> dict[str, Any]:
+    from service.encoders import convert
+
     settings = Settings.load({"warm_on_start": False})
     encoder = encoders.load(encoders.offline_source(settings.models_dir), settings.hub_cache)
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
         work = Path(tmp)
-        result["raw"] = raw = raw_encoder(encoder)
-        print(f"  raw encoder: {raw}", flush=True)
+        tf_raw = raw_encoder(encoder)
+        lite_raw = raw_litert(convert.converted_file(encoder, work / "cache"), encoder.input_size)
+        result["raw_all"] = [tf_raw, lite_raw]
+        # The reference is the fastest runtime: its best batch-1 time and its best throughput.
+        result["raw"] = raw = max(result["raw_all"], key=lambda r: r["best_images_per_s"])
+        print(f"  raw encoder: {result['raw_all']}", flush=True)
         local = replace(settings, cache_dir=work / "cache", encode_batch_size=64)
         result["training"] = training_throughput(work, local, (1_000, 10_000))
         result["serving"] = serving(work / "store", work, raw)
+        result["overhead"] = overhead_split(work / "store", work)
+        print(f"  overhead: {result['overhead']}", flush=True)
+        result["boot"] = worker_boot(work / "store", work)
+        print(f"  worker boot: {result['boot']}", flush=True)
         result["index_100k"] = index_bench(100_000, work, (16, 32), (1_000, 3_000, 10_000))
         big = index_bench(1_000_000, work, (32,), (3_000, 6_000, 10_000, 20_000))
         result["memory"] = memory_bench(work, work / "store", big, settings.models_dir)
@@ -505,9 +601,20 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "### The reference: the raw encoder (offline MobileNetV2, 160x160, all cores)",
         "",
-        f"Forward pass at batch 1: **{raw['batch1_ms']} ms**. Images per second by batch size: "
-        + ", ".join(f"{b}: {v}" for b, v in raw["throughput"].items())
-        + f". Best: **{best} images/s** at batch {raw['best_batch']}.",
+        "The same model in both runtimes, measured one after the other in this run; the service is "
+        f"compared with the faster, **{raw['runtime']}**. Each version's encoder is converted to "
+        "TFLite when it is built and served by LiteRT (service/encoders/convert.py, litert.py).",
+        "",
+        "| runtime | batch 1, all cores (ms) | batch 1, 1 thread (ms) | images/s by batch size | best |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r["raw_all"]:
+        lines.append(
+            f"| {row['runtime']} | {row['batch1_ms']} | {row.get('batch1_ms_1_thread', '')} | "
+            + ", ".join(f"{b}: {v}" for b, v in row["throughput"].items())
+            + f" | **{row['best_images_per_s']}** (batch {row['best_batch']}) |"
+        )
+    lines += [
         "",
         "### Training throughput (zip in → version published, fine_tune=never)",
         "",
@@ -530,7 +637,7 @@ def markdown(r: dict[str, Any]) -> str:
         "(one thread) posting a 28x28 PNG: 3 s of warm-up, then three 8 s runs, each on fresh "
         "connections; the table gives the median run and all three.",
         "",
-        "| workers × TF threads | image | p50 ms | p95 ms | p99 ms | p50 − raw batch-1 forward |",
+        "| workers × threads | image | p50 ms | p95 ms | p99 ms | p50 − raw batch-1 forward |",
         "|---|---|---|---|---|---|",
     ]
     for row in r["serving"]:
@@ -542,7 +649,7 @@ def markdown(r: dict[str, Any]) -> str:
                 )
     lines += [
         "",
-        "| workers × TF threads | clients | requests/s | × raw best | failed | p99 ms | runs (requests/s) |",
+        "| workers × threads | clients | requests/s | × raw best | failed | p99 ms | runs (requests/s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in r["serving"]:
@@ -552,6 +659,40 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{load['requests_per_s']:.0f} | **{load['requests_per_s'] / best:.2f}** | "
                 f"{load['failed']} | {load['p99_ms']} | {', '.join(f'{x:.0f}' for x in load['runs'])} |"
             )
+    ov = r["overhead"]
+    outside = ov["cpu_ms"] - sum(v for k, v in ov["parts_ms"].items() if k.startswith("encoder"))
+    lines += [
+        "",
+        "### Where a request's CPU time goes",
+        "",
+        f"One worker (one thread per forward pass) under wrk with 4 clients: {ov['requests_per_s']:.0f} "
+        f"requests/s, **{ov['cpu_ms']} CPU-ms per request** in the worker (from /proc), of which "
+        f"**{outside:.2f} ms outside the encoder**. Split by where py-spy found the worker running "
+        f"({ov['samples']:,} samples, 200/s; bench/overhead.py):",
+        "",
+        "| part | CPU-ms per request | share |",
+        "|---|---|---|",
+    ]
+    for name, ms in ov["parts_ms"].items():
+        lines.append(f"| {name} | {ms} | {ms / ov['cpu_ms']:.0%} |")
+    boot = r["boot"]
+    lines += [
+        "",
+        "### A web worker's start and memory (10,000-image version, LiteRT, no TensorFlow)",
+        "",
+        "A worker of the Procfile's gunicorn (2 workers) killed three times: seconds from the new "
+        "worker's fork to its first answer serving the version: "
+        + ", ".join(f"**{x}**" for x in boot["seconds"])
+        + " (target ≤ 2 s). Each worker's memory after that (anonymous = private to the process; "
+        "target ≤ 150 MB):",
+        "",
+        "| worker | RSS MB | PSS MB | anonymous (private) MB | shared MB |",
+        "|---|---|---|---|---|",
+    ]
+    for w in boot["memory"]:
+        lines.append(
+            f"| {w['pid']} | {w['rss_mb']} | {w['pss_mb']} | **{w['anonymous_mb']}** | {w['shared_mb']} |"
+        )
     for key in ("index_100k", "index_1m"):
         ix = r[key]
         lines += [

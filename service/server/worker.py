@@ -23,6 +23,7 @@ FREE = -1  # a slot no serving worker holds
 # A worker's main loop turns at least once a second (gthread's select timeout); a slot not
 # refreshed for this long belongs to a worker that hangs, and is ignored like a free one.
 STALE_S = 3.0
+NOTIFY_EVERY_S = 1.0  # how often a worker tells the arbiter it is alive (it must within `timeout`)
 
 
 class ConnectionTable:
@@ -131,6 +132,15 @@ class BalancedThreadWorker(ThreadWorker):
 
     balance_slot: int | None = None  # set by the master's pre_fork hook
     _last_shed = 0.0
+    _notified = 0.0
+
+    def notify(self) -> None:
+        # gthread touches its heartbeat file on every loop turn, i.e. a syscall per request; the
+        # arbiter only needs one per GUNICORN_TIMEOUT (60 s). Once a second is plenty.
+        now = time.monotonic()
+        if now - self._notified >= NOTIFY_EVERY_S:
+            self._notified = now
+            super().notify()
 
     def _publish(self) -> None:
         """Put this worker's connection count in the table (or take it out while stopping)."""
