@@ -78,7 +78,15 @@ def test_a_worker_killed_mid_job_leaves_a_failed_job_and_no_leftovers(server: Se
     record = json.loads((server.log.parent / "store" / "jobs" / f"{job['id']}.json").read_text())
     pid = int(record["runner"].rsplit(":", 1)[1])
     assert pid in server.workers()
+    # The job runs in a child process of that worker (TRAIN_IN_CHILD): it must die with it.
+    tasks = Path(f"/proc/{pid}/task").iterdir()  # a thread of the worker started it
+    children = {int(c) for task in tasks for c in (task / "children").read_text().split()}
+    assert children, "the job runs in a child process of the worker"
     os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{c}").exists() for c in children):
+        assert time.monotonic() < deadline, "the job's process outlived its worker"
+        time.sleep(0.05)
 
     failed = wait_for(server, status_url, ("failed", "succeeded"), timeout=60)
     assert failed["status"] == "failed" and "stopped" in failed["error"]

@@ -11,9 +11,12 @@ limit is killed.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import pickle
+import signal
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -51,7 +54,7 @@ def run_job(
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(
         target=_child,
-        args=(settings, endpoint, str(zip_path), version, fine_tune, kind, sender),
+        args=(settings, endpoint, str(zip_path), version, fine_tune, kind, sender, os.getpid()),
         name=f"job-{endpoint}",
         daemon=True,  # goes when this worker goes
     )
@@ -119,7 +122,9 @@ def _child(
     fine_tune: str,
     kind: str,
     conn: Connection,
+    parent: int,
 ) -> None:
+    _die_with(parent)
     logs.configure(settings.log_level, settings.log_format)
     configure_threads(settings.tf_intra_op_threads, settings.tf_inter_op_threads)
     litert.configure_threads(settings.tf_intra_op_threads)
@@ -135,6 +140,17 @@ def _child(
         send("error", _portable(exc))
     finally:
         conn.close()
+
+
+def _die_with(parent: int) -> None:
+    """Linux: the kernel kills this process when the worker that started it dies, even by SIGKILL,
+    so a job whose worker is gone never publishes behind its failed status."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the broken pipe stops it at its next report
+        return
+    if os.getppid() != parent:  # the worker died before prctl took effect
+        os._exit(1)
 
 
 def _portable(exc: BaseException) -> BaseException:
