@@ -7,5 +7,8 @@ import numpy as np
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
     """L2-normalise rows; all-zero rows stay zero instead of turning into NaN."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    # einsum, not np.linalg.norm: the same sums without norm's Python-level checks (a query
+    # normalises a few times; these microseconds add up per request).
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))[:, None]
+    return vectors / np.maximum(norms, 1e-12)
