@@ -92,6 +92,7 @@ def split(url: str, pid: int, body_file: Path, wrk_run: Any, seconds: int = 8) -
             "raw",
             "-o",
             str(samples),
+            "--nonblocking",  # never pause the worker to sample it (that would cost it time)
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

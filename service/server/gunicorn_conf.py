@@ -1,7 +1,7 @@
 """Gunicorn settings for the Procfile (and `python -m service serve`), sized from the environment.
 
-TensorFlow is not fork-safe (gunicorn#2369): the app is NOT preloaded, so each worker imports
-TensorFlow and loads its encoders after the fork. Workers x TensorFlow threads = the cores.
+The app is NOT preloaded: each worker builds it after the fork (its threads, and TensorFlow where
+a version needs it, are not fork-safe: gunicorn#2369). Workers x threads per forward pass = the cores.
 """
 
 import os
