@@ -174,3 +174,103 @@ def test_procfile_workers_train_in_a_child_and_never_load_tensorflow(
             mapped = _maps(pid)
             assert "libtensorflow_framework" not in mapped and "libtensorflow_cc" not in mapped, pid
             assert "_pywrap_litert_interpreter_wrapper" in mapped  # it serves, with LiteRT
+
+
+def test_a_tampered_converted_model_is_never_served(
+    make_app: Callable[..., Flask], tmp_path: Path, photos_zip: Path
+) -> None:
+    client = make_app().test_client()
+    job = train(client, "food", photos_zip)
+    model = tmp_path / "store" / "food" / "versions" / job["version"] / "encoder.tflite"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one bit pattern changed: it would still load
+    model.write_bytes(bytes(data))
+    fresh = make_app(cache_dir=tmp_path / "cache-2").test_client()
+    answer = fresh.post("/food/infer", data=photo_jpeg("rocket"), content_type="image/jpeg")
+    assert answer.status_code == 503, answer.get_json()
+    assert "encoder.tflite" in fresh.get("/food").get_json()["error"]
+
+
+def test_a_fine_tuned_version_answers_the_same_on_litert_and_on_tensorflow(
+    make_app: Callable[..., Flask], photos_zip: Path
+) -> None:
+    lite = make_app().test_client()
+    form = {"file": (io.BytesIO(photos_zip.read_bytes()), "p.zip"), "fine_tune": "always"}
+    job = wait_job(lite, lite.post("/food/train", data=form).get_json()["status_url"])
+    assert job["status"] == "succeeded" and job["evaluation"]["kept"] == "fine_tuned", job
+    wait_serving(lite, "food", job["version"])
+    # The same version, served by TensorFlow: the operator's switch (ENCODER_RUNTIME=tensorflow).
+    tf = make_app(encoder_runtime="tensorflow").test_client()
+    wait_serving(tf, "food", job["version"])
+    served = [
+        c.application.extensions["simsvc"].registry.endpoints["food"].loaded.encoder for c in (lite, tf)
+    ]
+    assert isinstance(served[0].backbone, litert.LiteEncoder)
+    assert not isinstance(served[1].backbone, litert.LiteEncoder)
+    switched = {"name": "tensorflow", "reason": "ENCODER_RUNTIME=tensorflow"}
+    assert tf.get("/food").get_json()["runtime"] == switched
+    for name in ("rocket", "chelsea", "coffee"):
+        answers = [
+            c.post("/food/infer?k=8", data=photo_jpeg(name), content_type="image/jpeg").get_json()["results"]
+            for c in (lite, tf)
+        ]
+        assert [r["id"] for r in answers[0]] == [r["id"] for r in answers[1]], name
+        assert np.allclose([r["score"] for r in answers[0]], [r["score"] for r in answers[1]], atol=1e-3)
+
+
+def test_a_job_that_embeds_nothing_still_checks_the_converted_model_on_its_images(
+    make_app: Callable[..., Flask], photos_zip: Path
+) -> None:
+    client = make_app().test_client()
+    assert train(client, "food", photos_zip)["status"] == "succeeded"
+    again = train(client, "food", photos_zip)  # every vector reused from the first version
+    assert again["counts"]["embedded"] == 0, again["counts"]
+    assert again["runtime"]["name"] == "litert" and again["runtime"]["checked_images"] == 30, again["runtime"]
+    assert again["runtime"]["min_cosine_images"] >= 0.9999
+
+
+def test_a_model_tflite_cannot_express_trains_and_serves_on_tensorflow_and_says_why(
+    make_app: Callable[..., Flask], tmp_path: Path, photos_zip: Path
+) -> None:
+    from .standins import UNCONVERTIBLE_SIZE, unconvertible
+
+    unconvertible(tmp_path / "svd-model")
+    endpoints = tmp_path / "endpoints"
+    endpoints.mkdir()
+    (endpoints / "spectral.toml").write_text(
+        f'[encoder]\nsource = "{tmp_path / "svd-model"}"\ninput_size = {UNCONVERTIBLE_SIZE}\n'
+        "[head]\nfeature_dim = 8\n"
+    )
+    client = make_app(endpoints_dir=endpoints).test_client()
+    job = train(client, "spectral", photos_zip)
+    assert job["status"] == "succeeded", job
+    assert job["runtime"]["name"] == "tensorflow" and "Svd" in job["runtime"]["reason"], job["runtime"]
+    wait_serving(client, "spectral", job["version"])
+    assert client.get("/spectral").get_json()["runtime"] == job["runtime"]
+    answer = client.post("/spectral/infer", data=photo_jpeg("rocket"), content_type="image/jpeg")
+    assert answer.status_code == 200, answer.get_json()
+
+
+def test_errors_that_cross_from_a_job_process_stay_the_service_s_or_python_s() -> None:
+    from service.core.errors import TrainingError
+    from service.serving.jobproc import _portable
+
+    skipped = TrainingError("no usable image", ["a.txt"])
+    assert _portable(skipped) is skipped
+    assert isinstance(_portable(OSError(28, "No space left")), OSError)
+
+    class TensorFlowLike(Exception):  # any other library's error: its unpickling could import it
+        __module__ = "tensorflow.python.framework.errors_impl"
+
+    for foreign in (TensorFlowLike("OOM when allocating"), KeyboardInterrupt(), SystemExit(3)):
+        crossed = _portable(foreign)
+        assert type(crossed) is RuntimeError and type(foreign).__name__ in str(crossed)
+
+
+def test_a_nan_from_the_converted_model_never_passes_the_check() -> None:
+    from service.encoders import convert
+
+    reference = np.ones((2, 4), np.float32)
+    assert convert.worst_cosine(reference, reference) == pytest.approx(1.0)
+    assert convert.worst_cosine(reference, np.full((2, 4), np.nan, np.float32)) == -1.0
+    assert convert.worst_cosine(reference, np.array([[1, 1, 1, 1], [np.inf, 0, 0, 0]], np.float32)) == -1.0

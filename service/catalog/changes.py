@@ -248,7 +248,7 @@ def add_items(
                     head.save(staging)
                 else:
                     carried.update(_carry(base, spec.name, HEAD_FILES))
-            runtime = training.stage_converted(encoder, staging, settings)
+            runtime = training.stage_converted(encoder, staging, settings, embed_dir / "images")
             manifest = {
                 **(base.manifest if base else {}),
                 "encoder": {**encoder.describe(), "handle": spec.encoder.source},

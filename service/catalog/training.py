@@ -114,7 +114,7 @@ def train(
         catalogue.write(rows, staging, spec.n_trees, head=outcome.head is not None)
         if outcome.head is not None:
             outcome.head.save(staging)
-        runtime = stage_converted(encoder, staging, settings)
+        runtime = stage_converted(encoder, staging, settings, staging / "images")
         labels = Counter(e["label"] for e in rows.entries if e["label"] is not None)
         counts = {
             "files": len(plan.entries) + len(plan.skipped),
@@ -178,14 +178,29 @@ def converted_encoder(encoder: encoders.Encoder, settings: Settings, report: Pro
     return verified
 
 
-def stage_converted(encoder: convert.Verified, staging: Path, settings: Settings) -> dict[str, Any]:
-    """Put the converted model (if it passed every check) with the version; its `runtime` entry."""
+def stage_converted(
+    encoder: convert.Verified, staging: Path, settings: Settings, job_images: Path
+) -> dict[str, Any]:
+    """Put the converted model (if it passed every check) with the version; its `runtime` entry.
+
+    A job whose images were all reused from the catalogue embedded nothing, so nothing was
+    checked yet: the job's own images (`job_images`, their originals) are checked here."""
+    if encoder.converted is not None and encoder.checked < convert.CHECK_IMAGES:
+        sample = sorted(p for p in job_images.glob("*") if p.is_file())[: convert.CHECK_IMAGES]
+        inputs = []
+        for path in sample:
+            try:
+                inputs.append(
+                    images.prepare(path.read_bytes(), encoder.input_size, settings.max_image_pixels)[0]
+                )
+            except BadImageError:
+                continue
+        if inputs:
+            encoder.check(np.stack(inputs))
     path = convert.model_path(encoder, settings.cache_dir)
     if path is not None:
-        try:
-            os.link(path, staging / litert.MODEL_FILE)  # same disk: no copy
-        except OSError:
-            shutil.copyfile(path, staging / litert.MODEL_FILE)
+        # A copy, not a link: the instance's cache file must never be the published one.
+        shutil.copyfile(path, staging / litert.MODEL_FILE)
     return encoder.runtime
 
 

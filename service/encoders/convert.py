@@ -12,6 +12,8 @@ manifest says why (`runtime`).
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -24,6 +26,7 @@ import numpy as np
 from service.core.errors import EncoderUnavailableError
 from service.core.vectors import normalise
 from service.encoders import Encoder, litert, tfruntime
+from service.storage.versions import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +77,57 @@ def tflite_bytes(encoder: Encoder) -> bytes:
     return bytes(converter.convert())
 
 
+def worst_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """The least cosine between the rows of two runtimes' outputs; -1 if any value is not finite
+    (NaN compares false with every threshold, so it must never reach one)."""
+    if not (np.isfinite(reference).all() and np.isfinite(candidate).all()):
+        return -1.0
+    found = cosines(reference, candidate)
+    return float(found.min()) if len(found) and np.isfinite(found).all() else -1.0
+
+
+def _cache_name(encoder: Encoder) -> str:
+    # What the traced forward pass depends on besides the model: its input size and outputs.
+    shape = {k: encoder.source.describe().get(k) for k in ("input_size", "signature", "output_key")}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{encoder.fingerprint}-{digest}-{litert.version()}.tflite"
+
+
 def converted_file(encoder: Encoder, cache_dir: Path) -> Path:
-    """The encoder's converted model on this instance, converting it once (under a lock)."""
+    """The encoder's converted model on this instance, converting it once (under a lock). A cached
+    file is used only while it matches the sha256 written beside it when it was made."""
     folder = cache_dir / "converted"
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{encoder.fingerprint}-{litert.version()}.tflite"
+    target = folder / _cache_name(encoder)
+    digest_file = target.with_name(target.name + ".sha256")
     with open(folder / f"{target.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # worker processes on one instance convert once
-        if not target.exists():
-            started = time.monotonic()
-            data = tflite_bytes(encoder)
-            tmp = target.with_suffix(f".{os.getpid()}.part")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)  # complete or absent
-            log.info(
-                "converted encoder %s to TFLite in %.1fs (%d bytes)",
-                encoder.fingerprint,
-                time.monotonic() - started,
-                len(data),
-            )
+        if (
+            target.exists()
+            and digest_file.exists()
+            and sha256_file(target) == digest_file.read_text().strip()
+        ):
+            return target
+        started = time.monotonic()
+        data = tflite_bytes(encoder)
+        tmp = target.with_suffix(f".{os.getpid()}.part")
+        tmp.write_bytes(data)
+        digest_file.write_text(hashlib.sha256(data).hexdigest())
+        os.replace(tmp, target)  # complete or absent
+        log.info(
+            "converted encoder %s to TFLite in %.1fs (%d bytes)",
+            encoder.fingerprint,
+            time.monotonic() - started,
+            len(data),
+        )
     return target
+
+
+def forget(encoder: Encoder, cache_dir: Path) -> None:
+    """Drop a cached conversion that failed to load or to agree: the next job converts afresh."""
+    target = cache_dir / "converted" / _cache_name(encoder)
+    target.unlink(missing_ok=True)
+    target.with_name(target.name + ".sha256").unlink(missing_ok=True)
 
 
 class Verified:
@@ -128,31 +162,34 @@ class Verified:
         return self.converted if self.converted is not None else self.reference
 
     @property
+    def checked(self) -> int:
+        """The job's images checked so far against TensorFlow."""
+        with self._lock:
+            return self._checked
+
+    @property
     def runtime(self) -> dict[str, Any]:
         """The manifest's `runtime` entry: which runtime serves the version, and the evidence."""
         with self._lock:
             entry = dict(self._runtime)
             if self.converted is not None:
                 entry["checked_images"] = self._checked
-                entry["min_cosine_images"] = round(self._worst, 7)
+                entry["min_cosine_images"] = round(self._worst, 7) if self._checked else None
             return entry
 
     def describe(self) -> dict[str, Any]:
         return self.reference.describe()
 
-    def encode(self, batch: np.ndarray) -> np.ndarray:
+    def check(self, batch: np.ndarray) -> np.ndarray | None:
+        """Run `batch` (the job's images) through both runtimes; on a disagreement switch to
+        TensorFlow for good. Returns TensorFlow's unit vectors if it switched, else LiteRT's."""
+        converted = self.converted
+        if converted is None or not len(batch):
+            return None
+        reference, candidate = self.reference.raw(batch), converted.raw(batch)
+        worst = worst_cosine(reference, candidate)
         with self._lock:
-            converted, to_check = self.converted, self.check_images - self._checked
-        if converted is None:
-            return self.reference.encode(batch)
-        if to_check <= 0:
-            return converted.encode(batch)
-        head, rest = batch[:to_check], batch[to_check:]
-        reference = self.reference.raw(head)
-        candidate = converted.raw(head)
-        worst = float(cosines(reference, candidate).min()) if len(head) else 1.0
-        with self._lock:
-            self._checked += len(head)
+            self._checked += len(batch)
             self._worst = min(self._worst, worst)
             if worst < self.min_cosine and self.converted is not None:
                 self.converted = None
@@ -162,7 +199,17 @@ class Verified:
                     f"(cosine {worst:.6f} < {self.min_cosine})",
                 }
                 log.warning("converted encoder %s: %s", self.fingerprint, self._runtime["reason"])
-        head_vectors = normalise(reference if self.converted is None else candidate)
+        return normalise(reference if self.converted is None else candidate)
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            converted, to_check = self.converted, self.check_images - self._checked
+        if converted is None:
+            return self.reference.encode(batch)
+        if to_check <= 0:
+            return converted.encode(batch)
+        head, rest = batch[:to_check], batch[to_check:]
+        head_vectors = self.check(head)
         if not len(rest):
             return head_vectors
         return np.concatenate([head_vectors, self.encode(rest)])
@@ -177,6 +224,10 @@ def prepare(encoder: Encoder, cache_dir: Path, runtime: str, min_cosine: float =
         )
     try:
         version = litert.version()
+    except EncoderUnavailableError as exc:
+        log.warning("encoder %s: %s", encoder.fingerprint, exc.message)
+        return Verified(encoder, None, {"name": "tensorflow", "reason": exc.message}, min_cosine)
+    try:
         path = converted_file(encoder, cache_dir)
         converted = litert.LiteEncoder(path, encoder.describe())
         if converted.input_size != encoder.input_size or converted.dim != encoder.dim:
@@ -185,13 +236,15 @@ def prepare(encoder: Encoder, cache_dir: Path, runtime: str, min_cosine: float =
                 f"TensorFlow {encoder.input_size}px to {encoder.dim}-d"
             )
         samples = sample_inputs(encoder.input_size)
-        worst = float(cosines(encoder.raw(samples), converted.raw(samples)).min())
+        worst = worst_cosine(encoder.raw(samples), converted.raw(samples))
     except Exception as exc:  # the converter raises many types (ConverterError, ValueError, ...)
+        forget(encoder, cache_dir)
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         reason = f"conversion to TFLite failed: {type(exc).__name__}: {first_line}"
         log.warning("encoder %s: %s", encoder.fingerprint, reason)
         return Verified(encoder, None, {"name": "tensorflow", "reason": reason}, min_cosine)
     if worst < min_cosine:
+        forget(encoder, cache_dir)
         reason = (
             "the converted model disagreed with TensorFlow on sample inputs "
             f"(cosine {worst:.6f} < {min_cosine})"

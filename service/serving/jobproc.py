@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import Any
 from service.catalog import changes, training
 from service.core import logs
 from service.core.config import Settings
-from service.core.endpoint import load_endpoints
+from service.core.endpoint import EndpointSpec
 from service.core.errors import ServiceError, TrainingError
 from service.encoders import litert
 from service.encoders.tfruntime import configure_threads
@@ -42,7 +43,7 @@ Work = training.TrainResult | changes.ChangeResult
 
 def run_job(
     settings: Settings,
-    endpoint: str,
+    spec: EndpointSpec,
     zip_path: Path,
     on_progress: training.ProgressFn,
     version: str,
@@ -54,8 +55,8 @@ def run_job(
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(
         target=_child,
-        args=(settings, endpoint, str(zip_path), version, fine_tune, kind, sender, os.getpid()),
-        name=f"job-{endpoint}",
+        args=(settings, spec, str(zip_path), version, fine_tune, kind, sender, os.getpid()),
+        name=f"job-{spec.name}",
         daemon=True,  # goes when this worker goes
     )
     child.start()
@@ -64,12 +65,10 @@ def run_job(
     outcome: tuple[str, Any] | None = None
     try:
         while outcome is None:
+            if time.monotonic() > deadline:  # checked every turn: a chatty child is no exception
+                child.kill()
+                raise TrainingError(f"the job ran over its time limit (JOB_MAX_S={settings.job_max_s:g} s)")
             if not receiver.poll(1.0):
-                if time.monotonic() > deadline:
-                    child.kill()
-                    raise TrainingError(
-                        f"the job ran over its time limit (JOB_MAX_S={settings.job_max_s:g} s)"
-                    )
                 continue
             try:
                 tag, payload = receiver.recv()
@@ -85,17 +84,32 @@ def run_job(
         if child.is_alive():
             child.kill()
             child.join()
+        if child.exitcode != 0:  # killed (out of memory?) or crashed: its scratch files are ours to remove
+            remove_leftovers_of(settings.cache_dir, child.pid)
     if outcome is None:
-        raise RuntimeError(f"the training process stopped (exit code {child.exitcode}) before it finished")
+        code = child.exitcode
+        how = f"was killed by signal {-code} (out of memory?)" if code and code < 0 else f"exited with {code}"
+        raise RuntimeError(f"the training process {how} before it finished")
     tag, payload = outcome
     if tag == "error":
         raise payload
     return payload
 
 
+def remove_leftovers_of(cache_dir: Path, pid: int | None) -> None:
+    """Delete the uploads, work folders and half-written conversions a process left behind."""
+    if pid is None:
+        return
+    for folder in (cache_dir / "uploads", cache_dir / "work"):
+        for path in folder.glob(f"{pid}-*") if folder.is_dir() else []:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    for part in (cache_dir / "converted").glob(f"*.{pid}.part"):
+        part.unlink(missing_ok=True)
+
+
 def work(
     settings: Settings,
-    endpoint: str,
+    spec: EndpointSpec,
     zip_path: Path,
     on_progress: training.ProgressFn,
     version: str,
@@ -104,7 +118,7 @@ def work(
     storage: Any = None,
 ) -> Work:
     """A job's work: train (replace the catalogue) or add items; in whichever process runs it."""
-    spec = load_endpoints(settings.endpoints_dir)[endpoint]
+    # The spec the worker validated at start-up, not the endpoint file as it is now.
     if storage is None:
         storage = open_storage(
             settings.storage_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
@@ -116,7 +130,7 @@ def work(
 
 def _child(
     settings: Settings,
-    endpoint: str,
+    spec: EndpointSpec,
     zip_path: str,
     version: str,
     fine_tune: str,
@@ -130,13 +144,11 @@ def _child(
     litert.configure_threads(settings.tf_intra_op_threads)
     send: Callable[[str, Any], None] = lambda tag, payload: conn.send((tag, payload))  # noqa: E731
     try:
-        result = work(
-            settings, endpoint, Path(zip_path), lambda p: send("progress", p), version, fine_tune, kind
-        )
+        result = work(settings, spec, Path(zip_path), lambda p: send("progress", p), version, fine_tune, kind)
         send("result", result)
     except BaseException as exc:  # every failure goes back to the job runner, as it would in a thread
         if not isinstance(exc, ServiceError):  # a bug: its traceback stays in this process's log
-            log.exception("training job for %s failed", endpoint)
+            log.exception("training job for %s failed", spec.name)
         send("error", _portable(exc))
     finally:
         conn.close()
@@ -153,11 +165,15 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _portable(exc: BaseException) -> BaseException:
-    """The exception if it survives pickling, else a RuntimeError that says what it was."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        log.exception("training failed with an exception that cannot leave the process")
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
+def _portable(exc: BaseException) -> Exception:
+    """What crosses the pipe: the service's own errors and Python's as they are; anything else
+    (a TensorFlow error, whose unpickling would import TensorFlow into the web worker; an exit or
+    an interrupt, which the job runner must record as a failure) as a RuntimeError naming it."""
+    module = type(exc).__module__
+    if isinstance(exc, Exception) and (module == "builtins" or module.startswith("service.")):
+        try:
+            pickle.loads(pickle.dumps(exc))
+            return exc
+        except Exception:
+            pass
+    return RuntimeError(f"{type(exc).__name__}: {exc}")

@@ -98,6 +98,9 @@ def _backbone(
     runtime = dict(
         manifest.get("runtime") or {"name": "tensorflow", "reason": "built before converted encoders"}
     )
+    if runtime.get("name") == litert.RUNTIME and settings.encoder_runtime == "tensorflow":
+        # The operator's switch back to TensorFlow, for versions converted before it was set too.
+        runtime = {"name": "tensorflow", "reason": "ENCODER_RUNTIME=tensorflow"}
     if runtime.get("name") == litert.RUNTIME:
         digest = manifest.get("files", {}).get(litert.MODEL_FILE, {}).get("sha256")
         try:

@@ -232,8 +232,10 @@ def build_service(settings: Settings) -> Service:
         kind: str,
     ) -> training.TrainResult | changes.ChangeResult:
         if settings.train_in_child:  # TensorFlow loads in the child, never in this worker
-            return jobproc.run_job(settings, endpoint, zip_path, on_progress, version, fine_tune, kind)
-        return jobproc.work(settings, endpoint, zip_path, on_progress, version, fine_tune, kind, storage)
+            return jobproc.run_job(settings, specs[endpoint], zip_path, on_progress, version, fine_tune, kind)
+        return jobproc.work(
+            settings, specs[endpoint], zip_path, on_progress, version, fine_tune, kind, storage
+        )
 
     s3 = storage if isinstance(storage, S3Storage) else None
 
