@@ -96,9 +96,8 @@ def test_each_architecture_converts_and_litert_agrees_with_tensorflow_on_photos(
     assert runtime["name"] == "litert" and runtime["checked_samples"] == 8, runtime
     assert runtime["min_cosine_samples"] >= MIN_COSINE, runtime
     assert convert.model_path(verified, cache_dir).is_file()
-    assert [p.name.startswith(encoder.fingerprint) for p in (cache_dir / "converted").glob("*.tflite")] == [
-        True
-    ]
+    cached = [p.name for p in (cache_dir / "converted").glob("*.tflite")]
+    assert any(name.startswith(encoder.fingerprint) for name in cached), cached
     lite = verified.converted
     assert (lite.input_size, lite.dim) == (encoder.input_size, encoder.dim)
 
