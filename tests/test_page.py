@@ -160,6 +160,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, photos_zi
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).is_file(), "install Debian's chromium (apt-get install chromium; make test does)"
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM)
         yield chromium
