@@ -86,31 +86,30 @@ def test_the_page_and_its_files_are_served_with_a_strict_csp(make_app: Callable[
     assert page.headers["X-Content-Type-Options"] == "nosniff"
 
     assert markup.inline == [], "inline scripts, styles or handlers would need 'unsafe-inline'"
-    assert [s.get("src") for s in markup.scripts] == ["/page/app.js"]
-    assert all(url.startswith("/page/") or url.startswith("#") for url in markup.urls), markup.urls
+    assert [s.get("src") for s in markup.scripts] == ["/static/app.js"]
+    assert all(url.startswith("/static/") or url.startswith("#") for url in markup.urls), markup.urls
     for url, mimetype in [
-        ("/page/app.js", "text/javascript"),
-        ("/page/style.css", "text/css"),
-        ("/page/favicon.svg", "image/svg+xml"),
+        ("/static/app.js", "text/javascript"),
+        ("/static/style.css", "text/css"),
+        ("/static/favicon.svg", "image/svg+xml"),
     ]:
         with client.get(url) as asset:
             assert asset.status_code == 200 and asset.mimetype == mimetype, url
-            assert asset.get_data() == (STATIC / url.removeprefix("/page/")).read_bytes()
+            assert asset.get_data() == (STATIC / url.removeprefix("/static/")).read_bytes()
     # The script builds the page from text only: nothing a Trusted Types CSP would refuse.
     script = (STATIC / "app.js").read_text()
     assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(", script)
 
     # The JSON routes keep their own CSP; the page is not part of the API's description.
     assert client.get("/health").headers["Content-Security-Policy"] == API_CSP
-    assert client.get("/page/missing.js").status_code == 404
-    assert client.get("/static/app.js").status_code == 404  # one place for the files
+    assert client.get("/static/missing.js").status_code == 404
     paths = client.get("/openapi.json").get_json()["paths"]
-    assert "/" not in paths and not any(p.startswith("/page") for p in paths)
+    assert "/" not in paths and not any(p.startswith("/static") for p in paths)
 
 
 def test_the_page_needs_no_token_but_what_it_calls_does(make_app: Callable[..., Flask]) -> None:
     client = make_app(admin_token=ADMIN, query_token=QUERY).test_client()
-    with client.get("/") as page, client.get("/page/app.js") as script:
+    with client.get("/") as page, client.get("/static/app.js") as script:
         assert page.status_code == 200 and script.status_code == 200
     assert client.get("/endpoints").status_code == 401
     assert client.get("/endpoints", headers=auth(QUERY)).status_code == 200

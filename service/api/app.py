@@ -111,7 +111,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         settings.signed_url_expiry_s,
     )
 
-    app = Flask(__name__, static_folder=None)  # the page's files: routes/page.py, under /page/
+    app = Flask(__name__, static_folder=None)  # the page's files: routes/page.py
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_upload_mb * MB,
         API_TITLE="Image similarity service",

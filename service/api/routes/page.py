@@ -12,11 +12,12 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, current_app, send_from_directory
 
 from service.api.common import svc
+from service.core.errors import ServiceError
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
-# Assets under /page/... (an endpoint's routes are /<name> and /<name>/<route>, none of them /page/x).
-blp = Blueprint("page", __name__, static_folder=str(STATIC), static_url_path="/page")
+# Its files under /static/ (a name no endpoint may take: service/core/endpoint.py RESERVED_NAMES).
+blp = Blueprint("page", __name__, static_folder=str(STATIC), static_url_path="/static")
 
 # Scripts and styles from this origin only (no inline script, no style attributes); images from
 # here, from blob: URLs (the query photo's preview, images fetched with a token) and data: URLs.
@@ -39,13 +40,10 @@ def _store_origin() -> str:
     """The store's origin where results' image URLs point into it (pre-signed S3 URLs), else ''."""
     cache = current_app.extensions.setdefault("simsvc.page", {})
     if "store_origin" not in cache:
-        origin = ""
         try:
-            url = svc().storage.signed_url("page-csp-probe", 60)  # signed locally, no request made
-        except Exception:  # a store that cannot sign: its images come through this service
-            url = None
-        if url:
-            parts = urlsplit(url)
-            origin = f" {parts.scheme}://{parts.netloc}"
-        cache["store_origin"] = origin
+            url = svc().storage.signed_url("page-csp-probe", 60)  # signed here: no request is made
+        except ServiceError:
+            return ""  # it cannot sign now, so results cannot point into it either: ask again later
+        parts = urlsplit(url or "")
+        cache["store_origin"] = f" {parts.scheme}://{parts.netloc}" if url else ""
     return cache["store_origin"]
