@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tomllib
 
 import grimp
@@ -13,8 +14,16 @@ CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlin
 
 
 def test_import_contracts_hold() -> None:
-    # Layers import only downward; only service.api imports Flask, Werkzeug or marshmallow.
-    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+    # lint_imports configures logging with dictConfig, which disables every logger that exists by
+    # then (the service's own, for the tests that run after this one): put them back as they were.
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    disabled = {logger: logger.disabled for logger in loggers}
+    try:
+        # Layers import only downward; only service.api imports Flask, Werkzeug or marshmallow.
+        assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+    finally:
+        for logger, was in disabled.items():
+            logger.disabled = was
 
 
 def test_every_part_of_the_package_is_in_a_layer() -> None:
