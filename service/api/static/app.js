@@ -722,7 +722,12 @@ async function followJob(name, jobId) {
       status = await api(`/${encodeURIComponent(name)}/jobs/${encodeURIComponent(jobId)}`);
     } catch (err) {
       showError(err);
-      await new Promise((r) => setTimeout(r, 2000));
+      if (err.status >= 400 && err.status < 500) {
+        job.dataset.status = "unknown"; // gone, or no longer ours to see: asking again will not help
+        jobStage(`Cannot follow the job: ${err.message}`, 0, 1);
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 2000)); // the service or the network: try again
       continue;
     }
     job.dataset.status = status.status;
