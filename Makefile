@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ENCODER := models/offline-mobilenetv2-160/saved_model.pb
 
-.PHONY: run test lint bench bench-tools encoder demo clean
+.PHONY: run test test-tools lint bench bench-tools screenshot encoder demo clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,23 @@ demo: $(ENCODER)
 run: demo
 	HOST=$${HOST:-127.0.0.1} $(PY) -m service serve
 
-test: $(ENCODER)
+test: $(ENCODER) test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The page's browser tests (tests/test_page.py) drive Debian's Chromium, never a downloaded browser:
+# installed here when missing, as root; otherwise say what is needed.
+test-tools:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "make test needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"; exit 1; \
+	  fi; \
+	fi
+
+# docs/page.png: the web page with real results from the demo that `make run` serves.
+screenshot: $(ENCODER) test-tools
+	$(PY) -m bench.screenshot
 
 # Writes docs/BENCHMARKS.md and docs/RELIABILITY.md; BENCH="lifecycle" runs one section.
 bench: $(ENCODER) bench-tools

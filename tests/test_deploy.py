@@ -61,6 +61,9 @@ def test_the_bundle_holds_what_eb_needs_and_nothing_ignored(bundle: Path) -> Non
         "endpoints/fashion.toml",
         ".ebextensions/01-service.config",
         ".platform/nginx/conf.d/simsvc.conf",
+        "service/api/static/index.html",  # the web page and its files
+        "service/api/static/app.js",
+        "service/api/static/style.css",
     ):
         assert needed in names, needed
     for unwanted in (".venv/", "models/", "data/", "cache/", "tests/", "dist/", "__pycache__"):
@@ -101,6 +104,9 @@ def test_the_procfile_command_serves_from_the_unpacked_bundle(
             timeout=30,
         ).json()
         assert found["results"][0]["name"] == "moon/moon-original.jpg"
+        page = requests.get(f"{url}/", timeout=10)
+        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+        assert requests.get(f"{url}/static/app.js", timeout=10).status_code == 200
 
 
 # --- the worker tier ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from swagger_ui_bundle import swagger_ui_path
 from service.api.auth import Tokens
 from service.api.common import MB, cap_small_bodies
 from service.api.errors import register_error_handlers
-from service.api.routes import BLUEPRINTS
+from service.api.routes import BLUEPRINTS, page
 from service.core import logs, metrics
 from service.core.config import Settings
 from service.core.errors import InvalidHostError
@@ -111,7 +111,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         settings.signed_url_expiry_s,
     )
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the page's files: routes/page.py
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_upload_mb * MB,
         API_TITLE="Image similarity service",
@@ -148,6 +148,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     api = Api(app)
     for blueprint in BLUEPRINTS:
         api.register_blueprint(blueprint)
+    app.register_blueprint(page.blp)  # GET / and its files: for people, so not in the API's description
     register_error_handlers(app)  # after Api(), so these handlers win over flask-smorest's
 
     if settings.warm_on_start:
