@@ -263,6 +263,7 @@ def names(page: Page) -> list[str]:
 def test_search_with_a_photo_shows_the_matches_with_their_images(pages: Pages) -> None:
     page = pages.open()
     expect(page.locator("#summary-facts div", has_text="Items")).to_have_text(f"Items{5 * len(TEST_PHOTOS)}")
+    expect(page.locator("#summary-facts div", has_text="Encoder")).to_have_text("EncoderLiteRT (converted)")
     expect(page.locator("#endpoint")).to_have_value("food")
     expect(page.locator("#label-chips button")).to_have_count(len(TEST_PHOTOS))
 

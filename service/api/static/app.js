@@ -266,6 +266,11 @@ function renderSummary(info) {
     ["Labels", String(Object.keys(info.labels || {}).length)],
     ["Trained", formatTime(info.trained_at)],
   ];
+  if (info.runtime && info.runtime.name) {
+    // Which runtime runs the encoder: the converted model (LiteRT), or TensorFlow and why.
+    const runtime = info.runtime.name === "litert" ? "LiteRT (converted)" : "TensorFlow";
+    facts.push(["Encoder", el("span", { text: runtime, title: info.runtime.reason || "" })]);
+  }
   if (info.degraded) {
     facts.push(["Store", el("span", { class: "badge status-failed", text: `unreachable since ${formatTime(info.degraded_since)}` })]);
   }
