@@ -77,8 +77,8 @@ def decode(
         if draft and fmt == "JPEG":
             image.draft("RGB", (draft, draft))
         _check_budget(image, max_pixels)
-        image = ImageOps.exif_transpose(image)
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # no copy of every image that needs no turn
         return _to_rgb(image), fmt
     except BadImageError:
         raise
