@@ -16,6 +16,7 @@ const state = {
   item: null, // the item shown in the dialog
   kTouched: false,
   searchSeq: 0,
+  jobSeq: 0,
   blobs: [], // blob: URLs of the grid's images (revoked when the grid is drawn again)
   previewUrl: null,
 };
@@ -378,6 +379,13 @@ function parseValue(text) {
   return t;
 }
 
+// What a typed value may match: digits as a number and as text too (metadata.csv gives text,
+// metadata.jsonl numbers, and the service tells them apart).
+function candidates(text) {
+  const value = parseValue(text);
+  return typeof value === "number" && !text.trim().startsWith('"') ? [value, text.trim()] : [value];
+}
+
 function whereFilter() {
   const where = {};
   for (const row of $("conditions").querySelectorAll(".condition")) {
@@ -385,9 +393,10 @@ function whereFilter() {
     if (!field) continue;
     const test = row.querySelector(".cond-test").value;
     if (test === "is") {
-      where[field] = parseValue(row.querySelector(".cond-value").value);
+      const values = candidates(row.querySelector(".cond-value").value);
+      where[field] = values.length > 1 ? values : values[0];
     } else if (test === "any") {
-      where[field] = row.querySelector(".cond-value").value.split(",").map((v) => v.trim()).filter(Boolean).map(parseValue);
+      where[field] = row.querySelector(".cond-value").value.split(",").map((v) => v.trim()).filter(Boolean).flatMap(candidates);
     } else {
       const range = {};
       const min = row.querySelector(".cond-min").value;
@@ -538,11 +547,12 @@ function resultCard(result) {
   );
 }
 
-function showSimilar(item) {
+async function showSimilar(item) {
   state.view = { kind: "similar", item };
   clearTimeout(refreshTimer);
-  runView();
+  await runView();
   $("results-title").scrollIntoView({ block: "nearest" });
+  $("results-title").focus(); // the grid was redrawn: a keyboard user goes on from its title
 }
 
 // --- one item: its photos, similar items, edit, delete --------------------------------------------
@@ -601,17 +611,13 @@ function renderItemFacts(item) {
   $("item-facts").replaceChildren(...facts.map(([t, d]) => [el("dt", { text: t }), el("dd", { text: d })]).flat());
 }
 
-// A JSON merge patch (RFC 7396) that turns `before` into `after`; undefined when they are equal.
+// The edit route merges metadata one level deep: a changed field is sent whole (a nested object
+// too, never a part of it, which would replace the rest), a removed one as null.
 function mergePatch(before, after) {
-  const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
-  if (!isObject(before) || !isObject(after)) {
-    return JSON.stringify(before) === JSON.stringify(after) ? undefined : after;
-  }
   const patch = {};
-  for (const key of Object.keys(before)) if (!(key in after)) patch[key] = null;
+  for (const key of Object.keys(before || {})) if (!(key in after)) patch[key] = null;
   for (const [key, value] of Object.entries(after)) {
-    const change = key in before ? mergePatch(before[key], value) : value;
-    if (change !== undefined) patch[key] = change;
+    if (JSON.stringify((before || {})[key]) !== JSON.stringify(value)) patch[key] = value;
   }
   return Object.keys(patch).length ? patch : undefined;
 }
@@ -670,6 +676,7 @@ async function deleteItem() {
     }
     announce(`Deleted item ${item.id} (${item.name}): version ${answer.version}.`);
     await afterChange();
+    $("results-title").focus(); // the dialog and the item are gone: not back to the page's top
   } catch (err) {
     $("item-delete").hidden = false;
     $("item-delete-confirm").hidden = true;
@@ -698,6 +705,7 @@ function jobStage(text, done, total) {
 
 async function startJob(what, path, form) {
   hideError();
+  const seq = ++state.jobSeq; // the panel follows the newest job; older loops stop drawing
   const name = state.name;
   const job = $("job");
   job.dataset.status = "uploading";
@@ -711,21 +719,24 @@ async function startJob(what, path, form) {
       jobStage(`Uploading: ${Math.round((100 * loaded) / total)}%`, loaded, total),
     );
   } catch (err) {
+    if (seq !== state.jobSeq) return;
     job.dataset.status = "failed";
     jobStage("The upload was refused.", 0, 1);
     showError(err);
     return;
   }
-  await followJob(name, created.job_id);
+  await followJob(name, created.job_id, seq);
 }
 
-async function followJob(name, jobId) {
+async function followJob(name, jobId, seq) {
   const job = $("job");
   for (;;) {
     let status;
     try {
       status = await api(`/${encodeURIComponent(name)}/jobs/${encodeURIComponent(jobId)}`);
+      if (seq !== state.jobSeq) return; // a newer job took the panel
     } catch (err) {
+      if (seq !== state.jobSeq) return;
       showError(err);
       if (err.status >= 400 && err.status < 500) {
         job.dataset.status = "unknown"; // gone, or no longer ours to see: asking again will not help
