@@ -465,7 +465,7 @@ def test_adding_an_item_with_two_photos_then_editing_it(pages: Pages, tmp_path: 
     expect(dialog).to_be_hidden()
     expect(first).to_have_attribute("data-label", "moons")
     expect(first.locator(".result-metadata")).to_contain_text("15")
-    expect(first.locator(".result-metadata")).to_contain_text('{"w":11,"h":20}')
+    expect(first.locator(".result-metadata")).to_contain_text('{"h":20,"w":11}')  # stored with sorted keys
     expect(page.locator('#label-chips [data-label="moons"]')).to_have_count(1)
 
 
