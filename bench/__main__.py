@@ -15,6 +15,7 @@ SECTIONS = ("quality", "perf", "filters", "lifecycle", "reliability")
 
 def main(names: list[str]) -> None:
     chosen = names or list(SECTIONS)
+    (ROOT / "cache").mkdir(exist_ok=True)  # every section works under it; a fresh clone has none
     parts = []
     for name in chosen:
         module = __import__(f"bench.{name}", fromlist=["run", "markdown"])
