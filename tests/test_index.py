@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.catalog.index import IndexReader, build_index, cosine_from_angular
-from service.encoders import normalise
+from service.core.vectors import normalise
 
 VECTORS = normalise(np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]], np.float32))
 

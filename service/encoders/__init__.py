@@ -19,8 +19,7 @@ import numpy as np
 
 from service.core.endpoint import EncoderSpec
 from service.core.errors import EncoderUnavailableError
-from service.core.vectors import normalise
-from service.encoders import tfruntime
+from service.encoders import batching, tfruntime
 from service.encoders.batching import Batcher
 from service.storage import Storage
 
@@ -126,16 +125,7 @@ class Encoder:
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         """Embed a uint8 RGB batch [N, size, size, 3] (see images.to_input); rows have unit length."""
-        if (
-            batch.dtype != np.uint8
-            or batch.ndim != 4
-            or batch.shape[1:] != (self.input_size, self.input_size, 3)
-        ):
-            size = self.input_size
-            raise ValueError(f"expected uint8 [N, {size}, {size}, 3], got {batch.dtype} {batch.shape}")
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return normalise(self.batcher(batch))
+        return batching.encode(self.batcher, batch, self.input_size, self.dim)
 
     def describe(self) -> dict[str, Any]:
         return {**self.source.describe(), "dim": self.dim, "fingerprint": self.fingerprint}

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.core import metrics
+from service.core.vectors import normalise
 
 # How long a pass may wait for company under load (set from BATCH_WINDOW_MS at start-up).
 DEFAULT_WINDOW_S = 0.003
@@ -152,3 +153,13 @@ class Batcher:
             if left <= 0:
                 return
             self._arrived.wait(left)
+
+
+def encode(batcher: Batcher, batch: np.ndarray, size: int, dim: int) -> np.ndarray:
+    """What every encoder's `encode` does, whatever runs it: check a uint8 RGB batch
+    [N, size, size, 3] (see images.to_input), run it through the batcher, unit-length rows."""
+    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+        raise ValueError(f"expected uint8 [N, {size}, {size}, 3], got {batch.dtype} {batch.shape}")
+    if len(batch) == 0:
+        return np.zeros((0, dim), np.float32)
+    return normalise(batcher(batch))

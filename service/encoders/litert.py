@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.core.errors import EncoderUnavailableError
-from service.core.vectors import normalise
+from service.encoders import batching
 from service.encoders.batching import Batcher
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,7 @@ class LiteEncoder:
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         """Embed a uint8 RGB batch [N, size, size, 3]; rows have unit length."""
-        size = self.input_size
-        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
-            raise ValueError(f"expected uint8 [N, {size}, {size}, 3], got {batch.dtype} {batch.shape}")
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return normalise(self.batcher(batch))
+        return batching.encode(self.batcher, batch, self.input_size, self.dim)
 
     def describe(self) -> dict[str, Any]:
         return dict(self._describe)

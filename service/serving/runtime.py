@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -189,12 +188,16 @@ def _item_images(storage: Storage, endpoint: str, version: str) -> dict[int, lis
 def _remove_leftovers(cache_dir: Path) -> None:
     """Delete uploads and work folders left by jobs whose process died (a kill, an out-of-memory
     kill, a reboot). Their names start with the owner's pid; live owners keep theirs."""
-    for folder in (cache_dir / "uploads", cache_dir / "work"):
-        for path in folder.glob("*") if folder.is_dir() else []:
-            owner = path.name.split("-", 1)[0]
-            if owner.isdigit() and not _alive(int(owner)):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-                log.info("removed %s, left by a job that did not finish", path)
+    owners = {
+        int(owner)
+        for folder in (cache_dir / "uploads", cache_dir / "work")
+        for path in (folder.glob("*") if folder.is_dir() else [])
+        if (owner := path.name.split("-", 1)[0]).isdigit()
+    }
+    for pid in sorted(owners):
+        if not _alive(pid):
+            jobproc.remove_leftovers_of(cache_dir, pid)
+            log.info("removed what process %d left in %s: a job that did not finish", pid, cache_dir)
 
 
 def _alive(pid: int) -> bool:
