@@ -19,7 +19,7 @@ encoder: $(ENCODER)
 
 # Trains each endpoint on the demo images, unless it already serves a version.
 demo: $(ENCODER)
-	$(PY) -m service demo
+	$(PY) -m bench.demo
 
 run: demo
 	HOST=$${HOST:-127.0.0.1} $(PY) -m service serve

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.catalog import changes, demo, training
+from bench import demo
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.storage.local import LocalStorage
+from service.training import changes
+from service.training import train as training
 
 SIZE = 10_000
 ADDED = 100

@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from service.catalog import demo
+from bench import demo
 
 # A sample's part: the first pattern found walking from its innermost frame outwards.
 PARTS = (

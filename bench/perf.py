@@ -30,12 +30,14 @@ import numpy as np
 from annoy import AnnoyIndex
 from PIL import Image
 
+from bench import demo
 from service import encoders
-from service.catalog import demo, jsonmap, training
+from service.catalog import jsonmap
 from service.catalog.index import auto_search_k, build_index
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.storage import versions
+from service.training import train as training
 
 DIM = 256  # the endpoints' feature_dim: what a fine-tuned version indexes
 BATCH_SIZES = (1, 8, 16, 32, 64, 128)

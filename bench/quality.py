@@ -20,16 +20,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bench import demo
 from service import encoders
-from service.catalog import demo, training
 from service.catalog.evaluation import evaluate, exact_search
-from service.catalog.head import HeadEncoder, TrainingData, thumbnails, train_head
+from service.catalog.head import HeadEncoder, thumbnails
 from service.catalog.images import to_input
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.serving.registry import load_version
 from service.storage import versions
 from service.storage.local import LocalStorage
+from service.training import train as training
+from service.training.head_fit import TrainingData, train_head
 
 INDEXED, QUERIES, SEED = 10_000, 2_000, 0
 

@@ -23,12 +23,13 @@ import numpy as np
 import requests
 from PIL import Image
 
+from bench import demo
 from bench.perf import fashion_zip, gunicorn
-from service.catalog import demo, training
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.storage import versions
 from service.storage.local import LocalStorage
+from service.training import train as training
 
 DOCUMENT = "RELIABILITY.md"
 CLIENTS, REQUESTS = 16, 6000

@@ -1,6 +1,6 @@
 """`make screenshot`: docs/page.png, the web page showing real results from the demo of `make run`.
 
-The same two commands as `make run` (`python -m service demo`, then `python -m service serve`),
+The same two commands as `make run` (`python -m bench.demo`, then `python -m service serve`),
 on a temporary store and port, then Debian's Chromium (Playwright) searches the `food` demo with a
 photo that is not in it (a new crop of scikit-image's cat, turned slightly) and takes the picture.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from service.catalog import demo
+from bench import demo
 from service.core.config import ROOT
 
 CHROMIUM = "/usr/bin/chromium"
@@ -84,7 +84,7 @@ def main() -> None:
             "HOST": "127.0.0.1",
             "PORT": str(port),
         }
-        subprocess.run([sys.executable, "-m", "service", "demo"], cwd=ROOT, env=env, check=True)
+        subprocess.run([sys.executable, "-m", "bench.demo"], cwd=ROOT, env=env, check=True)
         server = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env)
         url = f"http://127.0.0.1:{port}"
         try:

@@ -1,4 +1,5 @@
-"""Command line: serve, train, query, demo, build-encoder (python -m service --help)."""
+"""Command line: serve, train, query, evaluate, versions, encoders, build-encoder, endpoints (python -m
+service --help). Every command is one call to `Service` (service/application), as the HTTP views are."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.core.config import ROOT, Settings
 
-DESCRIPTION = "Image-similarity service. Settings come from environment variables (see README)."
+if TYPE_CHECKING:
+    from service.application.service import Service
+
+DESCRIPTION = "Image-similarity service. Settings come from environment variables (docs/CONFIGURATION.md)."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("zip", type=Path, help="a labelled zip (folders = labels) of query images")
     score.add_argument("-k", type=int, default=10)
 
-    demo = commands.add_parser("demo", help="train every untrained endpoint on the demo images")
-    demo.add_argument("--force", action="store_true", help="retrain even if already published")
-
     history = commands.add_parser("versions", help="list or roll back an endpoint's versions")
     actions = history.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="the complete published versions, oldest first")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except Exception as exc:  # noqa: BLE001 - a CLI prints the reason, not a traceback
+    except Exception as exc:  # a CLI prints the reason, not a traceback
         from service.core.errors import EndpointConfigError, ServiceError
 
         if isinstance(exc, ServiceError | EndpointConfigError | ValueError):
@@ -85,19 +86,19 @@ def serve(args: argparse.Namespace) -> int:
     return 2
 
 
+def _service() -> Service:
+    from service.application.wiring import build_service
+
+    return build_service(Settings.load({"warm_on_start": False}))
+
+
 def train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from service.catalog import training
-    from service.serving.runtime import build_service
-
-    service = build_service(Settings.load({"warm_on_start": False}))
-    if args.endpoint not in service.specs:
-        print(f"error: no endpoint {args.endpoint!r} (have: {', '.join(service.specs)})", file=sys.stderr)
-        return 2
+    service = _service()
     bars: dict[str, tqdm] = {}
 
-    def progress(p: training.Progress) -> None:
+    def progress(p: Any) -> None:
         bar = bars.get(p.stage)
         if bar is None:
             for old in bars.values():
@@ -107,132 +108,56 @@ def train(args: argparse.Namespace) -> int:
         bar.n = p.done
         bar.refresh()
 
-    result = training.train(
-        service.specs[args.endpoint],
-        args.zip,
-        service.storage,
-        service.settings,
-        progress,
-        fine_tune=args.fine_tune,
-    )
+    result = service.train_now(args.endpoint, args.zip, args.fine_tune, progress)
     for bar in bars.values():
         bar.close()
-    print(
-        json.dumps(
-            {
-                "version": result.version,
-                "counts": result.counts,
-                "evaluation": result.evaluation,
-                "skipped": [s.__dict__ for s in result.skipped],
-            },
-            indent=2,
-        )
-    )
+    shown = {
+        "version": result.version,
+        "counts": result.counts,
+        "evaluation": result.evaluation,
+        "skipped": [s.__dict__ for s in result.skipped],
+    }
+    print(json.dumps(shown, indent=2))
     return 0
 
 
 def query(args: argparse.Namespace) -> int:
-    from service.serving import query as q
-    from service.serving.runtime import build_service
-
-    service = build_service(Settings.load({"warm_on_start": False}))
-    runtime = service.registry.get(args.endpoint)
-    k = q.check_k(runtime.spec, args.k)
-    loaded = runtime.current()
-
-    def image_path(loaded: q.LoadedVersion, item_id: int, photo: int, item: dict[str, Any]) -> str | None:
-        key = service.storage.local_path(f"{args.endpoint}/versions/{loaded.version}/{item['image']}")
-        return key.as_uri() if key else None
-
-    results = q.search_images(
-        loaded, [(args.image.name, args.image.read_bytes())], k, service.settings.max_image_pixels, image_path
-    )
-    print(
-        json.dumps(
-            {"endpoint": args.endpoint, "version": loaded.version, "results": results[0]},
-            indent=2,
-            ensure_ascii=False,
-        )
-    )
+    found = _service().query_file(args.endpoint, args.image, args.k)
+    shown = {"endpoint": found.endpoint, "version": found.version, "results": found.results[0]}
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from service.serving import query as q
-    from service.serving.runtime import build_service
-
-    service = build_service(Settings.load({"warm_on_start": False}))
-    loaded = service.registry.get(args.endpoint).current()
-    print(json.dumps(q.evaluate_zip(loaded, args.zip, service.settings, args.k), indent=2))
-    return 0
-
-
-def demo(args: argparse.Namespace) -> int:
-    from service.catalog import demo as demo_data
-    from service.catalog import training
-    from service.serving.runtime import build_service
-    from service.storage import versions
-
-    service = build_service(Settings.load({"warm_on_start": False}))
-    zips = demo_data.demo_zips(service.settings.cache_dir / "demo")
-    for name, spec in service.specs.items():
-        current = versions.read_current(service.storage, name).version
-        if current and not args.force:
-            print(f"{name}: already serving version {current}")
-            continue
-        zip_path = zips.get(name, zips["food"])
-        result = training.train(spec, zip_path, service.storage, service.settings)
-        print(f"{name}: trained {result.count} images from {zip_path.name} -> {result.version}")
+    print(json.dumps(_service().evaluate(args.endpoint, args.zip, args.k), indent=2))
     return 0
 
 
 def versions_command(args: argparse.Namespace) -> int:
-    from service.serving.runtime import build_service
-    from service.storage import versions
-
-    service = build_service(Settings.load({"warm_on_start": False}))
-    service.registry.get(args.endpoint)  # an unknown endpoint is an error, not an empty list
+    service = _service()
     if args.action == "rollback":
-        versions.rollback(service.storage, args.endpoint, args.version)
+        service.rollback(args.endpoint, args.version)
         print(f"{args.endpoint}: CURRENT now names {args.version}")
         return 0
-    current = versions.read_current(service.storage, args.endpoint).version
+    listed = service.versions_of(args.endpoint)
     print(f"{'':2}{'version':32} {'count':>8}  created_at")
-    for version in versions.list_versions(service.storage, args.endpoint):
-        manifest = versions.read_manifest(service.storage, args.endpoint, version)
-        mark = "*" if version == current else " "
-        print(f"{mark:2}{version:32} {manifest.get('count', '?'):>8}  {manifest.get('created_at', '?')}")
+    for v in listed.versions:
+        mark = "*" if v.current else " "
+        print(f"{mark:2}{v.version:32} {v.count if v.count is not None else '?':>8}  {v.created_at or '?'}")
     return 0
 
 
 def encoders_command(args: argparse.Namespace) -> int:
     """Mirror each remote handle: download it from TF-Hub here, upload it to the store's mirror."""
-    from service import encoders
-    from service.encoders import mirror
-    from service.serving.runtime import build_service
-    from service.storage import encoder_mirror
-
-    service = build_service(Settings.load({"warm_on_start": False}))
-    target = encoder_mirror(service.settings, service.storage)
-    if target is None:
-        print("error: the mirror needs an s3:// STORAGE_URI or ENCODER_MIRROR_URI", file=sys.stderr)
-        return 2
-    for name, spec in service.specs.items():
-        if not spec.encoder.is_remote:
-            print(f"{name}: {spec.encoder.source} is not a TF-Hub handle; nothing to mirror")
-            continue
-        folder = encoders.fetch_handle(spec.encoder.source, service.settings.hub_cache)
-        prefix = mirror.upload(target, spec.encoder.source, folder)
-        print(f"{name}: {spec.encoder.source} -> {target.uri}/{prefix}")
+    for line in _service().mirror_encoders():
+        print(line)
     return 0
 
 
 def build_encoder(args: argparse.Namespace) -> int:
-    from service.encoders.offline import build
+    from service.application.wiring import build_offline_encoder
 
-    settings = Settings.load({"warm_on_start": False})
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
-    print(build(settings.models_dir))
+    print(build_offline_encoder(Settings.load({"warm_on_start": False})))
     return 0
 
 
@@ -249,7 +174,6 @@ COMMANDS = {
     "train": train,
     "query": query,
     "evaluate": evaluate,
-    "demo": demo,
     "versions": versions_command,
     "encoders": encoders_command,
     "build-encoder": build_encoder,

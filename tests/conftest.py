@@ -23,8 +23,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from bench import demo
 from service import create_app
-from service.catalog import demo
 from service.core.config import ROOT
 from service.encoders import OFFLINE_NAME
 

@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.catalog import demo
+from bench import demo
 
 from .conftest import make_zip, train, upload, wait_job, wait_serving
 

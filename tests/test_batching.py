@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
-from service.catalog import demo
+from bench import demo
 from service.encoders.batching import Batcher
 
 from .conftest import TEST_PHOTOS

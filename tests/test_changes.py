@@ -15,10 +15,14 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.catalog import changes, demo, training
+from bench import demo
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.storage import open_storage, versions
+from service.training import changes
+from service.training import train as training
+from service.training.rebase import read_base
+from service.training.results import ChangeResult
 
 from .conftest import make_zip, settings_for, upload, wait_job
 from .procfile import procfile_server
@@ -241,7 +245,7 @@ def test_four_concurrent_adds_all_end_up_in_the_catalogue(
         paths.append(path)
     barrier = threading.Barrier(len(paths))
 
-    def add(path: Path) -> changes.ChangeResult:
+    def add(path: Path) -> ChangeResult:
         barrier.wait()  # all four read the same base version
         return changes.add_items(spec, path, storage, settings)
 
@@ -249,7 +253,7 @@ def test_four_concurrent_adds_all_end_up_in_the_catalogue(
         results = list(pool.map(add, paths))
     assert sum(r.rebases for r in results) >= 1  # they did race
     final = versions.read_current(storage, "food").version
-    rows = changes._read_base(storage, spec, settings)
+    rows = read_base(storage, spec)
     assert rows is not None and rows.pointer.version == final
     names = {rows.rows.names[r] for r in rows.rows.live()}
     expected = {f"photos/{n}.jpg" for n in PHOTOS[:2]}

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from service.catalog import demo
+from bench import demo
+from service.core.config import ROOT
 
 from .conftest import cli
 
@@ -56,15 +59,21 @@ def test_errors_are_one_line_not_a_traceback(env: dict[str, str], tmp_path: Path
 
 
 def test_demo_trains_every_untrained_endpoint_once(env: dict[str, str]) -> None:
-    first = cli("demo", env=env)
+    first = run_demo(env)
     assert first.returncode == 0, first.stderr
     assert "fashion: trained" in first.stdout and "food: trained" in first.stdout
     if demo.fashion_available():
         assert "fashion-mnist.zip" in first.stdout
-    again = cli("demo", env=env)
+    again = run_demo(env)
     assert "fashion: already serving" in again.stdout and "food: already serving" in again.stdout
 
 
 def test_bad_token_settings_stop_cli_commands_too(env: dict[str, str]) -> None:
     bad = cli("versions", "list", "food", env={**env, "ENDPOINT_TOKENS": json.dumps({"nope": "x" * 20})})
     assert bad.returncode == 2 and "ENDPOINT_TOKENS names unknown endpoints: nope" in bad.stderr
+
+
+def run_demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`make demo`'s command: bench/demo.py (development tools, not the service's CLI)."""
+    command = [sys.executable, "-m", "bench.demo"]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,13 @@ def test_bad_values_are_refused_with_the_variable_name(environ: dict[str, str], 
 def test_unknown_overrides_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown settings"):
         Settings.load({"storage": "x"}, environ={})
+
+
+def test_every_setting_is_documented() -> None:
+    # docs/CONFIGURATION.md's table names each setting by its environment variable.
+    documented = (ROOT / "docs" / "CONFIGURATION.md").read_text()
+    variables = [
+        "SERVICE_PROFILE" if f.name == "profile" else f.name.upper() for f in dataclasses.fields(Settings)
+    ]
+    missing = [name for name in variables if f"`{name}`" not in documented]
+    assert missing == [], f"settings not in docs/CONFIGURATION.md: {missing}"

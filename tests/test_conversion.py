@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import demo
 from service import encoders
-from service.catalog import demo, images
+from service.catalog import images
 from service.encoders import Encoder, convert, litert
 
 from . import standins

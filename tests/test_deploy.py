@@ -19,7 +19,7 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.catalog import demo
+from bench import demo
 from service.core.config import ROOT
 from service.core.errors import EncoderUnavailableError
 
@@ -62,8 +62,8 @@ def test_the_bundle_holds_what_eb_needs_and_nothing_ignored(bundle: Path) -> Non
         ".ebextensions/01-service.config",
         ".platform/nginx/conf.d/simsvc.conf",
         "service/api/static/index.html",  # the web page and its files
-        "service/api/static/app.js",
         "service/api/static/style.css",
+        *(f"service/api/static/{m.name}" for m in (ROOT / "service/api/static").glob("*.js")),
     ):
         assert needed in names, needed
     for unwanted in (".venv/", "models/", "data/", "cache/", "tests/", "dist/", "__pycache__"):

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import demo
 from service import encoders
-from service.catalog import demo
 from service.catalog.images import to_input
 from service.core.endpoint import EncoderSpec
 from service.core.errors import EncoderUnavailableError

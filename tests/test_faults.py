@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from service.catalog import demo
+from bench import demo
 from service.core.config import ROOT
 from service.storage import versions
 from service.storage.local import LocalStorage
@@ -167,9 +167,9 @@ DISK_SCRIPT = textwrap.dedent("""
     for name in ("big", "small"):
         zip_path = Path(sys.argv[2]) / f"{name}.zip"
         job = service.jobs.submit("food", zip_path=zip_path, fine_tune="never")
-        while (status := service.jobs.status("food", job.id))["status"] not in ("succeeded", "failed"):
+        while (status := service.jobs.status("food", job.id)).status not in ("succeeded", "failed"):
             time.sleep(0.1)
-        results[name] = status
+        results[name] = status.to_dict()
     print(json.dumps(results))
 """)
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
+from bench import demo
 from service import create_app
-from service.catalog import demo, index
+from service.catalog import index
 from service.catalog.index import IndexReader, build_index
 from service.core.errors import InvalidParameterError
 from service.serving.filters import AnyOf, ColumnCache, Filter, Range, evaluate, parse_filter

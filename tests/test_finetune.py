@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.catalog import demo
+from bench import demo
 from service.catalog.images import prepare
 from service.storage import versions
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from service.catalog import demo
+from bench import demo
 
 from .conftest import TEST_PHOTOS, make_zip
 from .procfile import Server, procfile_server

@@ -16,7 +16,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
 
-from service.catalog import demo, images
+from bench import demo
+from service.catalog import images
 from service.core.config import ROOT
 
 from .conftest import make_zip, upload

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from service.catalog.evaluation import evaluate, exact_search, ranking_metrics
-from service.catalog.head import Head, TrainingData, stratified_split, thumbnails, train_head
+from service.catalog.head import Head, thumbnails
 from service.core.endpoint import HeadConfig
+from service.training.head_fit import TrainingData, stratified_split, train_head
 
 
 def test_thumbnails_are_block_means() -> None:

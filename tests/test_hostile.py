@@ -15,7 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
 
-from service.catalog import demo
+from bench import demo
 from service.catalog.images import decode
 
 from .conftest import make_zip, upload, wait_job, wait_serving

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.catalog import demo
+from bench import demo
 from service.catalog.images import decode, prepare, to_input
 from service.core.errors import BadImageError
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from service.core.errors import JobRetryError
-from service.serving.jobs import Job, JobRunner, JobStore
+from service.jobs.runner import Job, JobRunner, JobStore
 from service.storage.local import LocalStorage
 
 
@@ -40,8 +40,8 @@ def test_a_silent_running_job_is_reported_failed_without_a_queue(tmp_path: Path)
     store, job = stored(tmp_path, "running", age_s=120)
     runner = JobRunner(store, never_train, tmp_path, stale_after_s=60)
     status = runner.status("food", job.id)
-    assert status["status"] == "failed" and "stopped" in status["error"]
-    assert "elsewhere" not in status["error"]  # no host:pid in answers (the store keeps it)
+    assert status.status == "failed" and status.error and "stopped" in status.error
+    assert "elsewhere" not in status.error  # no host:pid in answers (the store keeps it)
     assert store.load("food", job.id).status == "failed"  # recorded, not just reported
     runner.shutdown()
 
@@ -49,7 +49,7 @@ def test_a_silent_running_job_is_reported_failed_without_a_queue(tmp_path: Path)
 def test_with_a_queue_a_silent_job_is_left_to_redelivery(tmp_path: Path) -> None:
     store, job = stored(tmp_path, "running", age_s=120)
     runner = JobRunner(store, never_train, tmp_path, queue=RecordingQueue(), stale_after_s=60)
-    assert runner.status("food", job.id)["status"] == "running"
+    assert runner.status("food", job.id).status == "running"
     runner.shutdown()
 
 
@@ -64,5 +64,5 @@ def test_a_job_still_running_elsewhere_is_not_run_twice(tmp_path: Path) -> None:
 def test_a_fresh_job_is_not_stale(tmp_path: Path) -> None:
     store, job = stored(tmp_path, "running", age_s=5)
     runner = JobRunner(store, never_train, tmp_path, stale_after_s=60)
-    assert runner.status("food", job.id)["status"] == "running"
+    assert runner.status("food", job.id).status == "running"
     runner.shutdown()

@@ -23,9 +23,9 @@ import requests
 from flask import Flask
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
+from bench import demo
 from service.api.app import API_CSP
 from service.api.routes.page import STATIC
-from service.catalog import demo
 
 from .conftest import TEST_PHOTOS, make_zip
 from .procfile import Server, procfile_server
@@ -88,17 +88,20 @@ def test_the_page_and_its_files_are_served_with_a_strict_csp(make_app: Callable[
     assert markup.inline == [], "inline scripts, styles or handlers would need 'unsafe-inline'"
     assert [s.get("src") for s in markup.scripts] == ["/static/app.js"]
     assert all(url.startswith("/static/") or url.startswith("#") for url in markup.urls), markup.urls
-    for url, mimetype in [
-        ("/static/app.js", "text/javascript"),
-        ("/static/style.css", "text/css"),
-        ("/static/favicon.svg", "image/svg+xml"),
-    ]:
+    modules = sorted(STATIC.glob("*.js"))
+    assets = [(f"/static/{m.name}", "text/javascript") for m in modules]
+    assets += [("/static/style.css", "text/css"), ("/static/favicon.svg", "image/svg+xml")]
+    for url, mimetype in assets:
         with client.get(url) as asset:
             assert asset.status_code == 200 and asset.mimetype == mimetype, url
             assert asset.get_data() == (STATIC / url.removeprefix("/static/")).read_bytes()
-    # The script builds the page from text only: nothing a Trusted Types CSP would refuse.
-    script = (STATIC / "app.js").read_text()
-    assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(", script)
+    for module in modules:
+        script = module.read_text()
+        # Built from text only: nothing a Trusted Types CSP would refuse.
+        assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(", script), module
+        # Every module it imports is there (no build step resolves them: the browser does).
+        for imported in re.findall(r'^import .* from "\./([\w-]+\.js)";', script, re.M):
+            assert (STATIC / imported).is_file(), f"{module.name} imports missing {imported}"
 
     # The JSON routes keep their own CSP; the page is not part of the API's description.
     assert client.get("/health").headers["Content-Security-Policy"] == API_CSP

@@ -253,7 +253,7 @@ def test_a_model_tflite_cannot_express_trains_and_serves_on_tensorflow_and_says_
 
 def test_errors_that_cross_from_a_job_process_stay_the_service_s_or_python_s() -> None:
     from service.core.errors import TrainingError
-    from service.serving.jobproc import _portable
+    from service.jobs.child import _portable
 
     skipped = TrainingError("no usable image", ["a.txt"])
     assert _portable(skipped) is skipped

@@ -16,7 +16,7 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.catalog import demo
+from bench import demo
 from service.storage import open_storage, versions
 
 from .conftest import S3Server, cli, make_zip, train, upload, wait_job, wait_serving

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import demo
 from service import encoders
-from service.catalog import demo, training
 from service.catalog.images import to_input
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.storage import versions
 from service.storage.local import LocalStorage
+from service.training import train as training
 
 from .conftest import make_zip
 

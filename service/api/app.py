@@ -16,13 +16,14 @@ from flask_smorest import Api
 from swagger_ui_bundle import swagger_ui_path
 
 from service.api.auth import Tokens
-from service.api.common import MB, cap_small_bodies
+from service.api.bodies import MB
 from service.api.errors import register_error_handlers
 from service.api.routes import BLUEPRINTS, page
+from service.api.rules import EndpointName, cap_bodies
+from service.application.wiring import build_service
 from service.core import logs, metrics
 from service.core.config import Settings
 from service.core.errors import InvalidHostError
-from service.serving.runtime import build_service
 
 # Swagger UI starts itself with an inline script and styles; everything else needs nothing at all.
 DOCS_CSP = (
@@ -78,6 +79,10 @@ def finish_request(response: Response) -> Response:
     return response
 
 
+def forget_request_id(exc: BaseException | None) -> None:
+    logs.request_id.set(None)
+
+
 class StrictJSONProvider(DefaultJSONProvider):
     """Standard JSON only: NaN and Infinity (which no strict parser reads) are written as null."""
 
@@ -127,7 +132,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["simsvc.tokens"] = tokens
 
     @app.route("/docs/assets/<path:filename>")
-    def swagger_assets(filename: str):  # noqa: ANN202 - a static file response
+    def swagger_assets(filename: str) -> Response:
         return send_from_directory(swagger_ui_path, filename, max_age=86400)
 
     if not settings.trusted_hosts and settings.profile == "aws":
@@ -141,16 +146,19 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     ]
     app.json = StrictJSONProvider(app)
     app.before_request(start_request)
-    app.before_request(cap_small_bodies)
+    app.before_request(cap_bodies)
     app.after_request(security_headers)
     app.after_request(finish_request)
-    app.teardown_request(lambda _: logs.request_id.set(None))
+    app.teardown_request(forget_request_id)
+    app.url_map.converters["endpoint"] = EndpointName
     api = Api(app)
+    api.register_converter(EndpointName, lambda converter: EndpointName.SCHEMA)
+    api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     for blueprint in BLUEPRINTS:
         api.register_blueprint(blueprint)
     app.register_blueprint(page.blp)  # GET / and its files: for people, so not in the API's description
     register_error_handlers(app)  # after Api(), so these handlers win over flask-smorest's
 
     if settings.warm_on_start:
-        service.registry.start()
+        service.start()
     return app

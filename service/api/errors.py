@@ -9,7 +9,7 @@ from typing import Any
 from flask import Flask, request
 from werkzeug.exceptions import HTTPException
 
-from service.api.common import MB, body_was_cut
+from service.api.bodies import MB, body_was_cut
 from service.core.errors import ServiceError
 
 log = logging.getLogger(__name__)

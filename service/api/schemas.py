@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from marshmallow import Schema, fields, validate
+from typing import Any
+
+from marshmallow import Schema, fields, post_dump, validate
 
 
 class KArgsSchema(Schema):
@@ -207,6 +209,15 @@ class HealthSchema(Schema):
         values=fields.String(allow_none=True),
         metadata={"description": "The version each endpoint serves in this process"},
     )
+
+    @post_dump
+    def _only_what_is_shown(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        # A caller who may not query sees the status alone (no null placeholders).
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class FineTuneSchema(Schema):
+    fine_tune = fields.String(load_default="auto", validate=validate.OneOf(["auto", "always", "never"]))
 
 
 class TrainSourceSchema(Schema):

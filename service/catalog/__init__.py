@@ -1,1 +1,1 @@
-"""Catalogue and training: ingest, image decoding, the fine-tuned head, evaluation, index building."""
+"""The catalog's data: a version's rows, the Annoy index, id maps, zips and images, the head, metrics."""

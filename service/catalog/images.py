@@ -117,7 +117,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image).astype(np.uint32 if image.mode.startswith("I;16") else np.float32)
         peak = array.max() or 1
         array *= 255
-        array //= peak
+        array //= peak  # type: ignore[misc]  # uint32 or float32, both floor-divide in place
         return Image.fromarray(array.astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
 

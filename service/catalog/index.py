@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from annoy import AnnoyIndex
 
-METRIC = "angular"
+METRIC: Literal["angular"] = "angular"
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class IndexReader:
         self._index.load(str(path))  # mmap, not a copy
         self.count = self._index.get_n_items()
         self.search_k = search_k if search_k else auto_search_k(self.count)
-        self._matrix: np.ndarray | bool | None = None  # item vectors in the mmap, read when needed
+        self._matrix: np.ndarray | Literal[False] | None = None  # item vectors in the mmap, when read
 
     def query(self, vector: np.ndarray, k: int) -> list[Neighbour]:
         """The k nearest items to `vector`, best first."""
@@ -123,7 +124,7 @@ class IndexReader:
         get = self._index.get_item_vector
         return np.array([get(int(r)) for r in rows], dtype=np.float32).reshape(len(rows), self.dim)
 
-    def _item_matrix(self) -> np.ndarray | bool:
+    def _item_matrix(self) -> np.ndarray | Literal[False]:
         """The items' vectors read in place from the mmapped file, or False if its layout is not the
         one expected (then `item_vectors` asks Annoy row by row: about 10x slower on 10,000 rows).
 

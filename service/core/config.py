@@ -151,8 +151,6 @@ class Settings:
             raise ValueError("STORAGE_URI is required (e.g. s3://my-bucket/simsvc or file:///srv/data)")
         if self.service_role not in ROLES:
             raise ValueError(f"SERVICE_ROLE must be one of {ROLES}, got {self.service_role!r}")
-        if self.job_queue_url and not self.storage_uri.startswith("s3://"):
-            raise ValueError("JOB_QUEUE_URL needs an s3:// STORAGE_URI: the worker tier reads the zips there")
         if self.query_token and not (self.admin_token or self.endpoint_tokens):
             raise ValueError("QUERY_TOKEN without ADMIN_TOKEN (or ENDPOINT_TOKENS) would leave writes open")
         if self.log_format not in ("text", "json"):

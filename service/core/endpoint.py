@@ -109,7 +109,7 @@ class _Fields:
         return float(value)
 
     def positive_int(self, field: str, default: Any = ..., minimum: int = 1) -> int:
-        value = self.get(field, int, default)
+        value: int = self.get(field, int, default)
         if value < minimum:
             raise self.fail(field, f"must be >= {minimum}, got {value}")
         return value

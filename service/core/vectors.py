@@ -11,4 +11,5 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     # einsum, not np.linalg.norm: the same sums without norm's Python-level checks (a query
     # normalises a few times; these microseconds add up per request).
     norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))[:, None]
-    return vectors / np.maximum(norms, 1e-12)
+    unit: np.ndarray = vectors / np.maximum(norms, 1e-12)
+    return unit

@@ -13,7 +13,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -45,7 +45,13 @@ class EncoderSource:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderSource:
-        return cls(**{k: data.get(k) for k in ("kind", "location", "input_size", "signature", "output_key")})
+        return cls(
+            kind=str(data.get("kind")),
+            location=str(data.get("location")),
+            input_size=int(data.get("input_size") or 0),
+            signature=data.get("signature"),
+            output_key=data.get("output_key"),
+        )
 
 
 def offline_source(models_dir: Path) -> EncoderSource:
@@ -69,6 +75,15 @@ def resolve(spec: EncoderSpec, encoder_mode: str, models_dir: Path) -> EncoderSo
         return offline_source(models_dir)
     kind = ("mirror" if encoder_mode == "mirror" else "hub") if spec.is_remote else "saved_model"
     return EncoderSource(kind, spec.source, spec.input_size, spec.signature, spec.output_key)
+
+
+class Embedder(Protocol):
+    """What anything that embeds images offers (TensorFlow, LiteRT, a backbone with a head)."""
+
+    input_size: int
+    dim: int
+
+    def encode(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 class Encoder:

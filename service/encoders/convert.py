@@ -210,6 +210,7 @@ class Verified:
             return converted.encode(batch)
         head, rest = batch[:to_check], batch[to_check:]
         head_vectors = self.check(head)
+        assert head_vectors is not None  # a converted model and a non-empty batch
         if not len(rest):
             return head_vectors
         return np.concatenate([head_vectors, self.encode(rest)])

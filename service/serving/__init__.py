@@ -1,1 +1,1 @@
-"""Serving runtime: loaded versions and hot reload, queries, the job runner, and one process's wiring."""
+"""Serving: the versions each worker has loaded (and hot reload), queries against them, filters."""

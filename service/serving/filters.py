@@ -19,9 +19,8 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,6 +34,14 @@ MAX_COLUMNS = 16  # columns kept per loaded version (least recently used dropped
 RANGE_KEYS = ("min", "max")
 
 FieldPath = tuple[str, ...]  # ("label",) or ("metadata", field)
+
+
+class Rows(Protocol):
+    """A version's row entries ({"label", "metadata", ...}) by row number (a JsonLinesMap)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, row: int) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ class ColumnCache:
         self._columns: OrderedDict[tuple[str, FieldPath], Codes | np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def columns(self, keys: list[tuple[str, FieldPath]], items: Sequence[Any]) -> list[Codes | np.ndarray]:
+    def columns(self, keys: list[tuple[str, FieldPath]], items: Rows) -> list[Codes | np.ndarray]:
         """The columns for `keys` (("codes" | "numbers", path)); the missing ones are built in one
         pass over `items`."""
         with self._lock:
@@ -209,9 +216,7 @@ class ColumnCache:
         return len(self._columns)
 
 
-def _build(
-    keys: list[tuple[str, FieldPath]], items: Sequence[Any]
-) -> dict[tuple[str, FieldPath], Codes | np.ndarray]:
+def _build(keys: list[tuple[str, FieldPath]], items: Rows) -> dict[tuple[str, FieldPath], Codes | np.ndarray]:
     count = len(items)
     codes = {key: np.full(count, -1, dtype=np.int32) for key in keys if key[0] == "codes"}
     vocabularies: dict[tuple[str, FieldPath], dict[str, int]] = {key: {} for key in codes}
@@ -230,7 +235,7 @@ def _build(
     return built
 
 
-def evaluate(flt: Filter, items: Sequence[Any], cache: ColumnCache) -> np.ndarray:
+def evaluate(flt: Filter, items: Rows, cache: ColumnCache) -> np.ndarray:
     """The rows the filter keeps: a new boolean array of len(items) (the caller may change it)."""
     keys = [("codes" if isinstance(c, AnyOf) else "numbers", c.path) for c in flt.conditions]
     mask = np.ones(len(items), dtype=bool)

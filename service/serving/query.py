@@ -133,12 +133,14 @@ def search_images(
     if flt is None:
         if len(loaded.item_of) == loaded.count:  # one row per item, none deleted: the plain search
             return [matches(loaded, loaded.index.query(v, k), image_url) for v in vectors]
-        return [
-            matches(loaded, best_items(loaded, lambda n, v=v: loaded.index.query(v, n), k), image_url)
-            for v in vectors
-        ]
+        return [matches(loaded, best_items(loaded, _searcher(loaded, v), k), image_url) for v in vectors]
     mask, groups = _filter_mask(loaded, flt)
     return [matches(loaded, loaded.index.query_masked(v, k, mask, groups), image_url) for v in vectors]
+
+
+def _searcher(loaded: LoadedVersion, vector: np.ndarray) -> Callable[[int], list[Neighbour]]:
+    """search(n): the n nearest rows to `vector`."""
+    return lambda n: loaded.index.query(vector, n)
 
 
 def similar_items(

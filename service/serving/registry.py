@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -36,20 +36,11 @@ from service.core.errors import (
     ServiceError,
     StorageError,
 )
-from service.encoders import litert
+from service.encoders import Embedder, litert
 from service.serving.filters import ColumnCache
 from service.storage import Storage, encoder_mirror, versions
 
 log = logging.getLogger(__name__)
-
-
-class Embedder(Protocol):
-    """What queries need from an encoder: its input size, output dimension, and `encode`."""
-
-    input_size: int
-    dim: int
-
-    def encode(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -180,7 +171,7 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat(timespec="seconds") if moment else None
 
 
-class EndpointRuntime:
+class ServedEndpoint:
     """The serving state of one endpoint in this process."""
 
     # How long a request waits for a load under way before it answers 503 "loading".
@@ -374,12 +365,12 @@ class Registry:
     def __init__(self, specs: dict[str, EndpointSpec], storage: Storage, settings: Settings) -> None:
         self.settings = settings
         self.storage = storage
-        self.endpoints = {name: EndpointRuntime(s, storage, settings) for name, s in specs.items()}
+        self.endpoints = {name: ServedEndpoint(s, storage, settings) for name, s in specs.items()}
         self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def get(self, name: str) -> EndpointRuntime:
+    def get(self, name: str) -> ServedEndpoint:
         try:
             return self.endpoints[name]
         except KeyError:

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from service.storage.base import KeyNotFoundError, Storage, check_key
+from service.storage.base import KeyNotFoundError, SharedBucket, Storage, check_key
 
-__all__ = ["KeyNotFoundError", "Storage", "check_key", "encoder_mirror", "open_storage"]
+__all__ = ["KeyNotFoundError", "SharedBucket", "Storage", "check_key", "encoder_mirror", "open_storage"]
 
 
 def open_storage(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
@@ -34,9 +34,10 @@ def open_storage(uri: str, *, endpoint_url: str | None = None, region: str | Non
 
 
 def encoder_mirror(settings: Any, storage: Storage) -> Storage | None:
-    """Where mirrored TF-Hub encoders live: ENCODER_MIRROR_URI, else the store itself when on S3."""
+    """Where mirrored TF-Hub encoders live: ENCODER_MIRROR_URI, else the store itself when every
+    instance reaches it (a shared bucket)."""
     if settings.encoder_mirror_uri:
         return open_storage(
             settings.encoder_mirror_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
         )
-    return storage if storage.uri.startswith("s3://") else None
+    return storage if storage.as_bucket() is not None else None

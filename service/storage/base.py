@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import builtins
 from pathlib import Path
 
 from service.core.errors import NotFoundError, StorageError
@@ -61,7 +62,7 @@ class Storage(abc.ABC):
         """All keys under `prefix` (a folder-like prefix ending in '/'), sorted."""
 
     @abc.abstractmethod
-    def list_folders(self, prefix: str) -> list[str]:
+    def list_folders(self, prefix: str) -> builtins.list[str]:
         """The names of the immediate sub-folders of `prefix`, sorted (one level, cheap)."""
 
     @abc.abstractmethod
@@ -79,6 +80,37 @@ class Storage(abc.ABC):
     def signed_url(self, key: str, expires_s: int) -> str | None:
         """A URL a client can GET `key` from directly, where the store offers one."""
         return None
+
+    def as_bucket(self) -> SharedBucket | None:
+        """The store as a bucket that clients and every instance reach directly, if it is one."""
+        return self if isinstance(self, SharedBucket) else None
+
+
+class SharedBucket(abc.ABC):
+    """An optional ability of a store (a mixin, the way mlflow's artifact repositories expose
+    theirs): a bucket that clients and every instance reach directly. Its objects have URIs, a
+    client can upload a big zip straight into it, and a job on any instance reads that zip back.
+    `Storage.as_bucket()` says whether a store has it (S3 does; a local folder does not)."""
+
+    @abc.abstractmethod
+    def uri_of(self, key: str) -> str:
+        """The URI of a key, or of a folder-like prefix ending in '/'."""
+
+    @abc.abstractmethod
+    def bucket_key(self, uri: str) -> str | None:
+        """The object key of a URI in this bucket; None for anything else."""
+
+    @abc.abstractmethod
+    def object_size(self, bucket_key: str) -> int:
+        """Size of an object of the bucket (KeyNotFoundError if there is none)."""
+
+    @abc.abstractmethod
+    def download_object(self, bucket_key: str, path: Path, name: str | None = None) -> None:
+        """Download an object of the bucket (`name`: the key as errors should call it)."""
+
+    @abc.abstractmethod
+    def signed_upload_url(self, key: str, expires_s: int) -> str:
+        """A pre-signed PUT for `key`, so a large zip goes straight to the bucket."""
 
 
 def check_key(key: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import hashlib
 import os
@@ -99,7 +100,7 @@ class LocalStorage(Storage):
         )
         return sorted(keys)
 
-    def list_folders(self, prefix: str) -> list[str]:
+    def list_folders(self, prefix: str) -> builtins.list[str]:
         base = self.root / prefix.rstrip("/") if prefix else self.root
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 

@@ -7,6 +7,7 @@ forks, and is shared by the threads of a worker (boto3 clients are thread-safe).
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,14 +15,14 @@ from typing import Any
 
 from service.core.errors import StorageError
 from service.storage.aws import LazyClient
-from service.storage.base import KeyNotFoundError, Storage, check_key
+from service.storage.base import KeyNotFoundError, SharedBucket, Storage, check_key
 
 MB = 1024 * 1024
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 PRECONDITION_FAILED = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
 
 
-class S3Storage(Storage):
+class S3Storage(Storage, SharedBucket):
     upload_concurrency = 16  # one PUT is tens of milliseconds; thousands of images go up in parallel
 
     def __init__(
@@ -88,7 +89,7 @@ class S3Storage(Storage):
     def tag(self, key: str) -> str | None:
         try:
             with self._errors("head", key):
-                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ETag"]
+                return str(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ETag"])
         except KeyNotFoundError:
             return None
 
@@ -149,7 +150,7 @@ class S3Storage(Storage):
     def list(self, prefix: str) -> list[str]:
         return sorted(self._strip(o["Key"]) for page in self._list(prefix) for o in page.get("Contents", []))
 
-    def list_folders(self, prefix: str) -> list[str]:
+    def list_folders(self, prefix: str) -> builtins.list[str]:
         folders = (
             self._strip(p["Prefix"]).rstrip("/").rsplit("/", 1)[-1]
             for page in self._list(prefix, delimiter="/")
@@ -168,7 +169,7 @@ class S3Storage(Storage):
             with self._errors("delete", prefix):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
 
-    # --- whole-bucket addressing, for zips uploaded straight to S3 -------------------------------
+    # --- SharedBucket: whole-bucket addressing, for zips uploaded straight to S3 -----------------
 
     def uri_of(self, key: str) -> str:
         """s3:// URI of a key, or of a folder-like prefix ending in '/'."""
@@ -194,13 +195,12 @@ class S3Storage(Storage):
 
     def signed_upload_url(self, key: str, expires_s: int) -> str:
         """A pre-signed PUT for `key` (so large zips go straight to S3, not through the web tier)."""
-        with self._errors("presign", key):
-            return self.client.generate_presigned_url(
-                "put_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
-            )
+        return self._presign("put_object", key, expires_s)
 
     def signed_url(self, key: str, expires_s: int) -> str | None:
+        return self._presign("get_object", key, expires_s)
+
+    def _presign(self, method: str, key: str, expires_s: int) -> str:
         with self._errors("presign", key):
-            return self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
-            )
+            params = {"Bucket": self.bucket, "Key": self._key(key)}
+            return str(self.client.generate_presigned_url(method, Params=params, ExpiresIn=expires_s))

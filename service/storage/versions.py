@@ -23,9 +23,11 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +108,12 @@ def read_current(storage: Storage, endpoint: str) -> Pointer:
 def read_manifest(storage: Storage, endpoint: str, version: str) -> dict[str, Any]:
     key = version_prefix(endpoint, version) + MANIFEST
     try:
-        return json.loads(storage.read(key))
+        manifest = json.loads(storage.read(key))
     except ValueError:
         raise IntegrityError(f"{key} is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{key} is not a JSON object")
+    return manifest
 
 
 def list_versions(storage: Storage, endpoint: str) -> list[str]:
@@ -237,17 +242,19 @@ def publish(
     elif read_current(storage, endpoint).tag != base.tag:
         raise RebaseError(f"{endpoint} changed while this change was built")  # before uploading
     prefix = version_prefix(endpoint, version)
-    jobs = [(storage.upload, prefix + name, staging / name) for name in entries]
+    jobs: list[Callable[[], None]] = [
+        partial(storage.upload, prefix + name, staging / name) for name in entries
+    ]
     jobs += [
-        (storage.copy, source, prefix + name) for name, (source, _) in carried.items() if name not in entries
+        partial(storage.copy, src, prefix + name) for name, (src, _) in carried.items() if name not in entries
     ]
     if storage.upload_concurrency > 1 and len(jobs) > 1:  # thousands of small images to a network store
         with ThreadPoolExecutor(storage.upload_concurrency, thread_name_prefix="upload") as pool:
-            for future in [pool.submit(fn, a, b) for fn, a, b in jobs]:
+            for future in [pool.submit(job) for job in jobs]:
                 future.result()  # the first failure fails the publish
     else:
-        for fn, a, b in jobs:
-            fn(a, b)
+        for job in jobs:
+            job()
     storage.write(prefix + MANIFEST, json.dumps(manifest, indent=1).encode())
 
     pointer = json.dumps({"version": version}).encode()

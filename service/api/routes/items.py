@@ -1,47 +1,41 @@
-"""Catalogue changes: add or replace items, delete them, edit their label and metadata."""
+"""Catalog changes: add or replace items, delete them, edit their label and metadata."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from flask import request
-from flask_smorest import Blueprint
+from marshmallow import EXCLUDE
 
-from service.api.common import (
-    endpoint,
-    error_responses,
-    json_body,
-    load_body,
-    multipart,
-    require_multipart,
-    svc,
-)
-from service.api.routes.training import submit_zip
+from service.api.bodies import load, require_multipart
+from service.api.context import svc
+from service.api.routes.training import Created, submit_zip
+from service.api.rules import Blueprint, accepts_upload, error_responses, multipart, requires
 from service.api.schemas import (
     AddItemsFormSchema,
     ChangeSchema,
     DeleteItemsSchema,
     EditItemSchema,
+    FineTuneSchema,
     JobCreatedSchema,
-    TrainSourceSchema,
 )
-from service.catalog import ingest
+from service.application.results import ChangeOutcome
 from service.core.errors import InvalidParameterError
 
-blp = Blueprint("items", __name__, url_prefix="/", description="Change the catalogue item by item")
+blp = Blueprint("items", __name__, url_prefix="/", description="Change the catalog item by item")
 
 
-@blp.route("/<name>/items", methods=["POST"])
+@blp.route("/<endpoint:name>/items", methods=["POST"])
+@requires("write")
 @blp.response(202, JobCreatedSchema)
-@blp.doc(
-    requestBody=multipart(AddItemsFormSchema), responses=error_responses(401, 403, 404, 409, 413, 415, 422)
-)
-def add_items(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
+@blp.doc(requestBody=multipart(AddItemsFormSchema), responses=error_responses(404, 409, 415, 422))
+@accepts_upload("max_upload_mb")
+def add_items(name: str) -> Created:
     """Add items from a zip or from images; an existing name is replaced (runs in the background)"""
-    endpoint(name, write=True)  # 404, 401, 403 before reading a large body
     require_multipart("a zip in field 'file', or images in field 'image'")
-    fine_tune = load_body(TrainSourceSchema(only=("fine_tune",)), request.form.to_dict())["fine_tune"]
+    fine_tune = load(FineTuneSchema(), request.form.to_dict())["fine_tune"]
     upload = request.files.get("file")
     if upload is not None:
         return submit_zip(name, upload.save, fine_tune, kind="add")
@@ -56,8 +50,8 @@ def add_items(name: str) -> tuple[dict[str, str], int, dict[str, str]]:
     label = request.form.get("label") or None
     item_name = request.form.get("name") or None
 
-    def write(path: Any) -> None:
-        ingest.write_images_zip(path, images, label, metadata, item_name)
+    def write(path: Path) -> None:
+        svc().write_images_zip(path, images, label, metadata, item_name)
 
     return submit_zip(name, write, fine_tune, kind="add")
 
@@ -73,39 +67,33 @@ def _metadata_field(text: str | None) -> dict[str, Any] | None:
         raise InvalidParameterError(
             "'metadata' must be a JSON object", errors={"metadata": ["Not a JSON object."]}
         )
-    return ingest.check_metadata(value)
+    return value
 
 
-@blp.route("/<name>/items/<int:item_id>", methods=["DELETE"])
+@blp.route("/<endpoint:name>/items/<int:item_id>", methods=["DELETE"])
+@requires("write")
 @blp.response(200, ChangeSchema)
-@blp.doc(responses=error_responses(401, 403, 404, 409))
-def delete_item(name: str, item_id: int) -> dict[str, Any]:
+@blp.doc(responses=error_responses(404, 409))
+def delete_item(name: str, item_id: int) -> ChangeOutcome:
     """Delete an item (a new version without it)"""
-    endpoint(name, write=True)
     return svc().delete_items(name, [item_id], [])
 
 
-@blp.route("/<name>/items", methods=["DELETE"])
+@blp.route("/<endpoint:name>/items", methods=["DELETE"])
+@requires("write")
 @blp.response(200, ChangeSchema)
-@blp.doc(
-    requestBody={"required": True, "content": {"application/json": {"schema": DeleteItemsSchema}}},
-    responses=error_responses(401, 403, 404, 409, 413, 422),
-)
-def delete_items(name: str) -> dict[str, Any]:
+@blp.doc(responses=error_responses(404, 409, 413))
+@blp.arguments(DeleteItemsSchema, location="json", unknown=EXCLUDE)
+def delete_items(args: dict[str, Any], name: str) -> ChangeOutcome:
     """Delete several items by id or name; any unknown one is a 404 and nothing is deleted"""
-    endpoint(name, write=True)
-    args = load_body(DeleteItemsSchema(), json_body())
     return svc().delete_items(name, args["ids"], args["names"])
 
 
-@blp.route("/<name>/items/<int:item_id>", methods=["PATCH"])
+@blp.route("/<endpoint:name>/items/<int:item_id>", methods=["PATCH"])
+@requires("write")
 @blp.response(200, ChangeSchema)
-@blp.doc(
-    requestBody={"required": True, "content": {"application/json": {"schema": EditItemSchema}}},
-    responses=error_responses(401, 403, 404, 409, 413, 422),
-)
-def edit_item(name: str, item_id: int) -> dict[str, Any]:
+@blp.doc(responses=error_responses(404, 409, 413))
+@blp.arguments(EditItemSchema, location="json", unknown=EXCLUDE)
+def edit_item(args: dict[str, Any], name: str, item_id: int) -> ChangeOutcome:
     """Change an item's label and/or metadata (its vectors stay as they are)"""
-    endpoint(name, write=True)
-    args = load_body(EditItemSchema(), json_body())
     return svc().edit_item(name, item_id, args)

@@ -7,12 +7,10 @@ of /openapi.json. Everything it shows comes from the JSON routes, called by the 
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, send_from_directory
 
-from service.api.common import svc
-from service.core.errors import ServiceError
+from service.api.context import svc
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
@@ -40,10 +38,8 @@ def _store_origin() -> str:
     """The store's origin where results' image URLs point into it (pre-signed S3 URLs), else ''."""
     cache = current_app.extensions.setdefault("simsvc.page", {})
     if "store_origin" not in cache:
-        try:
-            url = svc().storage.signed_url("page-csp-probe", 60)  # signed here: no request is made
-        except ServiceError:
+        origin = svc().store_origin()
+        if origin is None:
             return ""  # it cannot sign now, so results cannot point into it either: ask again later
-        parts = urlsplit(url or "")
-        cache["store_origin"] = f" {parts.scheme}://{parts.netloc}" if url else ""
+        cache["store_origin"] = f" {origin}" if origin else ""
     return cache["store_origin"]

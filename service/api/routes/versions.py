@@ -4,42 +4,39 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask_smorest import Blueprint
+from marshmallow import EXCLUDE
 
-from service.api.common import endpoint, error_responses, json_body, load_body, svc
+from service.api.context import svc
+from service.api.rules import Blueprint, error_responses, requires
 from service.api.schemas import RollbackSchema, VersionListSchema
-from service.storage import versions
+from service.application.results import VersionList
 
 blp = Blueprint("versions", __name__, url_prefix="/", description="Published versions and rollback")
 
 
-@blp.route("/<name>/versions")
+@blp.route("/<endpoint:name>/versions")
+@requires("query")
 @blp.response(200, VersionListSchema)
-@blp.doc(responses=error_responses(401, 403, 404))
-def list_versions(name: str) -> dict[str, Any]:
+@blp.doc(responses=error_responses(404))
+def list_versions(name: str) -> VersionList:
     """The complete published versions (oldest first) and the current one"""
-    endpoint(name)
     return svc().versions_of(name)
 
 
-@blp.route("/<name>/rollback", methods=["POST"])
+@blp.route("/<endpoint:name>/rollback", methods=["POST"])
+@requires("write")
 @blp.response(200, VersionListSchema)
-@blp.doc(
-    requestBody={"required": True, "content": {"application/json": {"schema": RollbackSchema}}},
-    responses=error_responses(401, 403, 404, 409, 413, 422),
-)
-def rollback(name: str) -> dict[str, Any]:
+@blp.doc(responses=error_responses(404, 409, 413))
+@blp.arguments(RollbackSchema, location="json", unknown=EXCLUDE)
+def rollback(args: dict[str, Any], name: str) -> VersionList:
     """Point the endpoint back at an earlier version (every worker follows within seconds)"""
-    endpoint(name, write=True)  # the token first, then the body
-    args = load_body(RollbackSchema(), json_body())
     return svc().rollback(name, args["version"])
 
 
-@blp.route("/<name>/versions/<version>", methods=["DELETE"])
+@blp.route("/<endpoint:name>/versions/<version>", methods=["DELETE"])
+@requires("write")
 @blp.response(200, VersionListSchema)
-@blp.doc(responses=error_responses(401, 403, 404, 409))
-def delete_version(name: str, version: str) -> dict[str, Any]:
+@blp.doc(responses=error_responses(404, 409))
+def delete_version(name: str, version: str) -> VersionList:
     """Delete a version that is not the current one"""
-    endpoint(name, write=True)
-    versions.delete_version(svc().storage, name, version)
-    return svc().versions_of(name)
+    return svc().delete_version(name, version)

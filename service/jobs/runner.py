@@ -29,8 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from service.catalog.changes import ChangeResult
-from service.catalog.training import Progress, TrainResult
 from service.core import metrics
 from service.core.errors import (
     EncoderUnavailableError,
@@ -42,6 +40,7 @@ from service.core.errors import (
     TrainingError,
 )
 from service.storage import KeyNotFoundError, Storage, versions
+from service.training.results import ChangeResult, Progress, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +199,12 @@ class JobRunner:
         self._pool.submit(self._run_local, job, zip_path)
         return job
 
-    def status(self, endpoint: str, job_id: str) -> dict[str, Any]:
+    def status(self, endpoint: str, job_id: str) -> Job:
         """A job's status: this process's own copy while it has one, else the stored record."""
         with self._lock:
             job = self.live.get(job_id)
             if job is not None and job.endpoint == endpoint:
-                return job.to_dict()
+                return Job(**job.to_dict())
         job = self.store.load(endpoint, job_id)
         if self.queue is None and self._silent(job):
             # Its process died (killed, out of memory, instance gone): say so, and record it.
@@ -217,7 +216,7 @@ class JobRunner:
                 self.store.save(job)
             except Exception as exc:
                 log.warning("could not record stale job %s: %s", job.id, exc)
-        return job.to_dict()
+        return job
 
     def _silent(self, job: Job) -> bool:
         """Queued or running, with no heartbeat for `stale_after_s`: its process is gone."""

@@ -24,7 +24,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from service.catalog import changes, training
 from service.core import logs
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
@@ -32,20 +31,23 @@ from service.core.errors import ServiceError, TrainingError
 from service.encoders import litert
 from service.encoders.tfruntime import configure_threads
 from service.storage import open_storage
+from service.training import changes
+from service.training.results import ChangeResult, ProgressFn, TrainResult
+from service.training.train import train
 
 log = logging.getLogger(__name__)
 
 # How long past JOB_MAX_S a child may run before it is killed (it checks the limit itself first).
 KILL_GRACE_S = 60.0
 
-Work = training.TrainResult | changes.ChangeResult
+Work = TrainResult | ChangeResult
 
 
 def run_job(
     settings: Settings,
     spec: EndpointSpec,
     zip_path: Path,
-    on_progress: training.ProgressFn,
+    on_progress: ProgressFn,
     version: str,
     fine_tune: str,
     kind: str,
@@ -111,7 +113,7 @@ def work(
     settings: Settings,
     spec: EndpointSpec,
     zip_path: Path,
-    on_progress: training.ProgressFn,
+    on_progress: ProgressFn,
     version: str,
     fine_tune: str,
     kind: str,
@@ -125,7 +127,7 @@ def work(
         )
     if kind == "add":
         return changes.add_items(spec, zip_path, storage, settings, on_progress, fine_tune)
-    return training.train(spec, zip_path, storage, settings, on_progress, version, fine_tune)
+    return train(spec, zip_path, storage, settings, on_progress, version, fine_tune)
 
 
 def _child(

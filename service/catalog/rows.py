@@ -1,4 +1,4 @@
-"""A version's catalogue as rows: stable item ids, names, labels, metadata, images and stored vectors.
+"""A version's catalog as rows: stable item ids, names, labels, metadata, images and stored vectors.
 
 One row is one image (one Annoy id, dense per version). Each row belongs to an item with a
 stable id that survives every later version while the item exists; a deleted item's rows stay
@@ -37,7 +37,7 @@ DELETED = -1
 
 
 @dataclass
-class Catalogue:
+class Catalog:
     """Every row of a version, in index order, plus what a change needs to build the next one."""
 
     items: np.ndarray  # int64 [n]: the item id of each row, DELETED for a tombstone
@@ -68,10 +68,10 @@ class Catalogue:
     def item_ids_by_name(self) -> dict[str, int]:
         return {self.item_name(r): int(self.items[r]) for r in self.live()}
 
-    def take(self, rows: np.ndarray) -> Catalogue:
-        """The catalogue restricted to `rows` (in that order)."""
+    def take(self, rows: np.ndarray) -> Catalog:
+        """The catalog restricted to `rows` (in that order)."""
         rows = np.asarray(rows, dtype=np.int64)
-        return Catalogue(
+        return Catalog(
             items=self.items[rows],
             names=[self.names[r] for r in rows],
             entries=[self.entries[r] for r in rows],
@@ -83,14 +83,14 @@ class Catalogue:
             image_sources=[self.image_sources[r] for r in rows],
         )
 
-    def extend(self, other: Catalogue) -> Catalogue:
-        """This catalogue's rows, then `other`'s (its vectors must have the same widths)."""
+    def extend(self, other: Catalog) -> Catalog:
+        """This catalog's rows, then `other`'s (its vectors must have the same widths)."""
         mirrored = (
             None
             if self.mirrored is None or other.mirrored is None
             else np.concatenate([self.mirrored, other.mirrored])
         )
-        return Catalogue(
+        return Catalog(
             items=np.concatenate([self.items, other.items]),
             names=self.names + other.names,
             entries=self.entries + other.entries,
@@ -103,8 +103,8 @@ class Catalogue:
         )
 
 
-def empty(dim: int, backbone_dim: int, thumb_dim: int, next_id: int = 0) -> Catalogue:
-    return Catalogue(
+def empty(dim: int, backbone_dim: int, thumb_dim: int, next_id: int = 0) -> Catalog:
+    return Catalog(
         items=np.zeros(0, np.int64),
         names=[],
         entries=[],
@@ -116,41 +116,38 @@ def empty(dim: int, backbone_dim: int, thumb_dim: int, next_id: int = 0) -> Cata
     )
 
 
-def write(catalogue: Catalogue, folder: Path, n_trees: int, head: bool, build: bool = True) -> None:
-    """Write the row files (and, with `build`, a new index) of `catalogue` into `folder`."""
-    np.save(folder / "vectors.npy", catalogue.vectors.astype(np.float32), allow_pickle=False)
-    np.save(folder / ROWS, catalogue.items.astype(np.int64), allow_pickle=False)
+def write(catalog: Catalog, folder: Path, n_trees: int, head: bool, build: bool = True) -> None:
+    """Write the row files (and, with `build`, a new index) of `catalog` into `folder`."""
+    np.save(folder / "vectors.npy", catalog.vectors.astype(np.float32), allow_pickle=False)
+    np.save(folder / ROWS, catalog.items.astype(np.int64), allow_pickle=False)
     if head:  # without a head the backbone's vectors are vectors.npy itself
-        np.save(folder / "backbone.npy", catalogue.backbone.astype(np.float16), allow_pickle=False)
-    if catalogue.thumbs.shape[1]:
-        np.save(folder / "thumbs.npy", catalogue.thumbs.astype(np.float16), allow_pickle=False)
-    if catalogue.mirrored is not None and len(catalogue.mirrored) == catalogue.count and catalogue.count:
-        np.save(folder / "mirrored.npy", catalogue.mirrored.astype(np.float16), allow_pickle=False)
-    write_maps(catalogue, folder)
+        np.save(folder / "backbone.npy", catalog.backbone.astype(np.float16), allow_pickle=False)
+    if catalog.thumbs.shape[1]:
+        np.save(folder / "thumbs.npy", catalog.thumbs.astype(np.float16), allow_pickle=False)
+    if catalog.mirrored is not None and len(catalog.mirrored) == catalog.count and catalog.count:
+        np.save(folder / "mirrored.npy", catalog.mirrored.astype(np.float16), allow_pickle=False)
+    write_maps(catalog, folder)
     if build:
-        build_index(catalogue.vectors, n_trees, folder / "index.ann")
+        build_index(catalog.vectors, n_trees, folder / "index.ann")
 
 
-def write_maps(catalogue: Catalogue, folder: Path) -> None:
+def write_maps(catalog: Catalog, folder: Path) -> None:
     """ids.json (row -> name) and metadata.json (row -> label, metadata, image, sha256, item)."""
-    jsonmap.write(folder / "ids.json", catalogue.names)
+    jsonmap.write(folder / "ids.json", catalog.names)
     jsonmap.write(
         folder / "metadata.json",
-        (
-            {**entry, "item": int(item)}
-            for entry, item in zip(catalogue.entries, catalogue.items, strict=True)
-        ),
+        ({**entry, "item": int(item)} for entry, item in zip(catalog.entries, catalog.items, strict=True)),
     )
 
 
 def read(
     storage: Storage, endpoint: str, version: str, manifest: dict[str, Any], vectors: bool = True
-) -> Catalogue:
+) -> Catalog:
     """A published version's rows, read back from the store (vectors in float32). Without
     `vectors`, only its maps (names, ids, entries): what an edit or a delete needs."""
     prefix = versions.version_prefix(endpoint, version)
     files = manifest.get("files", {})
-    with tempfile.TemporaryDirectory(prefix="catalogue-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="catalog-") as tmp:
         folder = Path(tmp)
 
         def fetch(name: str) -> Path | None:
@@ -176,7 +173,7 @@ def read(
         sources: list[str | None] = [prefix + e["image"] for e in entries]
         if not vectors:
             none = np.zeros((count, 0), np.float32)
-            return Catalogue(items, names, entries, none, none, none, None, next_id, sources)
+            return Catalog(items, names, entries, none, none, none, None, next_id, sources)
         stored = array("vectors.npy")
         if stored is None:
             raise ConflictError(f"{endpoint} version {version} keeps no vectors; train the endpoint again")
@@ -192,7 +189,7 @@ def read(
             backbone = vectors_
         thumbs = array("thumbs.npy")
         mirrored = array("mirrored.npy")
-        return Catalogue(
+        return Catalog(
             items=items,
             names=names,
             entries=entries,
@@ -213,30 +210,30 @@ def _lines(path: Path | None, count: int) -> Iterable[Any]:
 
 @dataclass
 class VectorCache:
-    """Stored vectors by content: sha256 of an image's bytes -> its row in a published catalogue.
+    """Stored vectors by content: sha256 of an image's bytes -> its row in a published catalog.
 
-    The cache is the catalogue in the store: any instance that reads the current version finds
+    The cache is the catalog in the store: any instance that reads the current version finds
     every image it holds, so a `replace` train of an unchanged image, or a change that re-sends
     one, costs no forward pass. Vectors only count for the same encoder (fingerprint) and the
     same thumbnail size.
     """
 
-    catalogue: Catalogue | None = None
+    catalog: Catalog | None = None
     rows: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, catalogue: Catalogue | None) -> VectorCache:
-        if catalogue is None:
+    def of(cls, catalog: Catalog | None) -> VectorCache:
+        if catalog is None:
             return cls()
-        return cls(catalogue, {e["sha256"]: r for r, e in enumerate(catalogue.entries) if e.get("sha256")})
+        return cls(catalog, {e["sha256"]: r for r, e in enumerate(catalog.entries) if e.get("sha256")})
 
     def get(self, sha256: str) -> int | None:
         return self.rows.get(sha256)
 
 
-def current_catalogue(
+def current_catalog(
     storage: Storage, endpoint: str, fingerprint: str, thumb_dim: int
-) -> tuple[Catalogue | None, Catalogue | None]:
+) -> tuple[Catalog | None, Catalog | None]:
     """The current version's rows: their names and ids (always), and the same with vectors when
     they can be reused with this encoder (same fingerprint, same thumbnail size), else None."""
     current = versions.read_current(storage, endpoint).version
@@ -253,10 +250,10 @@ def current_catalogue(
     return names, (full if full.thumbs.shape[1] == thumb_dim else None)
 
 
-def manifest_summary(catalogue: Catalogue) -> dict[str, Any]:
+def manifest_summary(catalog: Catalog) -> dict[str, Any]:
     """The manifest's counts: `count` items (what the API reports), `rows` in the index."""
-    live = catalogue.items[catalogue.items != DELETED]
-    return {"count": int(len(np.unique(live))), "rows": catalogue.count, "next_id": catalogue.next_id}
+    live = catalog.items[catalog.items != DELETED]
+    return {"count": int(len(np.unique(live))), "rows": catalog.count, "next_id": catalog.next_id}
 
 
 def dumps(value: Any) -> str:

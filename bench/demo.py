@@ -3,10 +3,15 @@
 `photos_zip` : ~18 real photos (astronaut, coffee, rocket...), each with crops and a mirror
                image, in one folder per photo (the label), with a metadata.csv.
 `fashion_zip`: Fashion-MNIST images (Debian package dataset-fashion-mnist), one folder per class.
+
+`python -m bench.demo` (`make demo`) trains every endpoint that serves nothing yet on them. It lives
+here, not in service/, because scikit-image is a development requirement: Elastic Beanstalk
+installs requirements.txt only.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gzip
 import io
@@ -156,3 +161,28 @@ def demo_zips(folder: Path) -> dict[str, Path]:
             fashion_zip(fashion)
     # No food photos can be had offline: the food demo indexes the real sample photos.
     return {"fashion": fashion, "food": photos}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train each endpoint that serves no version yet (all of them with --force) on its demo zip."""
+    from service.application.wiring import build_service
+    from service.core.config import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m bench.demo", description=main.__doc__)
+    parser.add_argument("--force", action="store_true", help="retrain even if already published")
+    args = parser.parse_args(argv)
+    service = build_service(Settings.load({"warm_on_start": False}))
+    zips = demo_zips(service.settings.cache_dir / "demo")
+    for name in service.specs:
+        current = service.versions_of(name).current
+        if current and not args.force:
+            print(f"{name}: already serving version {current}")
+            continue
+        zip_path = zips.get(name, zips["food"])
+        result = service.train_now(name, zip_path, "auto", lambda progress: None)
+        print(f"{name}: trained {result.count} images from {zip_path.name} -> {result.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from service.catalog.evaluation import evaluate, exact_search
-from service.catalog.head import Head, TrainingData, stratified_split, train_head
+from service.catalog.head import Head
 from service.core.endpoint import HeadConfig
 from service.core.errors import TrainingError
+from service.training.head_fit import TrainingData, stratified_split, train_head
 
 MODES = ("auto", "always", "never")
 DECIDING_METRIC = "precision@10"

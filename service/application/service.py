@@ -1,0 +1,379 @@
+"""`Service`: every use case of the service as a method; the HTTP views and the CLI call these and
+nothing below them (an import-linter contract in pyproject.toml keeps it so)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from service import encoders
+from service.application.results import (
+    ChangeOutcome,
+    Health,
+    ImageSource,
+    SearchArgs,
+    SearchResult,
+    UploadTicket,
+    VersionInfo,
+    VersionList,
+    WorkerOutcome,
+)
+from service.catalog import images, ingest
+from service.core.config import Settings
+from service.core.endpoint import EndpointSpec
+from service.core.errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidParameterError,
+    ItemNotFoundError,
+    JobRetryError,
+    PayloadTooLargeError,
+    ServiceError,
+)
+from service.encoders import mirror
+from service.jobs.runner import Job, JobRunner
+from service.serving import filters, query
+from service.serving.registry import LoadedVersion, Registry, ServedEndpoint
+from service.storage import KeyNotFoundError, Storage, encoder_mirror, versions
+from service.training import changes
+from service.training.results import ChangeResult, ProgressFn, TrainResult
+from service.training.train import train
+
+# (item id, which of its photos, version) -> this service's URL of that image (the API's route)
+RouteUrl = Callable[[int, int, str], str]
+
+
+@dataclass
+class Service:
+    settings: Settings
+    specs: dict[str, EndpointSpec]
+    storage: Storage
+    registry: Registry
+    jobs: JobRunner
+    uploads_dir: Path
+
+    # --- the service and its endpoints ---------------------------------------------------------
+
+    def health(self, details: bool) -> Health:
+        """Liveness; which process answers and what it serves only for callers who may see it."""
+        if not details:
+            return Health()
+        return Health(worker=os.getpid(), endpoints=self.registry.versions_served())
+
+    def endpoint(self, name: str) -> ServedEndpoint:
+        """The named endpoint (404 if there is none)."""
+        return self.registry.get(name)
+
+    def endpoint_status(self, name: str) -> dict[str, Any]:
+        """Served version, item count, labels, encoder, trained time, degraded state."""
+        return self.endpoint(name).status()
+
+    def endpoints_status(self) -> list[dict[str, Any]]:
+        return [served.status() for served in self.registry.endpoints.values()]
+
+    # --- queries -----------------------------------------------------------------------------------
+
+    def search_args(
+        self, name: str, k: int | None, labels: list[str] | None, where: str | None
+    ) -> SearchArgs:
+        """A query's arguments checked (k within the endpoint's bounds, a well-formed filter)."""
+        return SearchArgs(query.check_k(self.endpoint(name).spec, k), filters.parse_filter(labels, where))
+
+    def infer(
+        self, name: str, uploads: list[tuple[str, bytes]], args: SearchArgs, route_url: RouteUrl
+    ) -> SearchResult:
+        """The top-k matches for each uploaded image (filename, bytes)."""
+        if len(uploads) > self.settings.max_infer_images:
+            raise PayloadTooLargeError(
+                f"{len(uploads)} images in one request, over the limit of {self.settings.max_infer_images}"
+            )
+        loaded = self.endpoint(name).current()
+        found = query.search_images(
+            loaded,
+            uploads,
+            args.k,
+            self.settings.max_image_pixels,
+            self._image_urls(route_url),
+            self.settings.allowed_formats,
+            args.filter,
+        )
+        return SearchResult(name, loaded.version, found)
+
+    def similar(self, name: str, item_id: int, args: SearchArgs, route_url: RouteUrl) -> SearchResult:
+        """The top-k items most like an indexed item (the item itself excluded)."""
+        loaded = self.endpoint(name).current()
+        found = query.similar_items(loaded, item_id, args.k, self._image_urls(route_url), args.filter)
+        return SearchResult(name, loaded.version, [found], id=item_id)
+
+    def _image_urls(self, route_url: RouteUrl) -> query.ImageUrlFn:
+        """Results' image URLs: pre-signed store URLs where the store gives them (S3), else the
+        service's own image route."""
+
+        def build(loaded: LoadedVersion, item_id: int, photo: int, entry: dict[str, Any]) -> str:
+            key = versions.version_prefix(loaded.endpoint, loaded.version) + entry["image"]
+            signed = self.storage.signed_url(key, self.settings.signed_url_expiry_s)
+            return signed or route_url(item_id, photo, loaded.version)
+
+        return build
+
+    def item_image(self, name: str, item_id: int, photo: int, version: str | None) -> ImageSource:
+        """An item's `photo`-th original image, in the served version or a named one."""
+        key = self._image_key(self.endpoint(name), item_id, version, photo)
+        mimetype = images.CONTENT_TYPES.get(os.path.splitext(key)[1], "application/octet-stream")
+        local = self.storage.local_path(key)
+        if local is not None:
+            return ImageSource(mimetype, path=local, versioned=version is not None)
+        signed = self.storage.signed_url(key, self.settings.signed_url_expiry_s)
+        if signed:  # the bytes come straight from the store, not through this tier
+            return ImageSource(mimetype, url=signed)
+        return ImageSource(mimetype, data=self.storage.read(key))
+
+    def _image_key(self, served: ServedEndpoint, item_id: int, version: str | None, photo: int) -> str:
+        loaded = served.current()
+        if version is None or version == loaded.version:
+            query.check_item(loaded, item_id)
+            rows = loaded.rows_of(item_id)
+            image = loaded.items[int(rows[photo])]["image"] if photo < len(rows) else None
+            version = loaded.version
+        else:
+            photos = _item_images(self.storage, served.spec.name, version).get(item_id, [])
+            image = photos[photo] if photo < len(photos) else None
+        if image is None:
+            what = f"item {item_id}" if photo == 0 else f"photo {photo} of item {item_id}"
+            raise ItemNotFoundError(f"no {what} in {served.spec.name} version {version}")
+        return versions.version_prefix(served.spec.name, version) + image
+
+    def query_file(self, name: str, path: Path, k: int | None) -> SearchResult:
+        """The CLI's query: one image file; results' images as file:// URIs where the store has them."""
+        args = self.search_args(name, k, None, None)
+
+        def file_uri(loaded: LoadedVersion, item_id: int, photo: int, entry: dict[str, Any]) -> str | None:
+            local = self.storage.local_path(versions.version_prefix(name, loaded.version) + entry["image"])
+            return local.as_uri() if local else None
+
+        loaded = self.endpoint(name).current()
+        found = query.search_images(
+            loaded, [(path.name, path.read_bytes())], args.k, self.settings.max_image_pixels, file_uri
+        )
+        return SearchResult(name, loaded.version, found)
+
+    def evaluate(self, name: str, zip_path: Path, k: int = 10) -> dict[str, Any]:
+        """Precision@1, precision@k and mAP@k of the served version on a labelled zip."""
+        return query.evaluate_zip(self.endpoint(name).current(), zip_path, self.settings, k)
+
+    # --- training jobs ---------------------------------------------------------------------------
+
+    def new_upload_path(self) -> Path:
+        """Where an upload is written on this instance (named for its owner: leftovers are removed)."""
+        return self.uploads_dir / f"{os.getpid()}-{secrets.token_hex(8)}.zip"
+
+    def write_images_zip(
+        self,
+        path: Path,
+        uploads: list[tuple[str, bytes]],
+        label: str | None,
+        metadata: dict[str, Any] | None,
+        item_name: str | None,
+    ) -> None:
+        """Images sent directly (with their label and metadata) as a zip in the /train format."""
+        if metadata is not None:
+            ingest.check_metadata(metadata)
+        ingest.write_images_zip(path, uploads, label, metadata, item_name)
+
+    def start_job(self, name: str, zip_path: Path, fine_tune: str, kind: str = "train") -> Job:
+        """Check an uploaded zip (422 if it is none, 413 over the limits) and start a job on it;
+        the file is the job's from then on (deleted when it is done, or now if refused)."""
+        self.endpoint(name)
+        try:
+            with ingest.open_zip(zip_path) as zf:
+                ingest.check_limits(zf, ingest.ZipLimits.from_settings(self.settings))
+            return self.jobs.submit(name, zip_path=zip_path, fine_tune=fine_tune, kind=kind)
+        except BaseException:
+            zip_path.unlink(missing_ok=True)
+            raise
+
+    def start_job_from_source(self, name: str, source: str, fine_tune: str) -> Job:
+        """A train from a zip uploaded to the store beforehand (`create_upload`)."""
+        self.endpoint(name)
+        self._check_source(source, name)
+        return self.jobs.submit(name, source=source, fine_tune=fine_tune)
+
+    def _check_source(self, uri: str, endpoint: str) -> None:
+        """A zip in the bucket a job may train from: in this endpoint's uploads, present, not too big."""
+        bucket = self.storage.as_bucket()
+        if bucket is None:
+            raise ConflictError("training from an s3:// source needs an s3:// STORAGE_URI")
+        key = bucket.bucket_key(uri)
+        allowed = bucket.uri_of(f"uploads/{endpoint}/")
+        if key is None or not uri.startswith(allowed):
+            # Not another endpoint's uploads, nor anything else in (or outside) the bucket.
+            raise ForbiddenError(
+                f"{uri} is not in this endpoint's uploads ({allowed}; POST /{endpoint}/uploads)"
+            )
+        try:
+            size = bucket.object_size(key)
+        except KeyNotFoundError:
+            raise InvalidParameterError(
+                f"{uri} does not exist", errors={"source": ["No such object."]}
+            ) from None
+        limit = self.settings.max_source_zip_mb * 1024 * 1024
+        if size > limit:
+            raise PayloadTooLargeError(f"{uri} is {size} bytes, over the limit of {limit}")
+
+    def create_upload(self, name: str) -> UploadTicket:
+        """A pre-signed PUT for a new zip under uploads/, and the source URI to train from."""
+        self.endpoint(name)
+        bucket = self.storage.as_bucket()
+        if bucket is None:
+            raise ConflictError(
+                "pre-signed uploads need an s3:// STORAGE_URI; POST the zip to /train instead"
+            )
+        key = f"uploads/{name}/{secrets.token_hex(8)}.zip"
+        expires = self.settings.upload_url_expiry_s
+        return UploadTicket(bucket.signed_upload_url(key, expires), "PUT", bucket.uri_of(key), expires)
+
+    def job_status(self, name: str, job_id: str) -> Job:
+        """A job's status. A job that succeeded elsewhere (the worker tier) is served here from the
+        next request on, like one that ran here: its version is noted for this instance."""
+        self.endpoint(name)
+        job = self.jobs.status(name, job_id)
+        if job.status == "succeeded" and job.version:
+            if versions.published_note(self.settings.cache_dir, name)[1] != job.version:
+                versions.note_published(self.settings.cache_dir, name, job.version)
+        return replace(job, runner=None)  # host:pid is for the logs, not for clients
+
+    def run_delivered_job(self, job_id: str, receive_count: int) -> WorkerOutcome:
+        """Run a job the queue delivered (worker tier); `finished` False asks for a redelivery."""
+        finished = self.jobs.run_delivered(job_id, receive_count, self.settings.job_max_attempts)
+        job = self.jobs.store.load(None, job_id)
+        if not finished:
+            raise JobRetryError(f"job {job.id}: {job.error}")
+        return WorkerOutcome(job.id, job.status, job.error, finished)
+
+    def train_now(self, name: str, zip_path: Path, fine_tune: str, progress: ProgressFn) -> TrainResult:
+        """Train in this process and publish (the CLI's `train`)."""
+        return train(
+            self.endpoint(name).spec, zip_path, self.storage, self.settings, progress, fine_tune=fine_tune
+        )
+
+    # --- item changes ------------------------------------------------------------------------------
+
+    def delete_items(self, name: str, ids: list[int], names: list[str]) -> ChangeOutcome:
+        """Delete items (404 for any unknown one, and nothing published); the new version."""
+        spec = self.endpoint(name).spec
+        if not ids and not names:
+            raise InvalidParameterError("name at least one item to delete", errors={"ids": ["Empty."]})
+        return _outcome(name, changes.delete_items(spec, self.storage, self.settings, ids, names))
+
+    def edit_item(self, name: str, item_id: int, edit: dict[str, Any]) -> ChangeOutcome:
+        """Change an item's label and/or metadata; the new version."""
+        spec = self.endpoint(name).spec
+        if not edit:
+            raise InvalidParameterError("send 'label' and/or 'metadata' to change")
+        result = changes.edit_item(
+            spec,
+            self.storage,
+            self.settings,
+            item_id,
+            label=edit.get("label", changes.UNSET),
+            metadata=edit.get("metadata"),
+        )
+        return _outcome(name, result)
+
+    # --- versions --------------------------------------------------------------------------------
+
+    def versions_of(self, name: str) -> VersionList:
+        """The endpoint's complete versions, oldest first, with what their manifests say."""
+        self.endpoint(name)
+        current = versions.read_current(self.storage, name).version
+        listed = []
+        for version in versions.list_versions(self.storage, name):
+            manifest = versions.read_manifest(self.storage, name, version)
+            listed.append(
+                VersionInfo(
+                    version=version,
+                    count=manifest.get("count"),
+                    current=version == current,
+                    created_at=manifest.get("created_at"),
+                    fine_tuned=bool(manifest.get("head")),
+                )
+            )
+        return VersionList(name, current, listed)
+
+    def rollback(self, name: str, version: str) -> VersionList:
+        """Point CURRENT back at `version`; this instance's workers serve it from the next request."""
+        self.endpoint(name)
+        versions.rollback(self.storage, name, version)
+        versions.note_published(self.settings.cache_dir, name, version)
+        return self.versions_of(name)
+
+    def delete_version(self, name: str, version: str) -> VersionList:
+        """Delete a version that is not the current one."""
+        self.endpoint(name)
+        versions.delete_version(self.storage, name, version)
+        return self.versions_of(name)
+
+    # --- operations ------------------------------------------------------------------------------
+
+    def mirror_encoders(self) -> list[str]:
+        """Download each endpoint's TF-Hub handle here and copy it into the bucket's mirror; a line
+        per endpoint saying what was done."""
+        target = encoder_mirror(self.settings, self.storage)
+        if target is None:
+            raise ConflictError("the mirror needs an s3:// STORAGE_URI or ENCODER_MIRROR_URI")
+        done = []
+        for name, spec in self.specs.items():
+            if not spec.encoder.is_remote:
+                done.append(f"{name}: {spec.encoder.source} is not a TF-Hub handle; nothing to mirror")
+                continue
+            folder = encoders.fetch_handle(spec.encoder.source, self.settings.hub_cache)
+            prefix = mirror.upload(target, spec.encoder.source, folder)
+            done.append(f"{name}: {spec.encoder.source} -> {target.uri}/{prefix}")
+        return done
+
+    def store_origin(self) -> str | None:
+        """The store's origin where results' image URLs point into it (pre-signed URLs), '' where
+        they never do, None when the store cannot sign now (ask again later)."""
+        try:
+            url = self.storage.signed_url("page-csp-probe", 60)  # signed here: no request is made
+        except ServiceError:
+            return None
+        parts = urlsplit(url or "")
+        return f"{parts.scheme}://{parts.netloc}" if url else ""
+
+    def start(self) -> None:
+        """Load every endpoint's version in the background, then follow CURRENT (web workers)."""
+        self.registry.start()
+
+    def close(self) -> None:
+        self.registry.stop()
+        self.jobs.shutdown()
+
+
+def _outcome(endpoint: str, result: ChangeResult) -> ChangeOutcome:
+    return ChangeOutcome(endpoint, result.version, result.kind, result.items, result.count)
+
+
+@lru_cache(maxsize=8)
+def _item_images(storage: Storage, endpoint: str, version: str) -> dict[int, list[str]]:
+    """item id -> its images' keys in an older version (for image URLs handed out before a swap)."""
+    prefix = versions.version_prefix(endpoint, version)
+    if not versions.SAFE_VERSION.match(version) or not storage.exists(prefix + versions.MANIFEST):
+        return {}  # only complete, published versions
+    try:
+        meta = json.loads(storage.read(prefix + "metadata.json"))
+    except KeyNotFoundError:
+        return {}
+    found: dict[int, list[str]] = {}
+    for row, entry in sorted(meta.items(), key=lambda pair: int(pair[0])):
+        item = int(entry.get("item", row))  # versions before stable ids: the row is the id
+        if item >= 0:
+            found.setdefault(item, []).append(entry["image"])
+    return found

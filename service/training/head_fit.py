@@ -1,0 +1,114 @@
+"""Fit a feature-vector head (service/catalog/head.py) with tf_keras: a cosine-softmax classifier with
+an additive margin (CosFace) over the labels, on stored backbone vectors and thumbnails."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from service.catalog.head import Head
+from service.core.endpoint import HeadConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """What the head trains on: backbone unit vectors, thumbnails, label ids; mirrored copies."""
+
+    backbone: np.ndarray
+    thumbs: np.ndarray
+    labels: np.ndarray
+    mirrored_backbone: np.ndarray | None = None
+    mirrored_thumbs: np.ndarray | None = None
+
+
+def train_head(data: TrainingData, label_names: list[str], config: HeadConfig) -> tuple[Head, dict[str, Any]]:
+    """Train the head (early stopping on a stratified validation split); return it and a summary."""
+    from service.encoders import tfruntime
+
+    tf = tfruntime.tensorflow()
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(config.seed)
+    n_labels = len(label_names)
+    train_idx, val_idx = stratified_split(data.labels, 0.1, config.seed)
+    thumb_mean = data.thumbs[train_idx].mean(axis=0) if config.thumbnail else np.zeros(0, np.float32)
+    thumb_std = data.thumbs[train_idx].std(axis=0) + 1e-3 if config.thumbnail else np.zeros(0, np.float32)
+    definition = {
+        **asdict(config),
+        "backbone_dim": int(data.backbone.shape[1]),
+        "labels": label_names,
+        "inputs": "unit backbone vector x 30, standardised box thumbnail of the encoder input",
+    }
+    shell = Head(
+        definition, {"thumb_mean": thumb_mean.astype(np.float32), "thumb_std": thumb_std.astype(np.float32)}
+    )
+
+    x = shell.inputs(data.backbone, data.thumbs)
+    y = data.labels
+    x_train, y_train = x[train_idx], y[train_idx]
+    if config.augment and data.mirrored_backbone is not None and data.mirrored_thumbs is not None:
+        mirrored = shell.inputs(data.mirrored_backbone, data.mirrored_thumbs)
+        x_train = np.concatenate([x_train, mirrored[train_idx]])
+        y_train = np.concatenate([y_train, y[train_idx]])
+
+    inputs = keras.Input((x.shape[1],))
+    h = keras.layers.Dropout(0.2)(inputs)
+    if config.hidden_dim:
+        h = keras.layers.Dense(config.hidden_dim, activation="relu", name="hidden")(h)
+        h = keras.layers.Dropout(0.2)(h)
+    features = keras.layers.Dense(config.feature_dim, name="feature")(h)
+    unit = keras.layers.UnitNormalization()(features)
+    cosine = keras.layers.Dense(
+        n_labels, use_bias=False, name="classes", kernel_constraint=keras.constraints.UnitNorm(axis=0)
+    )(unit)
+    model = keras.Model(inputs, cosine)
+
+    def cosface_loss(labels: Any, cosines: Any) -> Any:
+        onehot = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), n_labels)
+        logits = config.scale * (cosines - config.margin * onehot)
+        return tf.nn.softmax_cross_entropy_with_logits(onehot, logits)
+
+    model.compile(keras.optimizers.Adam(1e-3), loss=cosface_loss)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=6, restore_best_weights=True)
+    history = model.fit(
+        x_train,
+        y_train,
+        validation_data=(x[val_idx], y[val_idx]),
+        epochs=config.max_epochs,
+        batch_size=128,
+        shuffle=True,
+        verbose=0,
+        callbacks=[stop],
+    )
+    weights = dict(shell.weights)
+    if config.hidden_dim:
+        weights["hidden_w"], weights["hidden_b"] = model.get_layer("hidden").get_weights()
+    weights["feature_w"], weights["feature_b"] = model.get_layer("feature").get_weights()
+    epochs = len(history.history["loss"])
+    summary = {
+        "epochs": epochs,
+        "train_images": int(len(train_idx)),
+        "validation_images": int(len(val_idx)),
+        "augmented": bool(len(x_train) > len(train_idx)),
+        "best_val_loss": round(float(min(history.history["val_loss"])), 4),
+    }
+    log.info("trained head: %s", summary)
+    return Head(definition, {k: np.asarray(v, np.float32) for k, v in weights.items()}), summary
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, held_out) indices: about `fraction` of each label held out, at least one, never all."""
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    held: list[int] = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_held = min(max(1, round(len(members) * fraction)), len(members) - 1) if len(members) > 1 else 0
+        held.extend(members[:n_held])
+        keep.extend(members[n_held:])
+    return np.sort(np.array(keep, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
