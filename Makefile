@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ENCODER := models/offline-mobilenetv2-160/saved_model.pb
 
-.PHONY: run test test-tools lint bench bench-tools screenshot encoder demo clean
+.PHONY: run test test-fast test-tools lint fmt bench bench-tools screenshot encoder demo clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,17 @@ demo: $(ENCODER)
 run: demo
 	HOST=$${HOST:-127.0.0.1} $(PY) -m service serve
 
-test: $(ENCODER) test-tools
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Two pytest workers (pytest-xdist), one per core: most tests wait on processes and sockets.
+TEST_WORKERS ?= 2
 
-# The page's browser tests (tests/test_page.py) drive Debian's Chromium, never a downloaded browser:
+test: $(ENCODER) test-tools
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+# The unit tests: everything but tests/system and the tests marked slow.
+test-fast: $(ENCODER)
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+
+# The page's browser tests (tests/system/test_page.py) drive Debian's Chromium, never a downloaded browser:
 # installed here when missing, as root; otherwise say what is needed.
 test-tools:
 	@if [ ! -x /usr/bin/chromium ]; then \
@@ -61,6 +68,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+
+fmt: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) models cache data .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

@@ -148,17 +148,18 @@ def _csv(rows: list[dict[str, str]]) -> str:
     return out.getvalue()
 
 
-def demo_zips(folder: Path) -> dict[str, Path]:
-    """The demo training zip of each shipped endpoint (built once, reused)."""
+def demo_zips(folder: Path, per_class: int = 50) -> dict[str, Path]:
+    """The demo training zip of each shipped endpoint (built once, reused): `per_class`
+    Fashion-MNIST images of each class when the Debian package is there."""
     folder.mkdir(parents=True, exist_ok=True)
     photos = folder / "photos.zip"
     if not photos.exists():
         photos_zip(photos)
     fashion = photos
     if fashion_available():
-        fashion = folder / "fashion-mnist.zip"
+        fashion = folder / ("fashion-mnist.zip" if per_class == 50 else f"fashion-mnist-{per_class}.zip")
         if not fashion.exists():
-            fashion_zip(fashion)
+            fashion_zip(fashion, per_class)
     # No food photos can be had offline: the food demo indexes the real sample photos.
     return {"fashion": fashion, "food": photos}
 
@@ -170,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.demo", description=main.__doc__)
     parser.add_argument("--force", action="store_true", help="retrain even if already published")
+    parser.add_argument("--fashion-per-class", type=int, default=50, help="Fashion-MNIST images per class")
     args = parser.parse_args(argv)
     service = build_service(Settings.load({"warm_on_start": False}))
-    zips = demo_zips(service.settings.cache_dir / "demo")
+    zips = demo_zips(service.settings.cache_dir / "demo", args.fashion_per_class)
     for name in service.specs:
         current = service.versions_of(name).current
         if current and not args.force:

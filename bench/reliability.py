@@ -497,7 +497,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "Hostile zips that the service accepts (traversal, symlinks, nested archives, files that are not "
         "images) train on their usable images; every skipped file is listed with its reason in the job's "
-        "`skipped`. The test suite covers each of these and more (tests/test_hostile.py, tests/test_auth.py, "
-        "tests/test_faults.py, tests/test_fuzz.py, tests/test_schemathesis.py).",
+        "`skipped`. The test suite covers each of these and more (tests/api/test_hostile.py, "
+        "tests/api/test_auth.py, tests/system/test_faults.py, tests/catalog/test_fuzz.py, "
+        "tests/api/test_schemathesis.py).",
     ]
     return "\n".join(lines)

@@ -1,19 +1,11 @@
-"""Shared fixtures: real photos, a tiny SavedModel, apps on temporary folders, job polling."""
+"""Fixtures shared by every test folder: a local S3 server, the offline encoder, real photos, a tiny
+SavedModel, apps on temporary folders. Helpers the tests call are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import http.server
-import io
-import os
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
 import tarfile
 import threading
-import time
-import zipfile
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -27,60 +19,7 @@ from bench import demo
 from service import create_app
 from service.core.config import ROOT
 from service.encoders import OFFLINE_NAME
-
-# A handful of real photos keeps the suite fast; five variants each, one folder per photo.
-TEST_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "colorwheel", "moon")
-
-# boto3 needs credentials and a region; the local S3 server accepts any. Set before any client
-# is made, and inherited by the subprocesses (CLI, gunicorn) the tests start.
-os.environ.update(
-    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
-)
-for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-    os.environ.pop(_name, None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3Server:
-    """moto's S3 API served over real HTTP on loopback; can be stopped and started again.
-
-    moto keeps its buckets in this process's memory, so a restarted server on the same port
-    still has them: that is how the tests simulate an S3 outage.
-    """
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server: Any = None
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-
-    def stop(self) -> None:
-        # Close the listening socket too, so clients are refused at once (not left hanging).
-        self._server.stop()
-        self._server._server.server_close()
-
-    def bucket(self) -> str:
-        """A new, empty bucket with a valid DNS name."""
-        import boto3
-
-        name = f"simsvc-test-{secrets.token_hex(6)}"
-        boto3.client("s3", endpoint_url=self.url).create_bucket(Bucket=name)
-        return name
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.url)
+from tests.helpers import TEST_PHOTOS, ModelServer, S3Server, settings_for, train, wait_serving
 
 
 @pytest.fixture(scope="session")
@@ -136,19 +75,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def settings_for(tmp: Path, models: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "storage_uri": f"file://{tmp / 'store'}",
-        "cache_dir": tmp / "cache",
-        "models_dir": models,
-        "watch_interval_s": 0.2,
-        # Jobs in a thread: a child process per job would cost each of the suite's ~100 jobs a
-        # TensorFlow import. The child-process path has its own tests (test_runtime_lite.py).
-        "train_in_child": False,
-        **extra,
-    }
-
-
 @pytest.fixture
 def make_app(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., Flask]]:
     """Build apps on this test's temporary folders; their background threads stop afterwards."""
@@ -183,69 +109,6 @@ def trained(
     app.extensions["simsvc"].close()
 
 
-def upload(path_or_bytes: Path | bytes, filename: str = "upload.zip") -> tuple[io.BytesIO, str]:
-    data = path_or_bytes.read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
-    return io.BytesIO(data), filename
-
-
-def wait_job(
-    client: FlaskClient, status_url: str, timeout: float = 120, headers: dict[str, str] | None = None
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(status_url, headers=headers).get_json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job did not finish in {timeout}s: {job}")
-
-
-def train(client: FlaskClient, endpoint: str, zip_path: Path | bytes) -> dict[str, Any]:
-    response = client.post(f"/{endpoint}/train", data={"file": upload(zip_path)})
-    assert response.status_code == 202, response.get_json()
-    return wait_job(client, response.get_json()["status_url"])
-
-
-def wait_serving(client: FlaskClient, endpoint: str, version: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.get(f"/{endpoint}").get_json()["version"] == version:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{endpoint} did not switch to {version} in {timeout}s")
-
-
-def cli(*args: str, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    """`python -m service <args>` as a real subprocess (the CLI, exactly as a user runs it)."""
-    command = [sys.executable, "-m", "service", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def make_zip(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return out.getvalue()
-
-
-def copy_endpoints(target: Path, *names: str) -> Path:
-    target.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copy(ROOT / "endpoints" / f"{name}.toml", target)
-    return target
-
-
-class ModelServer:
-    def __init__(self, server: http.server.ThreadingHTTPServer) -> None:
-        self.server = server
-        self.url = f"http://127.0.0.1:{server.server_address[1]}/tiny.tar.gz"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def model_server(tiny_model: Path, tmp_path: Path) -> Iterator[ModelServer]:
     """A local HTTP server holding the tiny model as a TF-Hub style .tar.gz."""
@@ -262,3 +125,12 @@ def model_server(tiny_model: Path, tmp_path: Path) -> Iterator[ModelServer]:
     yield running
     if running.server.socket.fileno() != -1:
         running.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The system suites (tests/system: real servers, browsers, processes killed) are slow: `make
+    test-fast` leaves them out with the others marked so."""
+    system = ROOT / "tests" / "system"
+    for item in items:
+        if system in Path(item.path).parents:
+            item.add_marker(pytest.mark.slow)

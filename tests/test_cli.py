@@ -12,8 +12,7 @@ import pytest
 
 from bench import demo
 from service.core.config import ROOT
-
-from .conftest import cli
+from tests.helpers import cli, seed_cache
 
 
 @pytest.fixture
@@ -63,7 +62,7 @@ def test_demo_trains_every_untrained_endpoint_once(env: dict[str, str]) -> None:
     assert first.returncode == 0, first.stderr
     assert "fashion: trained" in first.stdout and "food: trained" in first.stdout
     if demo.fashion_available():
-        assert "fashion-mnist.zip" in first.stdout
+        assert "fashion-mnist-5.zip" in first.stdout
     again = run_demo(env)
     assert "fashion: already serving" in again.stdout and "food: already serving" in again.stdout
 
@@ -74,6 +73,8 @@ def test_bad_token_settings_stop_cli_commands_too(env: dict[str, str]) -> None:
 
 
 def run_demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`make demo`'s command: bench/demo.py (development tools, not the service's CLI)."""
-    command = [sys.executable, "-m", "bench.demo"]
+    """`make demo`'s command: bench/demo.py (development tools, not the service's CLI), with a
+    smaller Fashion-MNIST set than the demo's 500 images."""
+    command = [sys.executable, "-m", "bench.demo", "--fashion-per-class", "5"]
+    seed_cache(Path(env["CACHE_DIR"]))
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

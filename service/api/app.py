@@ -71,7 +71,8 @@ def start_request() -> None:
 
 def finish_request(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.get("request_id", "")
-    route = request.url_rule.rule if request.url_rule else "unmatched"
+    # Series are labelled by route as the API documents it: /<name>/infer, whatever the converter.
+    route = request.url_rule.rule.replace("<endpoint:name>", "<name>") if request.url_rule else "unmatched"
     name = (request.view_args or {}).get("name", "")
     known = current_app.extensions["simsvc"].specs
     metrics.REQUESTS.labels(route, name if name in known else "", str(response.status_code)).inc()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import mmap
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,5 +64,5 @@ class JsonLinesMap:
             raise IntegrityError(f"{self.path.name}: line {i + 2} holds {key!r}, expected id {i}")
         return json.loads(value)
 
-    def __iter__(self):  # noqa: ANN204 - a plain generator
+    def __iter__(self) -> Iterator[Any]:
         return (self[i] for i in range(self.count))

@@ -6,6 +6,7 @@ a version needs it, are not fork-safe: gunicorn#2369). Workers x threads per for
 
 import os
 import tempfile
+from typing import Any
 
 from service.server import worker as balanced
 
@@ -47,12 +48,14 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 balanced.table = balanced.ConnectionTable(slots=2 * workers + 8)
 
 
-def pre_fork(server, worker):  # noqa: ANN001 (gunicorn's hook signature)
+def pre_fork(server: Any, worker: Any) -> None:  # gunicorn's hook: its Arbiter and Worker
+    assert balanced.table is not None  # made above, when gunicorn read this file
     taken = {w.balance_slot for w in server.WORKERS.values()}
     worker.balance_slot = balanced.table.claim(taken)
 
 
-def child_exit(server, worker):  # noqa: ANN001
+def child_exit(server: Any, worker: Any) -> None:
+    assert balanced.table is not None
     balanced.table.release(worker.balance_slot)
     from prometheus_client import multiprocess  # after the folder is set, in the master only
 

@@ -1,0 +1,291 @@
+"""What the tests share: real photos and zips, a local S3 server, app settings on temporary folders,
+polling for jobs, the CLI and the Procfile's server as real subprocesses. Imported by the tests,
+never by conftest's fixtures alone (tests/conftest.py holds only fixtures)."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import http.server
+import io
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from flask.testing import FlaskClient
+
+from bench import demo
+from service.core.config import ROOT
+from service.encoders import OFFLINE_NAME
+
+ERROR_KEYS = {"code", "status", "message"}  # every error answer's JSON
+# A handful of real photos keeps the suite fast; five variants each, one folder per photo.
+TEST_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "colorwheel", "moon")
+
+# boto3 needs credentials and a region; the local S3 server accepts any. Set before any client
+# is made, and inherited by the subprocesses (CLI, gunicorn) the tests start.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+)
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_name, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 API served over real HTTP on loopback; can be stopped and started again.
+
+    moto keeps its buckets in this process's memory, so a restarted server on the same port
+    still has them: that is how the tests simulate an S3 outage.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: Any = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        # Close the listening socket too, so clients are refused at once (not left hanging).
+        self._server.stop()
+        self._server._server.server_close()
+
+    def bucket(self) -> str:
+        """A new, empty bucket with a valid DNS name."""
+        import boto3
+
+        name = f"simsvc-test-{secrets.token_hex(6)}"
+        boto3.client("s3", endpoint_url=self.url).create_bucket(Bucket=name)
+        return name
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url)
+
+
+@functools.cache
+def converted_seed() -> Path | None:
+    """The offline encoder converted to TFLite once per test process (5 s of CPU each time
+    otherwise), in a folder of its own; None when the encoder is not built."""
+    if not (ROOT / "models" / OFFLINE_NAME / "saved_model.pb").is_file():
+        return None
+    from service.encoders import convert, load, offline_source
+
+    folder = Path(tempfile.mkdtemp(prefix="simsvc-converted-seed-"))
+    atexit.register(shutil.rmtree, folder, True)
+    convert.converted_file(load(offline_source(ROOT / "models"), folder / "tfhub"), folder)
+    return folder / "converted"
+
+
+def seed_cache(cache_dir: Path) -> Path:
+    """A cache folder holding the offline encoder's conversion already, as on an instance that
+    converted it before: copies (a test may tamper with its own), never links. Tests of the
+    conversion itself use cache folders of their own."""
+    seed = converted_seed()
+    if seed is not None:
+        target = cache_dir / "converted"
+        target.mkdir(parents=True, exist_ok=True)
+        for made in seed.glob("*.tflite*"):
+            if not (target / made.name).exists():
+                shutil.copyfile(made, target / made.name)
+    return cache_dir
+
+
+def settings_for(tmp: Path, models: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "storage_uri": f"file://{tmp / 'store'}",
+        "cache_dir": seed_cache(tmp / "cache"),
+        "models_dir": models,
+        "watch_interval_s": 0.2,
+        # Jobs in a thread: a child process per job would cost each of the suite's ~100 jobs a
+        # TensorFlow import. The child-process path has its own tests (test_runtime_lite.py).
+        "train_in_child": False,
+        **extra,
+    }
+
+
+def upload(path_or_bytes: Path | bytes, filename: str = "upload.zip") -> tuple[io.BytesIO, str]:
+    data = path_or_bytes.read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
+    return io.BytesIO(data), filename
+
+
+def wait_job(
+    client: FlaskClient, status_url: str, timeout: float = 120, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(status_url, headers=headers).get_json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job did not finish in {timeout}s: {job}")
+
+
+def train(client: FlaskClient, endpoint: str, zip_path: Path | bytes) -> dict[str, Any]:
+    response = client.post(f"/{endpoint}/train", data={"file": upload(zip_path)})
+    assert response.status_code == 202, response.get_json()
+    return wait_job(client, response.get_json()["status_url"])
+
+
+def wait_serving(client: FlaskClient, endpoint: str, version: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get(f"/{endpoint}").get_json()["version"] == version:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{endpoint} did not switch to {version} in {timeout}s")
+
+
+def cli(*args: str, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m service <args>` as a real subprocess (the CLI, exactly as a user runs it)."""
+    command = [sys.executable, "-m", "service", *args]
+    if env.get("CACHE_DIR"):
+        seed_cache(Path(env["CACHE_DIR"]))
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def make_zip(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return out.getvalue()
+
+
+def copy_endpoints(target: Path, *names: str) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(ROOT / "endpoints" / f"{name}.toml", target)
+    return target
+
+
+class ModelServer:
+    def __init__(self, server: http.server.ThreadingHTTPServer) -> None:
+        self.server = server
+        self.url = f"http://127.0.0.1:{server.server_address[1]}/tiny.tar.gz"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def submit(client: FlaskClient, path: str, data: dict[str, Any]) -> dict[str, Any]:
+    response = client.post(path, data=data)
+    assert response.status_code == 202, response.get_json()
+    job = wait_job(client, response.get_json()["status_url"])
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def photo_jpeg(name: str, size: tuple[int, int] | None = None, quality: int = 90) -> bytes:
+    image = demo.photo(name)
+    return demo.jpeg(image.resize(size) if size else image, quality)
+
+
+def assert_error(response: Any, status: int, *fragments: str) -> dict[str, Any]:
+    body = response.get_json()
+    assert response.status_code == status, body
+    assert ERROR_KEYS <= set(body) and body["code"] == status
+    for fragment in fragments:
+        assert fragment in body["message"] or fragment in json.dumps(body.get("errors", {}))
+    return body
+
+
+# --- the Procfile's web command, as Elastic Beanstalk runs it --------------------------------------
+
+
+def procfile_web_command(app_dir: Path = ROOT) -> list[str]:
+    for line in (app_dir / "Procfile").read_text().splitlines():
+        if line.startswith("web:"):
+            return shlex.split(line[len("web:") :])
+    raise AssertionError("Procfile has no web: line")
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def workers(self) -> set[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        return {int(pid) for pid in children.split()}
+
+    def versions_by_worker(self, endpoint: str, until: str, timeout: float = 60) -> dict[int, str]:
+        """Ask /health until every worker has answered with version `until` (or time runs out)."""
+        seen: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        with ThreadPoolExecutor(8) as pool:
+            while time.monotonic() < deadline:
+                answers = pool.map(lambda _: requests.get(f"{self.url}/health", timeout=10).json(), range(8))
+                for body in answers:
+                    seen[body["worker"]] = body["endpoints"][endpoint]
+                if set(seen) >= self.workers() and all(v == until for v in seen.values()):
+                    break
+                time.sleep(0.1)
+        return seen
+
+
+@contextmanager
+def procfile_server(tmp: Path, env: dict[str, str], app_dir: Path = ROOT) -> Iterator[Server]:
+    """Run the Procfile's web command from `app_dir` with the venv's gunicorn; stop it afterwards."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # the venv's gunicorn
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "STORAGE_URI": f"file://{tmp / 'store'}",
+        "CACHE_DIR": str(tmp / "cache"),
+        **env,
+    }
+    seed_cache(Path(full_env["CACHE_DIR"]))
+    full_env.pop("PYTHONPATH", None)  # import the service from app_dir, nothing else
+    log = tmp / "gunicorn.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            procfile_web_command(app_dir), cwd=app_dir, env=full_env, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"gunicorn did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield Server(url, process, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
