@@ -4,7 +4,6 @@ never by conftest's fixtures alone (tests/conftest.py holds only fixtures)."""
 
 from __future__ import annotations
 
-import atexit
 import functools
 import http.server
 import io
@@ -17,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -92,14 +90,14 @@ class S3Server:
 
 @functools.cache
 def converted_seed() -> Path | None:
-    """The offline encoder converted to TFLite once per test process (5 s of CPU each time
-    otherwise), in a folder of its own; None when the encoder is not built."""
+    """The offline encoder converted to TFLite (5 s of CPU each time otherwise), kept under the
+    repository's cache/ between runs like any instance's conversion cache (checked by its sha256
+    before each use); None when the encoder is not built."""
     if not (ROOT / "models" / OFFLINE_NAME / "saved_model.pb").is_file():
         return None
     from service.encoders import convert, load, offline_source
 
-    folder = Path(tempfile.mkdtemp(prefix="simsvc-converted-seed-"))
-    atexit.register(shutil.rmtree, folder, True)
+    folder = ROOT / "cache" / "test-conversions"
     convert.converted_file(load(offline_source(ROOT / "models"), folder / "tfhub"), folder)
     return folder / "converted"
 

@@ -14,6 +14,9 @@ from bench import demo
 from service.core.config import ROOT
 from tests.helpers import cli, seed_cache
 
+# Every test runs the CLI as a subprocess: TensorFlow loads in each.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def env(tmp_path: Path, models_dir: Path) -> dict[str, str]:

@@ -76,6 +76,7 @@ def load(models_dir: Path, request: pytest.FixtureRequest) -> Callable[[str], En
     return get
 
 
+@pytest.mark.slow  # three Keras models built in subprocesses
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "bit_resnet"])
 def test_each_architecture_converts_and_litert_agrees_with_tensorflow_on_photos(
     name: str,

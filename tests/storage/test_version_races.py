@@ -14,6 +14,9 @@ from service.storage import Storage, open_storage, versions
 
 from .test_versions import staged
 
+# Real races: many threads against the local store and moto's S3, repeated.
+pytestmark = pytest.mark.slow
+
 ROUNDS = 25
 
 

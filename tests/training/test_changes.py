@@ -214,6 +214,7 @@ def test_writes_need_the_training_tokens(make_app: Callable[..., Flask]) -> None
     assert client.delete("/food/items/1", headers=wrong).status_code == 403
 
 
+@pytest.mark.slow  # concurrent adds, on both stores
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_four_concurrent_adds_all_end_up_in_the_catalogue(
     store: str, tmp_path: Path, models_dir: Path, request: pytest.FixtureRequest
@@ -252,6 +253,7 @@ def test_four_concurrent_adds_all_end_up_in_the_catalogue(
     assert len(set(rows.rows.items[rows.rows.live()])) == len(expected)  # every item its own id
 
 
+@pytest.mark.slow  # two instances
 def test_a_worker_with_nothing_loaded_loads_a_new_version_before_answering(
     make_app: Callable[..., Flask], tmp_path: Path, models_dir: Path
 ) -> None:
@@ -357,6 +359,7 @@ def test_filters_never_return_deleted_items_and_count_grouped_items_once(app: Fl
     assert sorted(r["name"] for r in similar) == ["photos/astronaut.jpg", "photos/moon.jpg"]
 
 
+@pytest.mark.slow  # three trains of a head
 def test_changes_on_a_fine_tuned_version_use_its_head_or_train_it_again(app: Flask, photos_zip: Path) -> None:
     client = app.test_client()
     first = submit(client, "/food/train", {"file": upload(photos_zip), "fine_tune": "always"})

@@ -96,6 +96,7 @@ def test_inference_uses_the_versions_own_head(client: FlaskClient, photos_zip: P
     assert body["results"][0]["id"] == 12 and body["results"][0]["score"] >= 0.9999
 
 
+@pytest.mark.slow  # two trains
 def test_versions_with_and_without_a_head_each_serve_with_their_own_encoder(
     client: FlaskClient, photos_zip: Path
 ) -> None:
@@ -120,6 +121,7 @@ def test_versions_with_and_without_a_head_each_serve_with_their_own_encoder(
     assert again["results"][0]["score"] >= 0.9999
 
 
+@pytest.mark.slow  # the CLI as a subprocess: TensorFlow loads again
 def test_the_evaluate_command_scores_the_served_version(
     tmp_path: Path, models_dir: Path, photos_zip: Path
 ) -> None:

@@ -33,6 +33,7 @@ def setup(tmp_path: Path, models_dir: Path) -> tuple[LocalStorage, Settings]:
     return LocalStorage(tmp_path / "store"), settings
 
 
+@pytest.mark.slow  # a fine-tuned train, every file checked
 def test_a_published_version_holds_everything_the_manifest_lists(
     setup: tuple[LocalStorage, Settings], photos_zip: Path
 ) -> None:
@@ -67,6 +68,7 @@ def test_a_published_version_holds_everything_the_manifest_lists(
     assert float(again @ vectors[7]) > 0.9999
 
 
+@pytest.mark.slow  # a second train
 def test_the_original_bytes_are_kept(setup: tuple[LocalStorage, Settings]) -> None:
     storage, settings = setup
     png = demo.png(demo.photo("coins"))
