@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("endpoint")
     back.add_argument("version")
 
+    for name, help_text in (
+        ("migrate", "convert an endpoint's current version to content-addressed storage (once)"),
+        ("gc", "delete the blobs of an endpoint that no retained version references"),
+    ):
+        upkeep = commands.add_parser(name, help=help_text)
+        upkeep.add_argument("endpoint")
+
     models = commands.add_parser("encoders", help="manage the endpoints' TF-Hub encoders")
     model_actions = models.add_subparsers(dest="action", required=True)
     model_actions.add_parser(
@@ -154,6 +161,21 @@ def encoders_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def migrate(args: argparse.Namespace) -> int:
+    outcome = _service().migrate(args.endpoint)
+    print(f"{args.endpoint}: {outcome.kind} -> {outcome.version} ({outcome.count} items)")
+    return 0
+
+
+def collect_garbage(args: argparse.Namespace) -> int:
+    collected = _service().collect_garbage(args.endpoint)
+    if collected.deferred:
+        print(f"{args.endpoint}: a build is under way; nothing was deleted (try again)")
+        return 1
+    print(f"{args.endpoint}: deleted {collected.deleted} blobs no retained version references")
+    return 0
+
+
 def build_encoder(args: argparse.Namespace) -> int:
     from service.application.wiring import build_offline_encoder
 
@@ -177,6 +199,8 @@ COMMANDS = {
     "versions": versions_command,
     "encoders": encoders_command,
     "build-encoder": build_encoder,
+    "migrate": migrate,
+    "gc": collect_garbage,
     "endpoints": endpoints,
 }
 

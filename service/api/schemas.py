@@ -253,6 +253,10 @@ class VersionSchema(Schema):
     created_at = fields.String(allow_none=True)
     fine_tuned = fields.Boolean()
     current = fields.Boolean(required=True)
+    change = fields.String(
+        metadata={"description": "What made it: train, add, delete, edit, compact (a compaction), migrate"}
+    )
+    segments = fields.Integer(metadata={"description": "Segments its catalog is in"})
 
 
 class VersionListSchema(Schema):

@@ -71,6 +71,8 @@ class VersionInfo:
     current: bool
     created_at: str | None
     fine_tuned: bool
+    change: str  # what made it: train, add, delete, edit, compact, migrate
+    segments: int
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@ nothing below them (an import-linter contract in pyproject.toml keeps it so)."""
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import secrets
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,11 +26,13 @@ from service.application.results import (
     WorkerOutcome,
 )
 from service.catalog import images, ingest
+from service.catalog.view import View
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import (
     ConflictError,
     ForbiddenError,
+    IntegrityError,
     InvalidParameterError,
     ItemNotFoundError,
     JobRetryError,
@@ -41,8 +43,10 @@ from service.encoders import mirror
 from service.jobs.runner import Job, JobRunner
 from service.serving import filters, query
 from service.serving.registry import LoadedVersion, Registry, ServedEndpoint
-from service.storage import KeyNotFoundError, Storage, encoder_mirror, versions
-from service.training import changes
+from service.storage import KeyNotFoundError, Storage, encoder_mirror, gc, versions
+from service.storage.blobs import BlobCache
+from service.storage.manifest import Manifest
+from service.training import changes, compaction, migrate
 from service.training.results import ChangeResult, ProgressFn, TrainResult
 from service.training.train import train
 
@@ -58,6 +62,9 @@ class Service:
     registry: Registry
     jobs: JobRunner
     uploads_dir: Path
+    blobs: BlobCache
+    _views: dict[tuple[str, str], View] = field(default_factory=dict, repr=False)
+    _views_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # --- the service and its endpoints ---------------------------------------------------------
 
@@ -116,46 +123,65 @@ class Service:
         """Results' image URLs: pre-signed store URLs where the store gives them (S3), else the
         service's own image route."""
 
-        def build(loaded: LoadedVersion, item_id: int, photo: int, entry: dict[str, Any]) -> str:
-            key = versions.version_prefix(loaded.endpoint, loaded.version) + entry["image"]
-            signed = self.storage.signed_url(key, self.settings.signed_url_expiry_s)
+        def build(loaded: LoadedVersion, item_id: int, photo: int, key: str, mimetype: str | None) -> str:
+            signed = self.storage.signed_url(key, self.settings.signed_url_expiry_s, mimetype)
             return signed or route_url(item_id, photo, loaded.version)
 
         return build
 
     def item_image(self, name: str, item_id: int, photo: int, version: str | None) -> ImageSource:
         """An item's `photo`-th original image, in the served version or a named one."""
-        key = self._image_key(self.endpoint(name), item_id, version, photo)
-        mimetype = images.CONTENT_TYPES.get(os.path.splitext(key)[1], "application/octet-stream")
+        key, image = self._image_key(self.endpoint(name), item_id, version, photo)
+        mimetype = images.CONTENT_TYPES.get(os.path.splitext(image)[1], "application/octet-stream")
         local = self.storage.local_path(key)
         if local is not None:
             return ImageSource(mimetype, path=local, versioned=version is not None)
-        signed = self.storage.signed_url(key, self.settings.signed_url_expiry_s)
+        signed = self.storage.signed_url(key, self.settings.signed_url_expiry_s, mimetype)
         if signed:  # the bytes come straight from the store, not through this tier
             return ImageSource(mimetype, url=signed)
         return ImageSource(mimetype, data=self.storage.read(key))
 
-    def _image_key(self, served: ServedEndpoint, item_id: int, version: str | None, photo: int) -> str:
+    def _image_key(
+        self, served: ServedEndpoint, item_id: int, version: str | None, photo: int
+    ) -> tuple[str, str]:
+        """The store key of an item's `photo`-th image, and its entry's image name (its type)."""
         loaded = served.current()
-        if version is None or version == loaded.version:
-            query.check_item(loaded, item_id)
-            rows = loaded.rows_of(item_id)
-            image = loaded.items[int(rows[photo])]["image"] if photo < len(rows) else None
-            version = loaded.version
-        else:
-            photos = _item_images(self.storage, served.spec.name, version).get(item_id, [])
-            image = photos[photo] if photo < len(photos) else None
-        if image is None:
+        view = loaded.view if version is None or version == loaded.version else self._view_of(served, version)
+        found = view.item_rows(item_id) if view is not None else None
+        if found is None or photo >= len(found.rows):
             what = f"item {item_id}" if photo == 0 else f"photo {photo} of item {item_id}"
-            raise ItemNotFoundError(f"no {what} in {served.spec.name} version {version}")
-        return versions.version_prefix(served.spec.name, version) + image
+            raise ItemNotFoundError(f"no {what} in {served.spec.name} version {version or loaded.version}")
+        segment = view.segments[found.segment]  # type: ignore[union-attr]
+        image = segment.entry(int(found.rows[photo]))["image"]
+        return segment.ref.image_key(served.spec.name, image), image
+
+    def _view_of(self, served: ServedEndpoint, version: str) -> View | None:
+        """An older version's catalog (image URLs handed out before a swap name theirs); None when
+        there is no such complete version."""
+        with self._views_lock:
+            view = self._views.get((served.spec.name, version))
+        if view is None:
+            try:
+                manifest = versions.read_manifest(self.storage, served.spec.name, version)
+            except (KeyNotFoundError, IntegrityError):
+                return None
+            fetch = lambda ref: self.blobs.path(served.spec.name, ref)  # noqa: E731
+            loaded = served.loaded
+            view = View.open(manifest, fetch, served.spec.search_k, loaded.view if loaded else None)
+            with self._views_lock:
+                self._views[(served.spec.name, version)] = view
+                while len(self._views) > 8:
+                    self._views.pop(next(iter(self._views)))
+        return view
 
     def query_file(self, name: str, path: Path, k: int | None) -> SearchResult:
         """The CLI's query: one image file; results' images as file:// URIs where the store has them."""
         args = self.search_args(name, k, None, None)
 
-        def file_uri(loaded: LoadedVersion, item_id: int, photo: int, entry: dict[str, Any]) -> str | None:
-            local = self.storage.local_path(versions.version_prefix(name, loaded.version) + entry["image"])
+        def file_uri(
+            loaded: LoadedVersion, item_id: int, photo: int, key: str, mimetype: str | None
+        ) -> str | None:
+            local = self.storage.local_path(key)
             return local.as_uri() if local else None
 
         loaded = self.endpoint(name).current()
@@ -267,25 +293,66 @@ class Service:
 
     def delete_items(self, name: str, ids: list[int], names: list[str]) -> ChangeOutcome:
         """Delete items (404 for any unknown one, and nothing published); the new version."""
-        spec = self.endpoint(name).spec
+        served = self.endpoint(name)
         if not ids and not names:
             raise InvalidParameterError("name at least one item to delete", errors={"ids": ["Empty."]})
-        return _outcome(name, changes.delete_items(spec, self.storage, self.settings, ids, names))
+        view = served.loaded.view if served.loaded else None
+        result = changes.delete_items(served.spec, self.storage, self.settings, ids, names, self.blobs, view)
+        self.after_change(name, result)
+        return _outcome(name, result)
 
     def edit_item(self, name: str, item_id: int, edit: dict[str, Any]) -> ChangeOutcome:
         """Change an item's label and/or metadata; the new version."""
-        spec = self.endpoint(name).spec
+        served = self.endpoint(name)
         if not edit:
             raise InvalidParameterError("send 'label' and/or 'metadata' to change")
         result = changes.edit_item(
-            spec,
+            served.spec,
             self.storage,
             self.settings,
             item_id,
             label=edit.get("label", changes.UNSET),
             metadata=edit.get("metadata"),
+            cache=self.blobs,
+            served=served.loaded.view if served.loaded else None,
         )
+        self.after_change(name, result)
         return _outcome(name, result)
+
+    # --- compaction, migration, garbage --------------------------------------------------------
+
+    def after_change(self, name: str, result: TrainResult | ChangeResult) -> None:
+        """Queue a compaction when a change left the catalog past the policy's bounds (once: not
+        while this process has one queued or running)."""
+        manifest = result.manifest if isinstance(result, ChangeResult) else None
+        policy = compaction.Policy.from_settings(self.settings)
+        if manifest is not None and compaction.due(manifest, policy) and not self.jobs.compacting(name):
+            job = self.jobs.submit(name, kind="compact")
+            logging.getLogger(__name__).info("%s: compaction queued as job %s", name, job.id)
+
+    def compact(self, name: str) -> Job:
+        """Start a compaction job now (409 when the policy finds nothing to merge)."""
+        self.endpoint(name)
+        manifest = self._current_manifest(name)
+        if manifest is None or not compaction.due(manifest, compaction.Policy.from_settings(self.settings)):
+            raise ConflictError(f"{name} has nothing to compact (see COMPACT_* in docs/CONFIGURATION.md)")
+        return self.jobs.submit(name, kind="compact")
+
+    def _current_manifest(self, name: str) -> Manifest | None:
+        current = versions.read_current(self.storage, name).version
+        return None if current is None else versions.read_manifest(self.storage, name, current)
+
+    def migrate(self, name: str) -> ChangeOutcome:
+        """Convert the endpoint's current version to content-addressed storage (if it is not)."""
+        result = migrate.migrate(self.endpoint(name).spec, self.storage, self.settings, self.blobs)
+        if result.manifest is not None:
+            versions.note_published(self.settings.cache_dir, name, result.version)
+        return _outcome(name, result)
+
+    def collect_garbage(self, name: str) -> gc.Collected:
+        """Delete the endpoint's blobs no retained version references (a sweep of the store)."""
+        self.endpoint(name)
+        return gc.sweep(self.storage, name)
 
     # --- versions --------------------------------------------------------------------------------
 
@@ -299,10 +366,12 @@ class Service:
             listed.append(
                 VersionInfo(
                     version=version,
-                    count=manifest.get("count"),
+                    count=manifest.count,
                     current=version == current,
-                    created_at=manifest.get("created_at"),
-                    fine_tuned=bool(manifest.get("head")),
+                    created_at=manifest.created_at or None,
+                    fine_tuned=manifest.head is not None,
+                    change=str(manifest.change.get("kind") or "train"),
+                    segments=len(manifest.segments),
                 )
             )
         return VersionList(name, current, listed)
@@ -317,7 +386,8 @@ class Service:
     def delete_version(self, name: str, version: str) -> VersionList:
         """Delete a version that is not the current one."""
         self.endpoint(name)
-        versions.delete_version(self.storage, name, version)
+        deleted = versions.delete_version(self.storage, name, version)
+        gc.collect_pruned(self.storage, name, [deleted])
         return self.versions_of(name)
 
     # --- operations ------------------------------------------------------------------------------
@@ -359,21 +429,3 @@ class Service:
 
 def _outcome(endpoint: str, result: ChangeResult) -> ChangeOutcome:
     return ChangeOutcome(endpoint, result.version, result.kind, result.items, result.count)
-
-
-@lru_cache(maxsize=8)
-def _item_images(storage: Storage, endpoint: str, version: str) -> dict[int, list[str]]:
-    """item id -> its images' keys in an older version (for image URLs handed out before a swap)."""
-    prefix = versions.version_prefix(endpoint, version)
-    if not versions.SAFE_VERSION.match(version) or not storage.exists(prefix + versions.MANIFEST):
-        return {}  # only complete, published versions
-    try:
-        meta = json.loads(storage.read(prefix + "metadata.json"))
-    except KeyNotFoundError:
-        return {}
-    found: dict[int, list[str]] = {}
-    for row, entry in sorted(meta.items(), key=lambda pair: int(pair[0])):
-        item = int(entry.get("item", row))  # versions before stable ids: the row is the id
-        if item >= 0:
-            found.setdefault(item, []).append(entry["image"])
-    return found

@@ -19,6 +19,7 @@ from service.jobs.queue import SqsQueue
 from service.jobs.runner import JobRunner, JobStore
 from service.serving.registry import Registry
 from service.storage import open_storage
+from service.storage.blobs import BlobCache
 from service.training.results import ChangeResult, ProgressFn, TrainResult
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,12 @@ def build_service(settings: Settings) -> Service:
     queue = None
     if settings.job_queue_url:
         queue = SqsQueue(settings.job_queue_url, settings.sqs_endpoint_url, settings.s3_region)
+    started: list[Service] = []  # the Service, once made: what follows a job needs it
+
+    def after_job(endpoint: str, result: TrainResult | ChangeResult) -> None:
+        if started:
+            started[0].after_change(endpoint, result)
+
     jobs = JobRunner(
         JobStore(storage),
         run_training,
@@ -102,16 +109,21 @@ def build_service(settings: Settings) -> Service:
         stage_upload=stage_upload if bucket else None,
         queue=queue,
         stale_after_s=settings.job_stale_s,
+        on_success=after_job,
     )
     _remove_leftovers(settings.cache_dir)
-    return Service(
+    cache = BlobCache(storage, settings.cache_dir)
+    service = Service(
         settings=settings,
         specs=specs,
         storage=storage,
-        registry=Registry(specs, storage, settings),
+        registry=Registry(specs, storage, settings, cache),
         jobs=jobs,
         uploads_dir=uploads,
+        blobs=cache,
     )
+    started.append(service)
+    return service
 
 
 def build_offline_encoder(settings: Settings) -> Path:

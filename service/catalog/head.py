@@ -94,10 +94,15 @@ class Head:
 
     @classmethod
     def load(cls, folder: Path) -> Head:
-        definition = json.loads((folder / "head.json").read_text())
-        with np.load(folder / "head.npz", allow_pickle=False) as data:
-            weights = {name: data[name] for name in data.files}
-        return cls(definition, weights)
+        return cls.from_files(folder / "head.json", folder / "head.npz")
+
+    @classmethod
+    def from_files(cls, definition: Path, weights: Path) -> Head:
+        """A head from its two files (head.json, head.npz), wherever they are."""
+        parsed = json.loads(definition.read_text())
+        with np.load(weights, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+        return cls(parsed, arrays)
 
 
 class HeadEncoder:

@@ -65,7 +65,7 @@ FILTER_N_MARGIN = 2.0
 FILTER_SEARCH_K_MARGIN = 1.5
 
 
-def _best(rows: np.ndarray, scores: np.ndarray, k: int, groups: np.ndarray | None) -> list[Neighbour]:
+def best(rows: np.ndarray, scores: np.ndarray, k: int, groups: np.ndarray | None) -> list[Neighbour]:
     """The k best (row, score) pairs, best first; with `groups`, only each group's best row."""
     order = np.argsort(-scores, kind="stable")
     rows, scores = rows[order], scores[order]
@@ -164,7 +164,7 @@ class IndexReader:
         while n < self.count and not self._exact_is_cheaper(matching, search_k):
             ids, scores = self.candidates(vector, n, max(search_k, n))
             keep = mask[ids]
-            found = _best(ids[keep], scores[keep], k, groups)
+            found = best(ids[keep], scores[keep], k, groups)
             if len(found) == k:
                 return found
             n, search_k = n * 2, search_k * 2
@@ -182,7 +182,7 @@ class IndexReader:
         if groups is None and len(rows) > k:  # only the top k need sorting
             top = np.argpartition(-scores, k - 1)[:k]
             rows, scores = rows[top], scores[top]
-        return _best(rows, scores.astype(np.float64), k, groups)
+        return best(rows, scores.astype(np.float64), k, groups)
 
     def warm(self, queries: int = 8) -> None:
         """Touch the index with a few queries so the first real request does not pay page faults."""

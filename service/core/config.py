@@ -46,6 +46,12 @@ class Settings:
     signed_url_expiry_s: int = 3600
     # Published versions kept per endpoint; older ones are deleted after each successful publish.
     keep_versions: int = 5
+    # Compaction (training/compaction.py): a size tier holding more segments than this is merged;
+    # so is a segment with more than this share of its rows deleted, or an overlay of edits past
+    # this many KB. A change that leaves the catalog over a bound queues a compaction job.
+    compact_max_segments: int = 8
+    compact_deleted_share: float = 0.2
+    compact_overlay_kb: int = 512
     # web: serve queries and take training uploads; worker: also run jobs the SQS daemon delivers.
     service_role: str = "web"
     # An SQS queue URL: the web tier queues training jobs there for the worker tier.
@@ -161,6 +167,15 @@ class Settings:
         if unknown or not self.allowed_formats:
             raise ValueError(
                 f"IMAGE_FORMATS must list some of JPEG, PNG, WEBP, BMP, GIF; got {self.image_formats!r}"
+            )
+        if (
+            self.compact_max_segments < 1
+            or not 0 < self.compact_deleted_share <= 1
+            or self.compact_overlay_kb < 1
+        ):
+            raise ValueError(
+                "COMPACT_MAX_SEGMENTS and COMPACT_OVERLAY_KB must be at least 1, "
+                "COMPACT_DELETED_SHARE in (0, 1]"
             )
         if self.keep_versions < 1:
             raise ValueError(f"KEEP_VERSIONS must be at least 1, got {self.keep_versions}")

@@ -52,3 +52,17 @@ def exposition() -> bytes:
         _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest()
+
+
+BLOB_CACHE = Counter(
+    "simsvc_blob_cache_total",
+    "Blobs a worker needed: found in this instance's cache, or downloaded",
+    ["outcome"],
+)
+BLOB_CACHE_BYTES = Counter(
+    "simsvc_blob_cache_downloaded_bytes_total", "Bytes of blobs downloaded into the cache"
+)
+SEGMENTS = Gauge(
+    "simsvc_segments", "Segments of the version a worker serves", ["endpoint"], multiprocess_mode="livemax"
+)
+COMPACTIONS = Counter("simsvc_compactions_total", "Compactions finished", ["endpoint", "status"])

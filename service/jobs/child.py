@@ -31,7 +31,7 @@ from service.core.errors import ServiceError, TrainingError
 from service.encoders import litert
 from service.encoders.tfruntime import configure_threads
 from service.storage import open_storage
-from service.training import changes
+from service.training import changes, compaction
 from service.training.results import ChangeResult, ProgressFn, TrainResult
 from service.training.train import train
 
@@ -127,6 +127,8 @@ def work(
         )
     if kind == "add":
         return changes.add_items(spec, zip_path, storage, settings, on_progress, fine_tune)
+    if kind == "compact":
+        return compaction.compact(spec, storage, settings, on_progress)
     return train(spec, zip_path, storage, settings, on_progress, version, fine_tune)
 
 

@@ -137,6 +137,7 @@ class JobRunner:
         fetch: FetchFn | None = None,
         stage_upload: Callable[[str, Path], str] | None = None,
         queue: Queue | None = None,
+        on_success: Callable[[str, TrainResult | ChangeResult], None] | None = None,
         progress_interval_s: float = 0.5,
         final_save_retry_s: float = 600,
         stale_after_s: float = 600,
@@ -147,6 +148,7 @@ class JobRunner:
         self.fetch = fetch
         self.stage_upload = stage_upload
         self.queue = queue
+        self.on_success = on_success  # e.g. queue a compaction the change made due
         self.progress_interval_s = progress_interval_s
         self.final_save_retry_s = final_save_retry_s
         self.stale_after_s = stale_after_s
@@ -290,7 +292,7 @@ class JobRunner:
         retry = False
         fetched: Path | None = None
         try:
-            if zip_path is None:
+            if zip_path is None and job.kind != "compact":  # a compaction reads the store only
                 if job.source is None or self.fetch is None:
                     raise TrainingError("the job has no zip to train from")
                 on_progress(Progress("download", 0, 1))
@@ -300,7 +302,7 @@ class JobRunner:
                 self.fetch(job.source, zip_path)
             result = self.train(
                 job.endpoint,
-                zip_path,
+                zip_path,  # type: ignore[arg-type]  # None only for a compaction
                 on_progress,
                 job.version or versions.new_version_id(),
                 job.fine_tune,
@@ -314,6 +316,7 @@ class JobRunner:
                 "counts": result.counts,
                 "skipped": [{"name": s.name, "reason": s.reason} for s in result.skipped],
             }
+            self._succeeded(job.endpoint, result)
         except TrainingError as exc:
             outcome = {
                 "status": "failed",
@@ -346,6 +349,19 @@ class JobRunner:
         metrics.JOB_SECONDS.labels(job.kind).observe(time.monotonic() - job_started)
         log.info("job %s for %s %s %s", job.id, job.endpoint, job.status, job.error or job.version)
         return retry
+
+    def _succeeded(self, endpoint: str, result: TrainResult | ChangeResult) -> None:
+        if self.on_success is None:
+            return
+        try:
+            self.on_success(endpoint, result)
+        except Exception as exc:  # what follows a job never fails it
+            log.warning("after a job for %s: %s", endpoint, exc)
+
+    def compacting(self, endpoint: str) -> bool:
+        """Whether this process has a compaction of `endpoint` queued or running."""
+        with self._lock:
+            return any(j.endpoint == endpoint and j.kind == "compact" for j in self.live.values())
 
     def _save(self, job: Job) -> None:
         with self._lock:

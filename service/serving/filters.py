@@ -254,3 +254,21 @@ def evaluate(flt: Filter, items: Rows, cache: ColumnCache) -> np.ndarray:
             if condition.high is not None:
                 mask &= column <= condition.high
     return mask
+
+
+def matches(flt: Filter, entry: dict[str, Any]) -> bool:
+    """Whether one entry passes the filter (the rows a version edited are judged one by one)."""
+    for condition in flt.conditions:
+        value = _value(entry, condition.path)
+        if isinstance(condition, AnyOf):
+            if value is _MISSING or canonical(value) not in condition.values:
+                return False
+            continue
+        number = _as_number(value) if value is not _MISSING else math.nan
+        if math.isnan(number):
+            return False
+        if condition.low is not None and number < condition.low:
+            return False
+        if condition.high is not None and number > condition.high:
+            return False
+    return True

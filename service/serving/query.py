@@ -12,22 +12,22 @@ import numpy as np
 
 from service.catalog import images, ingest
 from service.catalog.evaluation import evaluate
-from service.catalog.index import Neighbour
 from service.core import metrics
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import BadImageError, InvalidParameterError, ItemNotFoundError, TrainingError
 from service.serving import filters
 from service.serving.registry import LoadedVersion
+from service.serving.search import Hit, MaskFn, entry_of, filter_mask, one_row_per_item, search
 
 # Decodes at once per process (each within the decode memory budget), and images per forward pass.
 DECODE_SLOTS = max(2, os.cpu_count() or 2)
 _DECODE_SLOTS = threading.BoundedSemaphore(DECODE_SLOTS)
 FORWARD_CHUNK = 16
 
-# Builds the URL of an item's original image (the API knows its own routes).
-# (version, item id, which of the item's photos (0: its first), the row's entry, already read) -> its URL
-ImageUrlFn = Callable[[LoadedVersion, int, int, dict[str, Any]], str | None]
+# Builds the URL of an item's original image (the API knows its own routes): (version, item id,
+# which of the item's photos (0: its first), the image's store key, its content type) -> its URL
+ImageUrlFn = Callable[[LoadedVersion, int, int, str, str | None], str | None]
 
 
 def check_k(spec: EndpointSpec, k: int | None) -> int:
@@ -65,23 +65,22 @@ def embed_uploads(
     return np.concatenate([loaded.encoder.encode(chunk) for chunk in chunks])
 
 
-def matches(
-    loaded: LoadedVersion, neighbours: list[Neighbour], image_url: ImageUrlFn
-) -> list[dict[str, Any]]:
-    """Neighbours (rows) as the API returns them: item id and name, score, label, metadata, and the
-    photo that matched (an item with several photos is ranked by its best one)."""
+def matches(loaded: LoadedVersion, hits: list[Hit], image_url: ImageUrlFn) -> list[dict[str, Any]]:
+    """Hits as the API returns them: item id and name, score, label, metadata, and the photo that
+    matched (an item with several photos is ranked by its best one)."""
     results = []
-    for n in neighbours:
-        item_id = int(loaded.item_of[n.id])
-        entry = loaded.items[n.id]
-        photo = loaded.names[n.id]
+    for hit in hits:
+        item_id, entry, photo = entry_of(loaded.view, hit)
+        segment = loaded.view.segments[hit.segment]
+        key = segment.ref.image_key(loaded.endpoint, entry["image"])
+        mimetype = images.CONTENT_TYPES.get(os.path.splitext(entry["image"])[1])
         result = {
             "id": item_id,
             "name": entry.get("item_name") or photo,
-            "score": round(n.score, 6),
+            "score": round(hit.score, 6),
             "label": entry.get("label"),
             "metadata": entry.get("metadata") or {},
-            "image_url": image_url(loaded, item_id, _photo_index(loaded, item_id, n.id), entry),
+            "image_url": image_url(loaded, item_id, _photo_index(loaded, hit, item_id), key, mimetype),
         }
         if "item_name" in entry:
             result["photo"] = photo
@@ -89,34 +88,13 @@ def matches(
     return results
 
 
-def _photo_index(loaded: LoadedVersion, item_id: int, row: int) -> int:
-    if len(loaded.item_of) == loaded.count:  # one photo per item
+def _photo_index(loaded: LoadedVersion, hit: Hit, item_id: int) -> int:
+    if one_row_per_item(loaded.view.segments[hit.segment]):
         return 0
-    return int(np.searchsorted(loaded.rows_of(item_id), row))
-
-
-def best_items(
-    loaded: LoadedVersion, search: Callable[[int], list[Neighbour]], k: int, exclude: int | None = None
-) -> list[Neighbour]:
-    """The best row of each of the top-k items. `search(n)` gives the n nearest rows; rows of
-    deleted items (and of `exclude`) are passed over, so the search goes deeper while they fill it."""
-    extra = len(loaded.item_of) - loaded.count  # rows that are not an item's first: tombstones
-    n = min(len(loaded.item_of), k + min(extra, 4 * k) + (1 if exclude is not None else 0))
-    while True:
-        found: list[Neighbour] = []
-        seen: set[int] = set()
-        neighbours = search(n)
-        for neighbour in neighbours:
-            item = int(loaded.item_of[neighbour.id])
-            if item < 0 or item == exclude or item in seen:
-                continue
-            seen.add(item)
-            found.append(neighbour)
-            if len(found) == k:
-                return found
-        if n >= len(loaded.item_of) or len(neighbours) < n:
-            return found
-        n = min(len(loaded.item_of), 2 * n)
+    found = loaded.view.item_rows(item_id)
+    if found is None or len(found.rows) == 1:
+        return 0
+    return int(np.searchsorted(found.rows, hit.row))
 
 
 def search_images(
@@ -130,78 +108,77 @@ def search_images(
 ) -> list[list[dict[str, Any]]]:
     """The top-k matches for each uploaded image, best first; with a filter, only items it keeps."""
     vectors = embed_uploads(loaded, uploads, max_pixels, allowed)
-    if flt is None:
-        if len(loaded.item_of) == loaded.count:  # one row per item, none deleted: the plain search
-            return [matches(loaded, loaded.index.query(v, k), image_url) for v in vectors]
-        return [matches(loaded, best_items(loaded, _searcher(loaded, v), k), image_url) for v in vectors]
-    mask, groups = _filter_mask(loaded, flt)
-    return [matches(loaded, loaded.index.query_masked(v, k, mask, groups), image_url) for v in vectors]
-
-
-def _searcher(loaded: LoadedVersion, vector: np.ndarray) -> Callable[[int], list[Neighbour]]:
-    """search(n): the n nearest rows to `vector`."""
-    return lambda n: loaded.index.query(vector, n)
+    mask = None if flt is None else filter_mask(flt)
+    return [matches(loaded, search(loaded.view, v, k, mask), image_url) for v in vectors]
 
 
 def similar_items(
     loaded: LoadedVersion, item_id: int, k: int, image_url: ImageUrlFn, flt: filters.Filter | None = None
 ) -> list[dict[str, Any]]:
-    """The top-k items most like an indexed item (all its photos), the item itself excluded; with
-    a filter, only items it keeps."""
-    check_item(loaded, item_id)
-    rows = [int(r) for r in loaded.rows_of(item_id)]
-    if flt is not None:
-        mask, groups = _filter_mask(loaded, flt)
-        mask[rows] = False
-        vectors = loaded.index.item_vectors(np.array(rows))
-        found = [n for v in vectors for n in loaded.index.query_masked(v, k, mask, groups)]
-        return matches(loaded, _best_per_item(loaded, found, k), image_url)
-
-    def search(n: int) -> list[Neighbour]:
-        if len(rows) == 1:
-            return loaded.index.similar_to_item(rows[0], n)
-        # Every photo's neighbours, best score first: an item ranks by its best match to any photo.
-        best: dict[int, Neighbour] = {}
-        for row in rows:
-            for m in loaded.index.similar_to_item(row, n):
-                if m.id not in best or m.score > best[m.id].score:
-                    best[m.id] = m
-        return sorted(best.values(), key=lambda m: -m.score)[:n]
-
-    found = best_items(loaded, search, k, exclude=item_id)
-    return matches(loaded, found, image_url)
-
-
-def _filter_mask(loaded: LoadedVersion, flt: filters.Filter) -> tuple[np.ndarray, np.ndarray | None]:
-    """The rows the filter keeps (never a deleted item's), and the row -> item map when items
-    have several rows (so the search returns k distinct items)."""
-    mask = filters.evaluate(flt, loaded.items, loaded.filter_columns) & (loaded.item_of >= 0)
-    return mask, (None if len(loaded.item_of) == loaded.count else loaded.item_of)
-
-
-def _best_per_item(loaded: LoadedVersion, found: list[Neighbour], k: int) -> list[Neighbour]:
-    best: dict[int, Neighbour] = {}
-    for n in found:
-        item = int(loaded.item_of[n.id])
-        if item not in best or n.score > best[item].score:
-            best[item] = n
-    return sorted(best.values(), key=lambda n: -n.score)[:k]
+    """The top-k items most like an indexed item (all its photos: an item ranks by its best match
+    to any of them), the item itself excluded; with a filter, only items it keeps."""
+    found = loaded.view.item_rows(item_id)
+    if found is None:
+        raise ItemNotFoundError(f"no item {item_id} in {loaded.endpoint} version {loaded.version}")
+    vectors = np.asarray(loaded.view.segments[found.segment].vectors[found.rows], dtype=np.float32)
+    mask: MaskFn | None = None if flt is None else filter_mask(flt)
+    best: dict[tuple[int, int], Hit] = {}
+    for vector in vectors:
+        for hit in search(loaded.view, vector, k, mask, exclude=item_id):
+            item = (hit.segment, int(loaded.view.segments[hit.segment].items[hit.row]))
+            if item not in best or hit.score > best[item].score:
+                best[item] = hit
+    ranked = sorted(best.values(), reverse=True)[:k]
+    return matches(loaded, ranked, image_url)
 
 
 def check_item(loaded: LoadedVersion, item_id: int) -> None:
-    if not len(loaded.rows_of(item_id)):
+    if loaded.view.item_rows(item_id) is None:
         raise ItemNotFoundError(f"no item {item_id} in {loaded.endpoint} version {loaded.version}")
 
 
 def evaluate_zip(loaded: LoadedVersion, zip_path: Path, settings: Settings, k: int = 10) -> dict[str, Any]:
-    """Precision@1, precision@k and mAP@k of a served version, queried (through its Annoy index)
-    with every labelled image of a zip; relevant = an indexed item with the same label."""
-    db_names = sorted({item["label"] for item in loaded.items if item.get("label") is not None})
+    """Precision@1, precision@k and mAP@k of a served version, queried (through its index) with every
+    labelled image of a zip; relevant = an indexed item with the same label."""
+    view = loaded.view
+    offsets = np.cumsum([0] + [s.rows for s in view.segments])
+    row_labels: list[str | None] = []
+    for segment in view.segments:
+        dead = segment.deleted
+        row_labels.extend(None if dead[r] else segment.entry(r).get("label") for r in range(segment.rows))
+    db_names = sorted({label for label in row_labels if label is not None})
     ids = {label: i for i, label in enumerate(db_names)}
-    # Unlabelled indexed items can never be relevant (-2); labels the index lacks never match (-3).
-    database_labels = np.array(
-        [ids.get(item.get("label"), -2) if item.get("item", 0) >= 0 else -2 for item in loaded.items]
+    # Unlabelled or deleted rows can never be relevant (-2); labels the index lacks never match (-3).
+    database_labels = np.array([ids.get(label, -2) if label is not None else -2 for label in row_labels])
+    inputs, query_labels, skipped = _labelled_inputs(loaded, zip_path, settings)
+    size = settings.encode_batch_size
+    queries = np.concatenate(
+        [loaded.encoder.encode(np.stack(inputs[i : i + size])) for i in range(0, len(inputs), size)]
     )
+
+    def indexed_search(vectors: np.ndarray, k: int) -> np.ndarray:
+        found = np.full((len(vectors), k), -1, dtype=np.int64)
+        for row, vector in enumerate(vectors):
+            hits = [int(offsets[h.segment] + h.row) for h in search(view, vector, k)]
+            found[row, : len(hits)] = hits
+        return found
+
+    scores = evaluate(
+        indexed_search, database_labels, queries, np.array([ids.get(lb, -3) for lb in query_labels]), k
+    )
+    return {
+        "endpoint": loaded.endpoint,
+        "version": loaded.version,
+        "fine_tuned": loaded.manifest.head is not None,
+        **scores,
+        "skipped": skipped,
+        "labels_not_in_index": sorted(set(query_labels) - set(ids)),
+    }
+
+
+def _labelled_inputs(
+    loaded: LoadedVersion, zip_path: Path, settings: Settings
+) -> tuple[list[np.ndarray], list[str], int]:
     with ingest.open_zip(zip_path) as zf:
         plan = ingest.plan(zf, ingest.ZipLimits.from_settings(settings))
         inputs, query_labels, skipped = [], [], 0
@@ -216,26 +193,4 @@ def evaluate_zip(loaded: LoadedVersion, zip_path: Path, settings: Settings, k: i
                 skipped += 1
     if not inputs:
         raise InvalidParameterError("the zip holds no labelled image to evaluate with")
-    size = settings.encode_batch_size
-    queries = np.concatenate(
-        [loaded.encoder.encode(np.stack(inputs[i : i + size])) for i in range(0, len(inputs), size)]
-    )
-
-    def annoy_search(vectors: np.ndarray, k: int) -> np.ndarray:
-        found = np.full((len(vectors), k), -1, dtype=np.int64)
-        for row, vector in enumerate(vectors):
-            neighbours = [n.id for n in loaded.index.query(vector, k)]
-            found[row, : len(neighbours)] = neighbours
-        return found
-
-    metrics = evaluate(
-        annoy_search, database_labels, queries, np.array([ids.get(lb, -3) for lb in query_labels]), k
-    )
-    return {
-        "endpoint": loaded.endpoint,
-        "version": loaded.version,
-        "fine_tuned": bool(loaded.manifest.get("head")),
-        **metrics,
-        "skipped": skipped,
-        "labels_not_in_index": sorted(set(query_labels) - set(ids)),
-    }
+    return inputs, query_labels, skipped

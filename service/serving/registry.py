@@ -12,17 +12,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from service import encoders
 from service.catalog.head import Head, HeadEncoder
-from service.catalog.index import IndexReader
-from service.catalog.jsonmap import JsonLinesMap
+from service.catalog.segment import Segment
+from service.catalog.view import View
 from service.core import metrics
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
@@ -37,8 +34,9 @@ from service.core.errors import (
     StorageError,
 )
 from service.encoders import Embedder, litert
-from service.serving.filters import ColumnCache
 from service.storage import Storage, encoder_mirror, versions
+from service.storage.blobs import BlobCache
+from service.storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -49,60 +47,43 @@ class LoadedVersion:
 
     endpoint: str
     version: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     encoder: Embedder  # the backbone, or backbone + the version's own head
-    index: IndexReader
-    names: JsonLinesMap  # row -> the image's path in the zip
-    items: JsonLinesMap  # row -> {"label", "metadata", "image", "sha256", "item"}
-    item_of: np.ndarray  # row -> its item's stable id (-1: a deleted item's row)
+    view: View  # its segments, with its deletions and edits
     runtime: dict[str, Any]  # {"name": "litert" | "tensorflow", ...}: what runs the encoder, and why
-    rows_by_item: np.ndarray  # the rows ordered by item id, for `rows_of`
-    count: int  # items (not rows: a deleted item's rows stay until the index is rebuilt)
-    # Filter columns (label, metadata fields), built when a filtered query first needs them.
-    filter_columns: ColumnCache = field(default_factory=ColumnCache, compare=False, repr=False)
 
     @property
-    def tombstones(self) -> int:
-        return len(self.item_of) - int(np.count_nonzero(self.item_of >= 0))
-
-    def rows_of(self, item_id: int) -> np.ndarray:
-        """The rows (images) of an item, in index order; empty if there is no such item."""
-        if item_id < 0:
-            return self.rows_by_item[:0]
-        ordered = self.item_of[self.rows_by_item]
-        lo, hi = np.searchsorted(ordered, [item_id, item_id + 1])
-        return np.sort(self.rows_by_item[lo:hi])
+    def count(self) -> int:
+        """Items (not rows: replaced and deleted rows stay in their segment until compaction)."""
+        return self.manifest.count
 
 
 def _backbone(
     storage: Storage,
     spec: EndpointSpec,
-    version: str,
-    manifest: dict[str, Any],
-    folder: Path,
+    manifest: Manifest,
+    cache: BlobCache,
     settings: Settings,
 ) -> tuple[Embedder, dict[str, Any]]:
     """The version's own encoder (not whatever the endpoint file names today: vectors of two
     encoders are not comparable), and the runtime that runs it: the converted model with LiteRT
     when the version has one (no TensorFlow in this process), else TensorFlow."""
-    recorded = manifest["encoder"]
-    runtime = dict(
-        manifest.get("runtime") or {"name": "tensorflow", "reason": "built before converted encoders"}
-    )
+    recorded = dict(manifest.encoder)
+    runtime = dict(manifest.runtime)
     if runtime.get("name") == litert.RUNTIME and settings.encoder_runtime == "tensorflow":
         # The operator's switch back to TensorFlow, for versions converted before it was set too.
         runtime = {"name": "tensorflow", "reason": "ENCODER_RUNTIME=tensorflow"}
     if runtime.get("name") == litert.RUNTIME:
-        digest = manifest.get("files", {}).get(litert.MODEL_FILE, {}).get("sha256")
         try:
-            if digest is None:
+            if manifest.encoder_model is None:
                 raise EncoderUnavailableError(f"the manifest lists no {litert.MODEL_FILE}")
-            converted = litert.load(folder / litert.MODEL_FILE, digest, recorded)
+            path = cache.path(spec.name, manifest.encoder_model)
+            converted = litert.load(path, manifest.encoder_model.sha256, recorded)
             if converted.input_size != int(recorded.get("input_size") or converted.input_size):
                 raise EncoderUnavailableError(f"{litert.MODEL_FILE} takes {converted.input_size}px images")
             return converted, {"name": litert.RUNTIME, **{k: v for k, v in runtime.items() if k != "name"}}
         except EncoderUnavailableError as exc:  # e.g. LiteRT not installed here: TensorFlow still can
-            log.warning("%s version %s: serving with TensorFlow: %s", spec.name, version, exc)
+            log.warning("%s version %s: serving with TensorFlow: %s", spec.name, manifest.version, exc)
             runtime = {
                 "name": "tensorflow",
                 "reason": f"the converted model could not be loaded: {exc.message}",
@@ -115,56 +96,55 @@ def _backbone(
     backbone = encoders.load(source, settings.hub_cache, encoder_mirror(settings, storage))
     if recorded.get("fingerprint") not in (None, backbone.fingerprint):
         raise IntegrityError(
-            f"{spec.name} version {version} was built by encoder {recorded['location']} with "
+            f"{spec.name} version {manifest.version} was built by encoder {recorded['location']} with "
             f"fingerprint {recorded['fingerprint']}, but that encoder now has fingerprint "
             f"{backbone.fingerprint}; retrain the endpoint"
         )
     return backbone, runtime
 
 
-def load_version(storage: Storage, spec: EndpointSpec, version: str, settings: Settings) -> LoadedVersion:
-    """Fetch, verify and open a published version together with the encoder that built it."""
+def load_version(
+    storage: Storage,
+    spec: EndpointSpec,
+    version: str,
+    settings: Settings,
+    cache: BlobCache,
+    previous: LoadedVersion | None = None,
+) -> LoadedVersion:
+    """Fetch, verify and open a published version together with the encoder that built it. Only
+    the blobs `previous` (the version served now) does not share are fetched and opened."""
     manifest = versions.read_manifest(storage, spec.name, version)
-    folder = versions.fetch_serving_files(storage, spec.name, version, manifest, settings.cache_dir)
-    backbone, runtime = _backbone(storage, spec, version, manifest, folder, settings)
+    view = View.open(
+        manifest, lambda ref: cache.path(spec.name, ref), spec.search_k, previous.view if previous else None
+    )
+    backbone, runtime = _backbone(storage, spec, manifest, cache, settings)
     encoder: Embedder = backbone
-    if manifest.get("head"):  # a fine-tuned version: its own head on top of that backbone
-        head = Head.load(folder)
-        if head.fingerprint != manifest["head"]["fingerprint"]:
+    if manifest.head is not None:  # a fine-tuned version: its own head on top of that backbone
+        files = manifest.head.files
+        head = Head.from_files(
+            cache.path(spec.name, files["head.json"]), cache.path(spec.name, files["head.npz"])
+        )
+        if head.fingerprint != manifest.head.fingerprint:
             raise IntegrityError(f"{spec.name} version {version}: the head does not match its manifest")
         encoder = HeadEncoder(backbone, head)
-    if encoder.dim != int(manifest["dim"]):
+    if encoder.dim != manifest.dim:
         raise IntegrityError(
             f"{spec.name} version {version}: encoder gives {encoder.dim}-d vectors, "
-            f"the index holds {manifest['dim']}-d"
+            f"the index holds {manifest.dim}-d"
         )
-    rows = int(manifest.get("rows", manifest["count"]))
-    # Memory-mapped, like the index: workers share the pages instead of parsing a copy each.
-    names = JsonLinesMap(folder / "ids.json", rows)
-    items = JsonLinesMap(folder / "metadata.json", rows)
-    index = IndexReader(folder / "index.ann", int(manifest["dim"]), spec.search_k)
-    if index.count != rows:
-        raise IntegrityError(f"{spec.name} version {version}: the index holds {index.count} rows, not {rows}")
-    if (folder / "rows.npy").exists() and "rows.npy" in manifest.get("files", {}):
-        item_of = np.load(folder / "rows.npy", allow_pickle=False)
-    else:  # built before stable item ids: an item per row, its id the row
-        item_of = np.arange(rows, dtype=np.int64)
-    if item_of.shape != (rows,) or item_of.dtype != np.int64:
-        raise IntegrityError(f"{spec.name} version {version}: rows.npy does not fit the index")
-    index.warm()
-    return LoadedVersion(
-        endpoint=spec.name,
-        version=version,
-        manifest=manifest,
-        encoder=encoder,
-        index=index,
-        names=names,
-        items=items,
-        item_of=item_of,
-        rows_by_item=np.argsort(item_of, kind="stable"),
-        runtime=runtime,
-        count=int(manifest["count"]),
-    )
+    for segment in view.segments:
+        _open(segment)
+    return LoadedVersion(spec.name, version, manifest, encoder, view, runtime)
+
+
+def _open(segment: Segment) -> None:
+    """Fetch and check everything a query reads (memory-mapped: workers share the pages), so a
+    version whose files fail their checks is refused before it is served; warm its index."""
+    _ = segment.items, segment.names, segment.entries, segment.deleted, segment.overlay
+    if segment.index is not None:
+        segment.index.warm()
+    else:
+        _ = segment.vectors
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -177,10 +157,11 @@ class ServedEndpoint:
     # How long a request waits for a load under way before it answers 503 "loading".
     load_wait_s = 20.0
 
-    def __init__(self, spec: EndpointSpec, storage: Storage, settings: Settings) -> None:
+    def __init__(self, spec: EndpointSpec, storage: Storage, settings: Settings, cache: BlobCache) -> None:
         self.spec = spec
         self.storage = storage
         self.settings = settings
+        self.cache = cache
         self.loaded: LoadedVersion | None = None
         self.checked = False  # CURRENT read at least once
         self.error: str | None = None  # why the latest check or load failed, if it did
@@ -216,7 +197,9 @@ class ServedEndpoint:
                     return False
                 started = time.monotonic()
                 self.loading = pointer.version
-                fresh = load_version(self.storage, self.spec, pointer.version, self.settings)
+                fresh = load_version(
+                    self.storage, self.spec, pointer.version, self.settings, self.cache, self.loaded
+                )
             except StorageError as exc:
                 if not isinstance(exc, IntegrityError):
                     return self._unreachable(exc.message)  # try again next round
@@ -235,6 +218,7 @@ class ServedEndpoint:
             previous = self.loaded
             self.loaded, self.error, self._seen_tag = fresh, None, pointer.tag
             metrics.SERVED_VERSION.labels(self.spec.name).set(versions.created_at(fresh.version))
+            metrics.SEGMENTS.labels(self.spec.name).set(len(fresh.manifest.segments))
             log.info(
                 "%s: serving version %s (%d items, loaded in %.2fs)",
                 self.spec.name,
@@ -242,9 +226,14 @@ class ServedEndpoint:
                 fresh.count,
                 time.monotonic() - started,
             )
-        keep = {fresh.version} | ({previous.version} if previous else set())
-        versions.prune_cache(self.settings.cache_dir, self.spec.name, keep)
+        self._keep_cache(fresh, previous)
         return True
+
+    def _keep_cache(self, fresh: LoadedVersion, previous: LoadedVersion | None) -> None:
+        """Mark the blobs this worker serves as in use; drop those no version served for a while."""
+        held = [ref for loaded in (fresh, previous) if loaded for ref in loaded.manifest.blobs()]
+        self.cache.touch(self.spec.name, held)
+        self.cache.evict({ref.sha256 for ref in held})
 
     @contextmanager
     def _lock_held(self) -> Iterator[None]:
@@ -342,9 +331,9 @@ class ServedEndpoint:
             info.update(
                 version=loaded.version,
                 count=loaded.count,
-                labels=manifest.get("labels", {}),
-                trained_at=manifest.get("created_at"),
-                encoder={**info["encoder"], "serving": public_encoder(manifest["encoder"])},
+                labels=dict(manifest.labels),
+                trained_at=manifest.created_at or None,
+                encoder={**info["encoder"], "serving": public_encoder(dict(manifest.encoder))},
                 runtime=loaded.runtime,
             )
         return info
@@ -362,10 +351,12 @@ def public_encoder(recorded: dict[str, Any]) -> dict[str, Any]:
 class Registry:
     """All endpoints of this process, and the thread that keeps them on their CURRENT version."""
 
-    def __init__(self, specs: dict[str, EndpointSpec], storage: Storage, settings: Settings) -> None:
+    def __init__(
+        self, specs: dict[str, EndpointSpec], storage: Storage, settings: Settings, cache: BlobCache
+    ) -> None:
         self.settings = settings
         self.storage = storage
-        self.endpoints = {name: ServedEndpoint(s, storage, settings) for name, s in specs.items()}
+        self.endpoints = {name: ServedEndpoint(s, storage, settings, cache) for name, s in specs.items()}
         self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

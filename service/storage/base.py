@@ -73,12 +73,18 @@ class Storage(abc.ABC):
     def delete_prefix(self, prefix: str) -> None:
         """Delete every key under `prefix`."""
 
+    def delete_many(self, keys: builtins.list[str]) -> None:
+        """Delete these keys (those not there are no error)."""
+        for key in keys:
+            self.delete(key)
+
     def local_path(self, key: str) -> Path | None:
         """A path to read `key` from without copying, where the store is a local folder."""
         return None
 
-    def signed_url(self, key: str, expires_s: int) -> str | None:
-        """A URL a client can GET `key` from directly, where the store offers one."""
+    def signed_url(self, key: str, expires_s: int, content_type: str | None = None) -> str | None:
+        """A URL a client can GET `key` from directly, where the store offers one (answered with
+        `content_type` when given)."""
         return None
 
     def as_bucket(self) -> SharedBucket | None:

@@ -163,10 +163,13 @@ class S3Storage(Storage, SharedBucket):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def delete_prefix(self, prefix: str) -> None:
-        keys = [self._key(k) for k in self.list(prefix)]
-        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            chunk = [{"Key": k} for k in keys[start : start + 1000]]
-            with self._errors("delete", prefix):
+        self.delete_many(self.list(prefix))
+
+    def delete_many(self, keys: builtins.list[str]) -> None:
+        full = [self._key(k) for k in keys]
+        for start in range(0, len(full), 1000):  # DeleteObjects takes at most 1000 keys
+            chunk = [{"Key": k} for k in full[start : start + 1000]]
+            with self._errors("delete", chunk[0]["Key"]):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
 
     # --- SharedBucket: whole-bucket addressing, for zips uploaded straight to S3 -----------------
@@ -197,10 +200,12 @@ class S3Storage(Storage, SharedBucket):
         """A pre-signed PUT for `key` (so large zips go straight to S3, not through the web tier)."""
         return self._presign("put_object", key, expires_s)
 
-    def signed_url(self, key: str, expires_s: int) -> str | None:
-        return self._presign("get_object", key, expires_s)
+    def signed_url(self, key: str, expires_s: int, content_type: str | None = None) -> str | None:
+        return self._presign("get_object", key, expires_s, content_type)
 
-    def _presign(self, method: str, key: str, expires_s: int) -> str:
+    def _presign(self, method: str, key: str, expires_s: int, content_type: str | None = None) -> str:
         with self._errors("presign", key):
             params = {"Bucket": self.bucket, "Key": self._key(key)}
+            if content_type:
+                params["ResponseContentType"] = content_type
             return str(self.client.generate_presigned_url(method, Params=params, ExpiresIn=expires_s))

@@ -1,51 +1,41 @@
-"""Published versions: the storage layout, atomic publish (CURRENT written last) and verified fetch.
+"""Published versions: the storage layout, atomic publish (CURRENT written last), retention, rollback.
 
-<endpoint>/versions/<version>/index.ann      Annoy index (angular)
-                              vectors.npy    float32 [count, dim], L2-normalised
-                              ids.json       {"<row>": "<name in the zip>"}
-                              metadata.json  {"<row>": {"label", "metadata", "image", "sha256", "item"}}
-                              rows.npy       int64 [count]: each row's stable item id (-1: deleted)
-                              backbone.npy, thumbs.npy, mirrored.npy  stored encoder outputs
-                              images/<sha256>.<ext>  the original bytes
-                              manifest.json  what, how, and the sha256 of every file above
-<endpoint>/CURRENT                            {"version": "<version>"}, written last
+<endpoint>/CURRENT                     {"version": "<version>"}, compare-and-swapped, written last
+<endpoint>/manifests/<version>.json    a version: a small manifest (storage/manifest.py)
+<endpoint>/blobs/<ab>/<sha256>         every file of every version, stored once by its content:
+                                       segments' parts, images, heads, converted encoders
+<endpoint>/NEXT_ID                     the next new item id (only grows)
+<endpoint>/leases/, <endpoint>/GC_LOCK builds in progress, and the garbage collector (blobs.py)
+<endpoint>/versions/<version>/...      format-1 versions (a folder of files each): still served,
+                                       converted by their endpoint's first change (migrate.py)
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import re
 import secrets
-import shutil
 import tempfile
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 from service.core.errors import ConflictError, IntegrityError, NotFoundError, StorageError
-from service.storage import KeyNotFoundError, Storage
+from service.storage import manifest as manifests
+from service.storage.base import KeyNotFoundError, Storage
+from service.storage.blobs import sha256_file, upload_missing
+from service.storage.manifest import BlobRef, Manifest
 
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
 SAFE_VERSION = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
-MANIFEST = "manifest.json"
-# Files a serving worker needs. The vectors stay in the store (they are for rebuilding an index,
-# not for answering queries), and so do the images, read on demand.
-SERVING_FILES = ("index.ann", "ids.json", "metadata.json")
-# Served when the version has it (versions built before stable item ids lack it).
-# rows.npy: item ids (versions before them have none); encoder.tflite: the converted encoder
-# (versions served by TensorFlow have none).
-OPTIONAL_SERVING_FILES = ("rows.npy", "encoder.tflite")
+LEGACY_MANIFEST = "manifest.json"
+
+__all__ = ["sha256_file"]  # re-exported: encoders/convert.py checks its cache with it
 
 
 class SupersededError(StorageError):
@@ -74,16 +64,13 @@ def created_at(version: str) -> float:
         return 0.0
 
 
+def manifest_key(endpoint: str, version: str) -> str:
+    return f"{endpoint}/manifests/{version}.json"
+
+
 def version_prefix(endpoint: str, version: str) -> str:
-    return f"{endpoint}/versions/{version}/"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """A format-1 version's folder."""
+    return manifests.legacy_prefix(endpoint, version)
 
 
 @dataclass(frozen=True)
@@ -105,25 +92,36 @@ def read_current(storage: Storage, endpoint: str) -> Pointer:
         raise StorageError(f"{endpoint}/{CURRENT} is not valid JSON with a 'version'") from None
 
 
-def read_manifest(storage: Storage, endpoint: str, version: str) -> dict[str, Any]:
-    key = version_prefix(endpoint, version) + MANIFEST
+def read_manifest(storage: Storage, endpoint: str, version: str) -> Manifest:
+    """A version's manifest, of either format; KeyNotFoundError when there is none."""
+    if not SAFE_VERSION.match(version):
+        raise KeyNotFoundError(manifest_key(endpoint, version))
     try:
-        manifest = json.loads(storage.read(key))
-    except ValueError:
-        raise IntegrityError(f"{key} is not valid JSON") from None
-    if not isinstance(manifest, dict):
-        raise IntegrityError(f"{key} is not a JSON object")
-    return manifest
+        data = storage.read(manifest_key(endpoint, version))
+    except KeyNotFoundError:
+        data = storage.read(version_prefix(endpoint, version) + LEGACY_MANIFEST)  # a format-1 version
+    return manifests.parse(data, endpoint, version)
 
 
 def list_versions(storage: Storage, endpoint: str) -> list[str]:
-    """Versions with a manifest (i.e. completely uploaded), oldest first."""
-    return [v for v in storage.list_folders(f"{endpoint}/versions/") if _complete(storage, endpoint, v)]
+    """Complete versions (their manifest written), oldest first: format 2, then any format-1 ones."""
+    found = {key.rsplit("/", 1)[-1].removesuffix(".json") for key in storage.list(f"{endpoint}/manifests/")}
+    found |= {
+        v for v in storage.list_folders(f"{endpoint}/versions/") if _legacy_complete(storage, endpoint, v)
+    }
+    return sorted(v for v in found if SAFE_VERSION.match(v))
+
+
+def _legacy_complete(storage: Storage, endpoint: str, version: str) -> bool:
+    return bool(SAFE_VERSION.match(version)) and storage.exists(
+        version_prefix(endpoint, version) + LEGACY_MANIFEST
+    )
 
 
 def _complete(storage: Storage, endpoint: str, version: str) -> bool:
-    """A well-formed version name whose manifest (written after every other file) is there."""
-    return bool(SAFE_VERSION.match(version)) and storage.exists(version_prefix(endpoint, version) + MANIFEST)
+    if not SAFE_VERSION.match(version):
+        return False
+    return storage.exists(manifest_key(endpoint, version)) or _legacy_complete(storage, endpoint, version)
 
 
 def _require_complete(storage: Storage, endpoint: str, version: str) -> None:
@@ -131,69 +129,82 @@ def _require_complete(storage: Storage, endpoint: str, version: str) -> None:
         raise NotFoundError(f"no complete version {version!r} of endpoint {endpoint!r}")
 
 
-def prune_versions(storage: Storage, endpoint: str, keep: int, stale_after_s: float = 86400) -> list[str]:
-    """Delete all but the newest `keep` complete versions (never the current one).
+def prune_versions(
+    storage: Storage, endpoint: str, keep: int, stale_after_s: float = 86400
+) -> list[Manifest]:
+    """Delete all but the newest `keep` complete versions (never the current one); returns the
+    manifests deleted (their blobs are the garbage collector's to judge).
 
-    Also deletes incomplete versions (no manifest: a build that failed mid-upload) once they are
-    older than `stale_after_s`, so a build still uploading is left alone. Returns what it deleted.
+    Also deletes format-1 folders a build left incomplete (no manifest), once older than
+    `stale_after_s`, so a build still uploading is left alone.
     """
     current = read_current(storage, endpoint).version
-    folders = [v for v in storage.list_folders(f"{endpoint}/versions/") if SAFE_VERSION.match(v)]
-    complete = [v for v in folders if _complete(storage, endpoint, v)]
+    complete = list_versions(storage, endpoint)
     doomed = [v for v in complete[: max(0, len(complete) - keep)] if v != current]
+    deleted = []
+    for version in doomed:
+        manifest = _delete_unless_current(storage, endpoint, version)
+        if manifest is not None:
+            log.info("deleted %s version %s", endpoint, version)
+            deleted.append(manifest)
     cutoff = (datetime.now(UTC) - timedelta(seconds=stale_after_s)).strftime("%Y%m%dT%H%M%S")
-    doomed += [v for v in folders if v not in complete and v != current and v < cutoff]
-    deleted = [v for v in doomed if _delete_unless_current(storage, endpoint, v)]
-    for version in deleted:
-        log.info("deleted %s version %s", endpoint, version)
+    for folder in storage.list_folders(f"{endpoint}/versions/"):
+        if SAFE_VERSION.match(folder) and folder < cutoff and folder not in complete and folder != current:
+            storage.delete_prefix(version_prefix(endpoint, folder))
     return deleted
 
 
-def delete_version(storage: Storage, endpoint: str, version: str) -> None:
+def delete_version(storage: Storage, endpoint: str, version: str) -> Manifest:
     """Delete a published version; never the current one (roll back or publish first)."""
     _require_complete(storage, endpoint, version)
-    if not _delete_unless_current(storage, endpoint, version):
+    manifest = _delete_unless_current(storage, endpoint, version)
+    if manifest is None:
         raise ConflictError(f"{version} is the current version of {endpoint!r}; it cannot be deleted")
     log.info("deleted %s version %s", endpoint, version)
+    return manifest
 
 
-def _delete_unless_current(storage: Storage, endpoint: str, version: str) -> bool:
-    """Delete a version unless CURRENT names it, safely against a rollback to it at the same time.
+def _delete_unless_current(storage: Storage, endpoint: str, version: str) -> Manifest | None:
+    """Delete a version unless CURRENT names it, safely against a rollback to it at the same time;
+    the manifest it deleted, or None if it deleted nothing.
 
-    The manifest goes first: from then on the version is incomplete, so a rollback refuses it
-    (or, if its compare-and-swap won already, finds it gone and undoes itself). Then CURRENT is
-    read again: if it names the version after all, the manifest is put back and nothing else is
-    deleted. Only then do the files go. So CURRENT never names a deleted version for longer than
-    a racing rollback takes to notice and undo itself.
+    The manifest goes first: from then on the version is incomplete, so a rollback refuses it (or,
+    if its compare-and-swap won already, finds it gone and undoes itself). Then CURRENT is read
+    again: if it names the version after all, the manifest is put back. So CURRENT never names a
+    deleted version for longer than a racing rollback takes to notice and undo itself. A format-1
+    version's files go with it; a format-2 version's blobs are left to the garbage collector.
     """
-    prefix = version_prefix(endpoint, version)
     if read_current(storage, endpoint).version == version:
-        return False
+        return None
+    key = manifest_key(endpoint, version)
+    legacy = not storage.exists(key)
+    if legacy:
+        key = version_prefix(endpoint, version) + LEGACY_MANIFEST
     try:
-        manifest = storage.read(prefix + MANIFEST)
+        data = storage.read(key)
     except KeyNotFoundError:
-        manifest = None  # incomplete already (a failed build): nothing to restore
-    storage.delete(prefix + MANIFEST)
+        return None
+    storage.delete(key)
     if read_current(storage, endpoint).version == version:
-        if manifest is not None:
-            storage.write(prefix + MANIFEST, manifest)
-        return False
-    storage.delete_prefix(prefix)
-    return True
+        storage.write(key, data)
+        return None
+    if legacy:
+        storage.delete_prefix(version_prefix(endpoint, version))
+    try:
+        return manifests.parse(data, endpoint, version)
+    except IntegrityError:
+        return None
 
 
-def rollback(storage: Storage, endpoint: str, version: str) -> None:
-    """Point CURRENT back at an earlier complete version (checked before it is served)."""
+def rollback(storage: Storage, endpoint: str, version: str) -> Manifest:
+    """Point CURRENT back at an earlier complete version (its manifest checked first)."""
     _require_complete(storage, endpoint, version)
     manifest = read_manifest(storage, endpoint, version)
-    missing = [n for n in SERVING_FILES if not storage.exists(version_prefix(endpoint, version) + n)]
-    if missing or any(n not in manifest.get("files", {}) for n in SERVING_FILES):
-        raise IntegrityError(f"version {version} of {endpoint!r} is missing {missing or 'manifest entries'}")
     current = read_current(storage, endpoint)
     pointer = json.dumps({"version": version}).encode()
     if not storage.write_if(f"{endpoint}/{CURRENT}", pointer, current.tag):
         raise StorageError(f"{endpoint}/{CURRENT} changed while rolling back; try again")
-    if not storage.exists(version_prefix(endpoint, version) + MANIFEST):
+    if not _complete(storage, endpoint, version):
         # Deleted while we switched to it (see _delete_unless_current): switch back, if still ours.
         ours = read_current(storage, endpoint)
         if ours.version == version and current.version is not None:
@@ -202,89 +213,81 @@ def rollback(storage: Storage, endpoint: str, version: str) -> None:
             )
         raise NotFoundError(f"version {version} of {endpoint!r} was deleted while rolling back to it")
     log.info("rolled %s back to version %s", endpoint, version)
+    return manifest
 
 
 def publish(
     storage: Storage,
-    endpoint: str,
-    version: str,
-    staging: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
+    files: Iterable[tuple[Path, BlobRef]],
+    known: set[str],
     *,
-    base: Pointer | None = None,
-    carried: dict[str, tuple[str, dict[str, Any]]] | None = None,
-) -> dict[str, Any]:
-    """Upload a built version from `staging`, then point CURRENT at it.
+    base: Pointer,
+    change: bool,
+) -> None:
+    """Upload a built version's new blobs, its manifest, then point CURRENT at it.
 
-    The version's files go under an immutable prefix (files in `carried` are copied inside the
-    store from another version: name -> (source key, its manifest entry)), the manifest (with
-    every file's sha256) after them, and CURRENT last, so a reader never sees a partial version.
+    `files`: the version's new files (local path, ref); those whose sha256 is in `known` (the base
+    version holds them) are not uploaded. The manifest goes up after every blob it references and
+    CURRENT last, so a reader never sees a partial version.
 
-    CURRENT is compare-and-swapped. A full train (no `base`) is refused with SupersededError if a
-    train newer than it (started later) was published meanwhile ("the newest upload wins");
-    changes published meanwhile do not stop it. A change (`base`: the CURRENT it was built on) is
-    published only while CURRENT is still that; otherwise RebaseError, and the caller builds it
-    again on the newer version.
+    CURRENT is compare-and-swapped. A change (`change`) is published only while CURRENT is still its
+    `base`; otherwise RebaseError, and the caller builds it again on the newer version. A train is
+    refused with SupersededError if a newer train (uploaded after it) was published meanwhile ("the
+    newest upload wins"); if only changes to its base's train were, RebaseError: the caller applies
+    them to its result (a train never drops a change made while it ran).
     """
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
-    carried = carried or {}
-    entries = {
-        p.relative_to(staging).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files
-    }
-    manifest = {
-        **manifest,
-        "endpoint": endpoint,
-        "version": version,
-        "files": {**{name: entry for name, (_, entry) in carried.items()}, **entries},
-    }
-    if base is None:
-        _refuse_if_superseded(storage, read_current(storage, endpoint).version, endpoint, version)
-    elif read_current(storage, endpoint).tag != base.tag:
-        raise RebaseError(f"{endpoint} changed while this change was built")  # before uploading
-    prefix = version_prefix(endpoint, version)
-    jobs: list[Callable[[], None]] = [
-        partial(storage.upload, prefix + name, staging / name) for name in entries
-    ]
-    jobs += [
-        partial(storage.copy, src, prefix + name) for name, (src, _) in carried.items() if name not in entries
-    ]
-    if storage.upload_concurrency > 1 and len(jobs) > 1:  # thousands of small images to a network store
-        with ThreadPoolExecutor(storage.upload_concurrency, thread_name_prefix="upload") as pool:
-            for future in [pool.submit(job) for job in jobs]:
-                future.result()  # the first failure fails the publish
-    else:
-        for job in jobs:
-            job()
-    storage.write(prefix + MANIFEST, json.dumps(manifest, indent=1).encode())
-
+    endpoint, version = manifest.endpoint, manifest.version
+    _check_current(storage, read_current(storage, endpoint), manifest, base, change)  # before uploading
+    upload_missing(storage, endpoint, files, known)
+    storage.write(manifest_key(endpoint, version), manifest.dumps())
     pointer = json.dumps({"version": version}).encode()
     for _ in range(5):  # retry only when another writer raced us between read and write
         current = read_current(storage, endpoint)
-        if base is None:
-            _refuse_if_superseded(storage, current.version, endpoint, version)
-        elif current.tag != base.tag:
-            raise RebaseError(f"{endpoint} changed while this change was published")
+        _check_current(storage, current, manifest, base, change)
         if storage.write_if(f"{endpoint}/{CURRENT}", pointer, current.tag):
             log.info("published %s version %s", endpoint, version)
-            return manifest
-        if base is not None:
+            return
+        if change:
             raise RebaseError(f"{endpoint} changed while this change was published")
     raise StorageError(f"could not update {endpoint}/{CURRENT}: too many concurrent writers")
 
 
-def _refuse_if_superseded(storage: Storage, current: str | None, endpoint: str, version: str) -> None:
-    """A train is superseded by a newer train, or by a change made on one (its `lineage`)."""
-    if current is None or current <= version:
+def _check_current(
+    storage: Storage, current: Pointer, manifest: Manifest, base: Pointer, change: bool
+) -> None:
+    if current.tag == base.tag:
         return
-    try:
-        lineage = str(read_manifest(storage, endpoint, current).get("lineage") or current)
-    except (KeyNotFoundError, IntegrityError):
-        lineage = current
-    if lineage > version:
+    if change:
+        raise RebaseError(f"{manifest.endpoint} changed while this change was built")
+    if current.version is None:
+        return
+    lineage = _lineage(storage, manifest.endpoint, current.version)
+    if lineage > manifest.version:
         raise SupersededError(
-            f"version {version} of {endpoint!r} was superseded by {lineage}, uploaded after this "
-            "one and published first; this one was not made current"
+            f"version {manifest.version} of {manifest.endpoint!r} was superseded by {lineage}, uploaded "
+            "after this one and published first; this one was not made current"
         )
+    if base.version is not None and lineage == _lineage(storage, manifest.endpoint, base.version):
+        raise RebaseError(f"{manifest.endpoint} changed while this train ran")
+
+
+def _lineage(storage: Storage, endpoint: str, version: str) -> str:
+    """The train a version descends from (itself, for a train)."""
+    try:
+        return read_manifest(storage, endpoint, version).lineage
+    except (KeyNotFoundError, IntegrityError):
+        return version
+
+
+def withdraw(storage: Storage, endpoint: str, version: str) -> None:
+    """Best effort: remove the manifest of a version whose publish failed (unless it became
+    current). Its new blobs stay until the garbage collector sweeps them."""
+    try:
+        if read_current(storage, endpoint).version != version:
+            storage.delete(manifest_key(endpoint, version))
+    except Exception as exc:  # the store may be what failed
+        log.warning("could not remove the unpublished version %s of %s: %s", version, endpoint, exc)
 
 
 def reserve_ids(storage: Storage, endpoint: str, count: int, floor: int = 0) -> int:
@@ -330,71 +333,3 @@ def published_note(cache_dir: Path, endpoint: str) -> tuple[int, str | None]:
         return stamp, path.read_text().strip() or None
     except OSError:
         return 0, None
-
-
-def fetch_serving_files(
-    storage: Storage, endpoint: str, version: str, manifest: dict[str, Any], cache_dir: Path
-) -> Path:
-    """Local folder holding the version's serving files, each checked against the manifest.
-
-    Local stores are read in place and checked on every load. Others are downloaded once into
-    `cache_dir`: each file goes to a temporary name, is checked against the manifest's sha256 and
-    only then renamed into place, so a partial or corrupt download is never served and a file in
-    the cache is known good. A lock per version folder makes worker processes on one instance
-    share a single download: the second waits, then finds the files there.
-    """
-    prefix = version_prefix(endpoint, version)
-    expected = {}
-    head_files = (manifest.get("head") or {}).get("files", [])  # a fine-tuned version's head
-    optional = [n for n in OPTIONAL_SERVING_FILES if n in manifest.get("files", {})]
-    for name in (*SERVING_FILES, *optional, *head_files):
-        digest = manifest.get("files", {}).get(name, {}).get("sha256")
-        if digest is None:
-            raise IntegrityError(f"{prefix}{MANIFEST} lists no {name}")
-        expected[name] = digest
-
-    in_place = storage.local_path(prefix + MANIFEST)
-    if in_place is not None:
-        for name, digest in expected.items():
-            _check(in_place.parent / name, digest, prefix + name)
-        return in_place.parent
-
-    folder = cache_dir / "versions" / endpoint / version
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(version + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for name, digest in expected.items():
-            target = folder / name
-            if target.exists():
-                continue
-            fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-            os.close(fd)
-            tmp = Path(tmp_name)
-            try:
-                storage.download(prefix + name, tmp)
-                _check(tmp, digest, prefix + name)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
-    os.utime(folder)  # marks it as in use, for prune_cache
-    return folder
-
-
-def prune_cache(cache_dir: Path, endpoint: str, keep: set[str], min_age_s: float = 600) -> None:
-    """Remove downloaded versions not in `keep` and unused for `min_age_s` (other workers may
-    still be swapping away from them; their open index files survive the unlink anyway)."""
-    base = cache_dir / "versions" / endpoint
-    if not base.is_dir():
-        return
-    for folder in base.iterdir():
-        if folder.is_dir() and folder.name not in keep and time.time() - folder.stat().st_mtime > min_age_s:
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
-
-
-def _check(path: Path, expected: str, key: str) -> None:
-    if not path.is_file():
-        raise IntegrityError(f"{key} is missing")
-    actual = sha256_file(path)
-    if actual != expected:
-        raise IntegrityError(f"{key} has sha256 {actual[:12]}..., manifest says {expected[:12]}...")

@@ -1,39 +1,57 @@
 """Item changes: add or replace items, delete items, edit an item's label and metadata.
 
-Each change is a small class whose `build` makes the new version's files from a base version, in
-named steps; `rebase.publish_with_rebase` publishes it like a train (immutable folder, manifest,
-compare-and-swap of CURRENT, retention, rollback) and builds it again if another change won the
-race. Files a change does not alter (the index, vectors and images of a delete or an edit; the
-images of the items an add keeps) are copied inside the store, never uploaded again.
+Each change costs what it changes: an add writes one new segment (its rows only) and, for items it
+replaces, new deletion bitmaps of the segments that held them; a delete writes deletion bitmaps; an
+edit writes one overlay. Everything else is the base version's, referenced again, never copied.
+`rebase.publish_with_rebase` publishes each like a train (manifest, compare-and-swap of CURRENT,
+retention, rollback) and builds it again if another change won the race.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.catalog import ingest, rows
-from service.catalog.head import HEAD_FILES, Head
-from service.catalog.rows import DELETED, Catalog, VectorCache
+from service.catalog import ingest
+from service.catalog.head import Head
+from service.catalog.rows import Catalog
+from service.catalog.segment import to_catalog
+from service.catalog.view import Found
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import ConflictError, InvalidParameterError, ItemNotFoundError, TrainingError
 from service.encoders import convert
 from service.storage import Storage
+from service.storage.blobs import BlobCache
+from service.storage.manifest import Manifest, SegmentRef
 from service.training import embedding, merge, steps
-from service.training.rebase import Base, Built, Carried, publish_with_rebase, read_base, summary
+from service.training.base import Base, read_base
+from service.training.cache import VectorCache
+from service.training.rebase import Built, publish_with_rebase
 from service.training.results import ChangeResult, Progress, ProgressFn, quiet
+from service.training.stage import Stager
 
-# Deleted rows stay in the index as tombstones until they are this share of it; then a delete
-# rebuilds the index without them.
-MAX_TOMBSTONE_SHARE = 0.2
-# What a change that keeps the base's index keeps with it.
-INDEX_FILES = ("index.ann", "vectors.npy", "backbone.npy", "thumbs.npy", "mirrored.npy")
 UNSET: Any = object()
+
+
+def _label_delta(
+    before: list[dict[str, Any]], after: list[dict[str, Any]], labels: dict[str, int]
+) -> dict[str, int]:
+    """Items per label once `before` entries (one per item) are gone and `after` ones are there."""
+    counts = Counter(labels)
+    counts.subtract(e["label"] for e in before if e.get("label") is not None)
+    counts.update(e["label"] for e in after if e.get("label") is not None)
+    return {label: n for label, n in sorted(counts.items()) if n > 0}
+
+
+def _with_deleted(stager: Stager, segment_ref: SegmentRef, mask: np.ndarray) -> SegmentRef:
+    """The segment with this version's deletion bitmap."""
+    return replace(segment_ref, deleted=stager.deleted(mask), live=int(np.count_nonzero(~mask)))
 
 
 # --- add or replace ------------------------------------------------------------------------------
@@ -49,22 +67,32 @@ def add_items(
 ) -> ChangeResult:
     """Add the zip's images to the catalog; an item whose name exists already is replaced.
 
-    Only images whose bytes the current version does not hold go through the encoder. With a kept
-    head, new images go through the version's own head; `fine_tune=always` trains the head again
-    on every item's stored backbone vectors (no forward pass for the old ones).
+    Only images whose bytes no retained version holds go through the encoder. With a kept head, new
+    images go through the version's own head; `fine_tune=always` trains the head again on every
+    item's stored backbone vectors (no forward pass for the old ones) and rewrites the catalog.
     """
     report = on_progress or quiet
     report(Progress("ingest", 0, 0))
+    cache = steps.blob_cache(storage, settings)
     encoder = steps.converted_encoder(steps.load_encoder(spec, settings, storage), settings, report)
-    first = read_base(storage, spec)
+    first = read_base(storage, spec.name, cache, spec.search_k)
     if first is not None:
         _check_encoder(first, encoder.fingerprint, spec)
     with steps.work_folder(settings, spec.name, "add") as tmp, ingest.open_zip(zip_path) as zf:
-        plan = steps.plan_zip(zf, settings)
-        add = AddItems(spec, storage, settings, encoder, plan, Path(tmp), fine_tune, report)
+        add = AddItems(
+            spec,
+            storage,
+            settings,
+            cache,
+            encoder,
+            steps.plan_zip(zf, settings),
+            Path(tmp),
+            fine_tune,
+            report,
+        )
         add.embed(zf, first)
         report(Progress("publish", 0, 1))
-        result = publish_with_rebase(storage, spec, settings, add)
+        result = publish_with_rebase(storage, spec, settings, add, cache)
         report(Progress("publish", 1, 1))
     return result
 
@@ -76,28 +104,41 @@ class AddItems:
     spec: EndpointSpec
     storage: Storage
     settings: Settings
+    cache: BlobCache
     encoder: convert.Verified
     plan: ingest.ZipPlan
-    embed_dir: Path  # the new images' originals, and nothing else
+    embed_dir: Path  # the new images' originals
     fine_tune: str
     report: ProgressFn
     embedded: embedding.Embedded = field(default_factory=embedding.Embedded)
-    vectors = True
 
     @property
     def retrain(self) -> bool:
         return self.fine_tune == "always"  # else the base's head (if any) is kept as it is
 
-    def embed(self, zf: Any, first: Base | None) -> None:
-        """Embed the new images (those the current version does not hold) once, whatever the rebases."""
+    @property
+    def thumb_dim(self) -> int:
+        return 3 * self.spec.head.thumbnail**2
+
+    def embed(self, zf: zipfile.ZipFile, first: Base | None) -> None:
+        """Embed the new images (those no retained version holds) once, whatever the rebases."""
         # Mirrored vectors for the new images too when the catalog keeps them (head augmentation).
-        keeps_mirrored = first is not None and first.rows.mirrored is not None
+        keeps_mirrored = first is not None and all("mirrored" in s.files for s in first.manifest.segments)
         head_config = self.spec.head if self.retrain or keeps_mirrored else None
-        cache = VectorCache.of(first.rows if first else None)
+        cache = VectorCache.of_versions(
+            self.storage, self.spec.name, self.cache, self.encoder.fingerprint, self.thumb_dim
+        )
         self.embedded = embedding.embed(
-            zf, self.plan, self.embed_dir, self.encoder, self.settings, head_config,
-            self.spec.head.thumbnail, self.report, cache,
-        )  # fmt: skip
+            zf,
+            self.plan,
+            self.embed_dir,
+            self.encoder,
+            self.settings,
+            head_config,
+            self.spec.head.thumbnail,
+            self.report,
+            cache,
+        )
         if not self.embedded.accepted:
             raise TrainingError(
                 f"the zip holds no usable image ({len(self.skipped)} files skipped)", self.skipped
@@ -107,75 +148,115 @@ class AddItems:
     def skipped(self) -> list[ingest.Skipped]:
         return [*self.plan.skipped, *self.embedded.skipped]
 
-    def build(self, base: Base | None, staging: Path) -> Built:
+    def build(self, base: Base | None, stager: Stager, version: str) -> Built:
         if base is not None:
             _check_encoder(base, self.encoder.fingerprint, self.spec)
-        new, kept, merged = self.merge(base)
-        head, evaluation = self.head_for(base, merged)
-        steps.stage_rows(merged, head, staging, self.spec.n_trees, self.report)
-        carried = self.stage_files(base, new, kept, head, staging)
-        runtime = steps.stage_converted(self.encoder, staging, self.settings, self.embed_dir / "images")
-        manifest = self.manifest(base, merged, new, head, evaluation, runtime)
-        return Built(manifest, carried, self.result(base, new, manifest, evaluation, runtime))
-
-    def merge(self, base: Base | None) -> tuple[Catalog, Catalog | None, Catalog]:
-        """The new rows (ids kept for names the base holds), the base's rows kept, and both together."""
-        base_rows = base.rows if base else None
-        thumb_dim = 3 * self.spec.head.thumbnail**2
+        floor = base.manifest.next_id if base else 0
+        id_of = _id_of(base)
         new = merge.to_rows(
-            self.embedded, self.plan, base_rows, thumb_dim, merge.reserver(self.storage, self.spec.name)
+            self.embedded,
+            self.plan,
+            id_of,
+            floor,
+            self.thumb_dim,
+            merge.reserver(self.storage, self.spec.name),
         )
-        replaced = {new.item_name(r) for r in range(new.count)}
-        kept = base_rows.take(merge.rows_kept(base_rows, replaced)) if base_rows is not None else None
-        if self.retrain and kept is not None:
-            kept.vectors = kept.backbone  # the head is trained again: every vector is new
-        elif base is not None and base.head is not None:  # the version's own head embeds the new images
-            new.vectors = base.head.embed(new.backbone, new.thumbs)
-        merged = kept.extend(new) if kept is not None else new
-        merged.next_id = new.next_id  # base.next_id plus the ids given out now
-        return new, kept, merged
+        replaced = {} if base is None else _replaced(base, new)
+        for accepted in self.embedded.accepted:
+            stager.image(self.embed_dir / accepted.image, accepted.sha256)
+        if self.retrain:
+            segments, head, evaluation = self._rebuild(base, new, replaced, stager)
+        else:
+            segments, head, evaluation = (
+                self._append(base, new, replaced, stager),
+                (base.head if base else None),
+                {},
+            )
+        runtime, model = steps.stage_converted(self.encoder, stager, self.settings, self._originals())
+        manifest = self._manifest(
+            base, segments, new, replaced, head, stager, runtime, model, evaluation, version
+        )
+        known = (
+            (base.known() | {a.sha256 for a in self.embedded.accepted if base.view.find_image(a.sha256)})
+            if base
+            else set()
+        )
+        return Built(manifest, known, self._result(base, new, replaced, manifest, evaluation))
 
-    def head_for(self, base: Base | None, merged: Catalog) -> tuple[Head | None, dict[str, Any]]:
-        """The base's head as it is, or (fine_tune=always) a head trained again on every row."""
-        if not self.retrain:
-            return (base.head if base else None), {}
+    def _originals(self) -> list[Path]:
+        return [self.embed_dir / a.image for a in self.embedded.accepted]
+
+    def _append(
+        self, base: Base | None, new: Catalog, replaced: dict[int, Found], stager: Stager
+    ) -> list[SegmentRef]:
+        """The base's segments (those that held replaced items with new deletion bitmaps), then one
+        new segment of the new rows, through the base's head when it has one."""
+        if base is not None and base.head is not None:
+            new.vectors = base.head.embed(new.backbone, new.thumbs)
+        self.report(Progress("index", 0, new.count))
+        segments = list(base.manifest.segments) if base else []
+        if base is not None:
+            for index, rows in _by_segment(replaced).items():
+                mask = base.view.segments[index].deleted.copy()
+                mask[rows] = True
+                segments[index] = _with_deleted(stager, segments[index], mask)
+        segments.append(
+            stager.segment(new, self.spec.n_trees, head=base is not None and base.head is not None)
+        )
+        return segments
+
+    def _rebuild(
+        self, base: Base | None, new: Catalog, replaced: dict[int, Found], stager: Stager
+    ) -> tuple[list[SegmentRef], Head | None, dict[str, Any]]:
+        """fine_tune=always: the head trained again on every row's stored backbone vectors; every
+        vector changes, so the catalog is written again as one segment."""
+        kept = _live_catalog(base, exclude=set(replaced), next_id=new.next_id) if base else None
+        merged = kept.extend(new) if kept is not None else new
+        merged.next_id = new.next_id
         outcome = steps.fine_tune("always", merged, self.spec.head, self.report)
         merged.vectors = (
             outcome.head.embed(merged.backbone, merged.thumbs) if outcome.head else merged.backbone
         )
-        return outcome.head, outcome.evaluation
-
-    def stage_files(
-        self, base: Base | None, new: Catalog, kept: Catalog | None, head: Head | None, staging: Path
-    ) -> Carried:
-        """The new images (linked from the embed folder) and the head; the base's files kept as they are."""
-        (staging / "images").mkdir(exist_ok=True)
-        for name in {e["image"] for e in new.entries}:
-            os.link(self.embed_dir / name, staging / name)
-        carried = (
-            base.carry(self.spec.name, {e["image"] for e in kept.entries} if kept else ()) if base else {}
+        self.report(Progress("index", 0, merged.count))
+        return (
+            [stager.segment(merged, self.spec.n_trees, head=outcome.head is not None)],
+            outcome.head,
+            outcome.evaluation,
         )
-        if head is not None and (self.retrain or base is None):
-            head.save(staging)
-        elif head is not None and base is not None:
-            carried.update(base.carry(self.spec.name, HEAD_FILES))
-        return carried
 
-    def manifest(
-        self, base: Base | None, merged: Catalog, new: Catalog, head: Head | None,
-        evaluation: dict[str, Any], runtime: dict[str, Any],
-    ) -> dict[str, Any]:  # fmt: skip
-        before = base.manifest if base else {}
+    def _manifest(
+        self,
+        base: Base | None,
+        segments: list[SegmentRef],
+        new: Catalog,
+        replaced: dict[int, Found],
+        head: Head | None,
+        stager: Stager,
+        runtime: dict[str, Any],
+        model: Any,
+        evaluation: dict[str, Any],
+        version: str,
+    ) -> Manifest:
         items = sorted({int(i) for i in new.items})
-        return {
-            **before,
+        before = [_first_entry(base, found) for found in replaced.values()] if base else []
+        after = [new.entries[int(r)] for r in np.unique(new.items, return_index=True)[1]]
+        head_ref = base.manifest.head if base and head is base.head else (stager.head(head) if head else None)
+        fields: dict[str, Any] = {
             "encoder": {**self.encoder.describe(), "handle": self.spec.encoder.source},
             "runtime": runtime,
-            "head": steps.head_manifest(head),
-            "fine_tune": self.fine_tune if self.retrain else before.get("fine_tune", self.fine_tune),
-            "evaluation": evaluation or before.get("evaluation", {}),
-            **steps.index_manifest(self.spec, int(merged.vectors.shape[1])),
-            **summary(merged),
+            "encoder_model": model,
+            "dim": int(new.vectors.shape[1])
+            if not self.retrain
+            else int(head.dim if head else new.backbone.shape[1]),
+            **steps.index_manifest(self.spec),
+            "count": (base.manifest.count if base else 0) + len(items) - len(replaced),
+            "rows": sum(s.rows for s in segments),
+            "next_id": new.next_id,
+            "labels": _label_delta(before, after, dict(base.manifest.labels) if base else {}),
+            "segments": tuple(segments),
+            "head": head_ref,
+            "fine_tune": self.fine_tune if self.retrain or base is None else base.manifest.fine_tune,
+            "evaluation": evaluation or (dict(base.manifest.evaluation) if base else {}),
             "change": {
                 "kind": "add",
                 "embedded": self.embedded.embedded,
@@ -183,14 +264,19 @@ class AddItems:
                 "items": items,
             },
         }
+        if base is None:
+            return Manifest(
+                endpoint=self.spec.name, version=version, created_at="", lineage=version, base=None, **fields
+            )
+        return base.manifest.with_changes(**fields)
 
-    def result(
+    def _result(
         self,
         base: Base | None,
         new: Catalog,
-        manifest: dict[str, Any],
+        replaced: dict[int, Found],
+        manifest: Manifest,
         evaluation: dict[str, Any],
-        runtime: dict[str, Any],
     ) -> ChangeResult:
         items = sorted({int(i) for i in new.items})
         counts = {
@@ -199,20 +285,66 @@ class AddItems:
             "embedded": self.embedded.embedded,
             "reused": new.count - self.embedded.embedded,
             "skipped": len(self.skipped),
-            "replaced": sorted(set(items) & merge.live_ids(base.rows if base else None)),
+            "replaced": sorted(replaced),
         }
         return ChangeResult(
-            "", "add", items, manifest["count"], counts, self.skipped, evaluation, runtime=runtime
+            "", "add", items, manifest.count, counts, self.skipped, evaluation, runtime=dict(manifest.runtime)
         )
 
 
+def _id_of(base: Base | None) -> merge.IdOf:
+    def id_of(name: str) -> int | None:
+        found = base.view.named_rows(name) if base is not None else None
+        return None if found is None else int(base.view.segments[found.segment].items[found.rows[0]])  # type: ignore[union-attr]
+
+    return id_of
+
+
+def _replaced(base: Base, new: Catalog) -> dict[int, Found]:
+    """The base's live rows of every item the new rows name again (replaced whole, all photos)."""
+    found: dict[int, Found] = {}
+    for name in {new.item_name(r) for r in range(new.count)}:
+        rows = base.view.named_rows(name)
+        if rows is not None:
+            found[int(base.view.segments[rows.segment].items[rows.rows[0]])] = rows
+    return found
+
+
+def _by_segment(found: dict[int, Found]) -> dict[int, np.ndarray]:
+    grouped: dict[int, list[np.ndarray]] = {}
+    for f in found.values():
+        grouped.setdefault(f.segment, []).append(f.rows)
+    return {index: np.concatenate(rows) for index, rows in grouped.items()}
+
+
+def _first_entry(base: Base, found: Found) -> dict[str, Any]:
+    return base.view.segments[found.segment].entry(int(found.rows[0]))
+
+
+def _live_catalog(base: Base, exclude: set[int], next_id: int) -> Catalog | None:
+    """Every live row of the base (but those of `exclude`d items) as one Catalog."""
+    parts = []
+    for found in base.view.live():
+        segment = base.view.segments[found.segment]
+        rows = found.rows[~np.isin(segment.items[found.rows], list(exclude))] if exclude else found.rows
+        if len(rows):
+            parts.append(to_catalog(segment, rows, base.head is not None, next_id))
+    if not parts:
+        return None
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.extend(part)
+    return merged
+
+
 def _check_encoder(base: Base, fingerprint: str, spec: EndpointSpec) -> None:
-    if base.manifest.get("encoder", {}).get("fingerprint") != fingerprint:
+    if base.manifest.encoder.get("fingerprint") != fingerprint:
         raise ConflictError(
             f"{spec.name}'s encoder is not the one its current version was built with; "
             f"train the endpoint again (POST /{spec.name}/train) before changing items"
         )
-    if base.rows.thumbs.shape[1] != 3 * spec.head.thumbnail**2:
+    thumb_dim = 3 * spec.head.thumbnail**2
+    if any(("thumbs" in s.files) != (thumb_dim > 0) for s in base.manifest.segments if s.rows):
         raise ConflictError(f"{spec.name}'s head thumbnail size changed; train the endpoint again")
 
 
@@ -220,65 +352,67 @@ def _check_encoder(base: Base, fingerprint: str, spec: EndpointSpec) -> None:
 
 
 def delete_items(
-    spec: EndpointSpec, storage: Storage, settings: Settings, ids: list[int], names: list[str]
+    spec: EndpointSpec,
+    storage: Storage,
+    settings: Settings,
+    ids: list[int],
+    names: list[str],
+    cache: BlobCache | None = None,
+    served: Any = None,
 ) -> ChangeResult:
     """Delete items by id or name. Any unknown one is a 404 and nothing is published."""
-    return publish_with_rebase(storage, spec, settings, DeleteItems(spec, storage, ids, names))
+    return publish_with_rebase(storage, spec, settings, DeleteItems(spec, ids, names), cache, served)
 
 
 @dataclass
 class DeleteItems:
     spec: EndpointSpec
-    storage: Storage
     ids: list[int]
     names: list[str]
-    vectors = False  # only when the tombstones grow too many (read then)
 
-    def build(self, base: Base | None, staging: Path) -> Built:
+    def build(self, base: Base | None, stager: Stager, version: str) -> Built:
         if base is None:
             raise ItemNotFoundError(f"{self.spec.name} has no trained version: nothing to delete")
-        doomed = resolve(base.rows, self.ids, self.names, self.spec.name)
-        items = base.rows.items.copy()
-        items[np.isin(items, list(doomed))] = DELETED
-        tombstones = int(np.sum(items == DELETED))
-        if tombstones == len(items):
+        doomed = resolve(base, self.ids, self.names, self.spec.name)
+        if len(doomed) >= base.manifest.count:
             raise ConflictError(
                 f"deleting {len(doomed)} item(s) would leave {self.spec.name} empty; train it again instead"
             )
-        if tombstones > MAX_TOMBSTONE_SHARE * len(items):
-            after, carried = self.rebuild(base, items, staging)
+        segments = list(base.manifest.segments)
+        for index, rows in _by_segment(doomed).items():
+            mask = base.view.segments[index].deleted.copy()
+            mask[rows] = True
+            segments[index] = _with_deleted(stager, segments[index], mask)
+        before = [_first_entry(base, found) for found in doomed.values()]
+        manifest = base.manifest.with_changes(
+            segments=tuple(segments),
+            count=base.manifest.count - len(doomed),
+            labels=_label_delta(before, [], dict(base.manifest.labels)),
+            change={"kind": "delete", "items": sorted(doomed)},
+        )
+        return Built(manifest, base.known(), ChangeResult("", "delete", sorted(doomed), manifest.count))
+
+
+def resolve(base: Base, ids: list[int], names: list[str], endpoint: str) -> dict[int, Found]:
+    """The live rows of the items named by id or by name; any unknown one is a 404 (nothing is
+    changed)."""
+    found: dict[int, Found] = {}
+    unknown = []
+    for item_id in ids:
+        rows = base.view.item_rows(item_id)
+        if rows is None:
+            unknown.append(str(item_id))
         else:
-            after, carried = self.mark(base, items, staging)
-        if base.manifest.get("head"):
-            carried.update(base.carry(self.spec.name, HEAD_FILES))
-        manifest = {**base.manifest, **summary(after), "change": {"kind": "delete", "items": sorted(doomed)}}
-        return Built(manifest, carried, ChangeResult("", "delete", sorted(doomed), manifest["count"]))
-
-    def rebuild(self, base: Base, items: np.ndarray, staging: Path) -> tuple[Catalog, Carried]:
-        """Too many dead rows: a new index over the live ones (this needs the vectors)."""
-        full = rows.read(self.storage, self.spec.name, base.pointer.version or "", base.manifest)
-        after = Catalog(**{**full.__dict__, "items": items})
-        after = after.take(after.live())
-        rows.write(after, staging, self.spec.n_trees, head=bool(base.manifest.get("head")))
-        return after, base.carry(self.spec.name, {e["image"] for e in after.entries})
-
-    def mark(self, base: Base, items: np.ndarray, staging: Path) -> tuple[Catalog, Carried]:
-        """Rows stay where they are, marked deleted; only the maps change. The index is the base's."""
-        after = Catalog(**{**base.rows.__dict__, "items": items})
-        np.save(staging / rows.ROWS, items, allow_pickle=False)
-        rows.write_maps(after, staging)
-        keep = {*INDEX_FILES, *(base.rows.entries[r]["image"] for r in after.live())}
-        return after, base.carry(self.spec.name, keep)
-
-
-def resolve(catalog: Catalog, ids: list[int], names: list[str], endpoint: str) -> set[int]:
-    """The item ids named by id or by name; any unknown one is a 404 (nothing is changed)."""
-    live = merge.live_ids(catalog)
-    by_name = catalog.item_ids_by_name()
-    unknown = [str(i) for i in ids if i not in live] + [n for n in names if n not in by_name]
+            found[item_id] = rows
+    for name in names:
+        rows = base.view.named_rows(name)
+        if rows is None:
+            unknown.append(name)
+        else:
+            found[int(base.view.segments[rows.segment].items[rows.rows[0]])] = rows
     if unknown:
         raise ItemNotFoundError(f"no item {', '.join(unknown[:10])} in {endpoint}; nothing was changed")
-    return set(ids) | {by_name[n] for n in names}
+    return found
 
 
 # --- edit ----------------------------------------------------------------------------------------
@@ -291,14 +425,18 @@ def edit_item(
     item_id: int,
     label: Any = UNSET,
     metadata: dict[str, Any] | None = None,
+    cache: BlobCache | None = None,
+    served: Any = None,
 ) -> ChangeResult:
-    """Change an item's label and/or metadata (a JSON merge patch: null removes a field). The
-    vectors and the index are the base's: only the maps change."""
+    """Change an item's label and/or metadata (a JSON merge patch: null removes a field). Only this
+    version's overlay of the item's segment changes."""
     if label is not UNSET and label is not None and not isinstance(label, str):
         raise InvalidParameterError("label must be a string or null", errors={"label": ["Not a string."]})
     if metadata is not None:
         ingest.check_metadata(metadata)
-    return publish_with_rebase(storage, spec, settings, EditItem(spec, item_id, label, metadata))
+    return publish_with_rebase(
+        storage, spec, settings, EditItem(spec, item_id, label, metadata), cache, served
+    )
 
 
 @dataclass
@@ -307,23 +445,25 @@ class EditItem:
     item_id: int
     label: Any
     metadata: dict[str, Any] | None
-    vectors = False
 
-    def build(self, base: Base | None, staging: Path) -> Built:
+    def build(self, base: Base | None, stager: Stager, version: str) -> Built:
         if base is None:
             raise ItemNotFoundError(f"{self.spec.name} has no trained version")
-        catalog = base.rows
-        resolve(catalog, [self.item_id], [], self.spec.name)
-        entries = list(catalog.entries)
-        for r in np.flatnonzero(catalog.items == self.item_id):
-            entries[r] = self.edited(entries[r])
-        after = Catalog(**{**catalog.__dict__, "entries": entries})
-        rows.write_maps(after, staging)
-        keep = {*INDEX_FILES, rows.ROWS, *(catalog.entries[r]["image"] for r in catalog.live())}
-        keep |= set(HEAD_FILES) if base.manifest.get("head") else set()
-        manifest = {**base.manifest, **summary(after), "change": {"kind": "edit", "items": [self.item_id]}}
-        result = ChangeResult("", "edit", [self.item_id], manifest["count"])
-        return Built(manifest, base.carry(self.spec.name, keep), result)
+        found = resolve(base, [self.item_id], [], self.spec.name)[self.item_id]
+        segment = base.view.segments[found.segment]
+        overlay = dict(segment.overlay)
+        for row in found.rows:
+            edited = self.edited(segment.entry(int(row)))
+            overlay[int(row)] = {"label": edited.get("label"), "metadata": edited.get("metadata") or {}}
+        segments = list(base.manifest.segments)
+        segments[found.segment] = replace(segments[found.segment], overlay=stager.overlay(overlay))
+        before, after = segment.entry(int(found.rows[0])), overlay[int(found.rows[0])]
+        manifest = base.manifest.with_changes(
+            segments=tuple(segments),
+            labels=_label_delta([before], [after], dict(base.manifest.labels)),
+            change={"kind": "edit", "items": [self.item_id]},
+        )
+        return Built(manifest, base.known(), ChangeResult("", "edit", [self.item_id], manifest.count))
 
     def edited(self, entry: dict[str, Any]) -> dict[str, Any]:
         entry = dict(entry)

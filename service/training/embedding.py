@@ -9,7 +9,6 @@ is neither decoded nor embedded again.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import threading
 import time
@@ -25,11 +24,11 @@ import numpy as np
 from service import encoders
 from service.catalog import images, ingest
 from service.catalog.head import thumbnails
-from service.catalog.rows import VectorCache
 from service.core.config import Settings
 from service.core.endpoint import HeadConfig
 from service.core.errors import BadImageError, TrainingError
 from service.encoders import convert
+from service.training.cache import Cached, VectorCache
 from service.training.results import Progress, ProgressFn
 
 
@@ -38,7 +37,7 @@ class Accepted:
     entry: ingest.Entry
     image: str  # the image's key in the version: images/<sha256><ext>
     sha256: str
-    cached: int | None  # its row in the cache's catalog, or None: embedded now
+    cached: Cached | None  # where the cache holds its encoder outputs, or None: embedded now
 
 
 @dataclass
@@ -158,9 +157,8 @@ def _accept(
     if isinstance(prepared, str):
         out.skipped.append(ingest.Skipped(entry.name, prepared))
         return None
-    if isinstance(prepared, int):  # the cache's row
-        assert out.cache.catalog is not None
-        ext, cached, array = os.path.splitext(out.cache.catalog.entries[prepared]["image"])[1], prepared, None
+    if isinstance(prepared, Cached):
+        ext, cached, array = out.cache.extension(prepared), prepared, None
     else:
         array, fmt = prepared
         ext, cached = images.FORMATS[fmt][0], None
@@ -171,8 +169,8 @@ def _accept(
     return array
 
 
-Prepared = tuple[np.ndarray, str] | str | int  # (input, format), the reason it was skipped, a cached row
-_Pending = tuple[ingest.Entry, bytes, str, "Future[tuple[np.ndarray, str]] | str | int"]
+Prepared = tuple[np.ndarray, str] | str | Cached  # (input, format), the reason it was skipped, a cached row
+_Pending = tuple[ingest.Entry, bytes, str, "Future[tuple[np.ndarray, str]] | str | Cached"]
 
 
 def _decoded(

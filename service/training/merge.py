@@ -20,11 +20,16 @@ def reserver(storage: Storage, endpoint: str) -> Reserve:
     return lambda count, floor: versions.reserve_ids(storage, endpoint, count, floor)
 
 
+# id_of(item name) -> the item's id in the version built on, or None when it holds no such item
+IdOf = Callable[[str], int | None]
+
+
 def to_rows(
-    embedded: Embedded, plan: ingest.ZipPlan, base: Catalog | None, thumb_dim: int, reserve: Reserve
+    embedded: Embedded, plan: ingest.ZipPlan, id_of: IdOf, floor: int, thumb_dim: int, reserve: Reserve
 ) -> Catalog:
     """The accepted images as catalog rows: cached vectors where the cache had them, item ids kept
-    for names the current version (`base`) holds, new ids for the others from `reserve`."""
+    for names the version built on holds (`id_of`), new ids for the others from `reserve` (at
+    least `floor`, that version's next id)."""
     backbone, thumbs, mirrored = _vectors(embedded, thumb_dim)
     fields_of = [dict(plan.metadata.get(a.entry.name, {})) for a in embedded.accepted]
     # The metadata file's `item` column groups photos into one item; without it, the image is one.
@@ -33,7 +38,7 @@ def to_rows(
         str(g) if g not in (None, "") else a.entry.name
         for g, a in zip(grouped, embedded.accepted, strict=True)
     ]
-    items, next_id = _item_ids(names, base, reserve)
+    items, next_id = _item_ids(names, id_of, floor, reserve)
     entries = []
     for accepted, fields, item_name in zip(embedded.accepted, fields_of, names, strict=True):
         entry = {
@@ -60,13 +65,16 @@ def to_rows(
 
 def _vectors(embedded: Embedded, thumb_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Backbone vectors, thumbnails and (when every row has them) mirrored vectors, row for row:
-    from this job's forward passes, or from the cache's catalog."""
-    n, cached = len(embedded.accepted), embedded.cache.catalog
+    from this job's forward passes, or from the vector cache."""
+    n = len(embedded.accepted)
     new_rows = [i for i, a in enumerate(embedded.accepted) if a.cached is None]
     old_rows = [i for i, a in enumerate(embedded.accepted) if a.cached is not None]
-    dim = (embedded.vectors[0] if embedded.vectors else cached.backbone).shape[1]  # type: ignore[union-attr]
+    found = [a.cached for a in embedded.accepted if a.cached is not None]
+    old_b, old_t, old_m = embedded.cache.gather(found, thumb_dim)
+    dim = embedded.vectors[0].shape[1] if embedded.vectors else old_b.shape[1]
     backbone, thumbs = np.zeros((n, dim), np.float32), np.zeros((n, thumb_dim), np.float32)
-    with_mirror = bool(embedded.mirrored) or not new_rows
+    # Mirrored vectors only when every row has one: the head trains without them otherwise.
+    with_mirror = (bool(embedded.mirrored) or not new_rows) and (old_m is not None or not old_rows)
     mirrored = np.zeros((n, dim), np.float32) if with_mirror else None
     if new_rows:
         backbone[new_rows] = np.concatenate(embedded.vectors)
@@ -75,30 +83,20 @@ def _vectors(embedded: Embedded, thumb_dim: int) -> tuple[np.ndarray, np.ndarray
         if mirrored is not None and embedded.mirrored:
             mirrored[new_rows] = np.concatenate(embedded.mirrored)
     if old_rows:
-        assert cached is not None
-        source = np.array([embedded.accepted[i].cached for i in old_rows], dtype=np.int64)
-        backbone[old_rows], thumbs[old_rows] = cached.backbone[source], cached.thumbs[source]
-        if mirrored is not None and cached.mirrored is None:
-            mirrored = None  # not every row has one: the head trains without mirrored copies
-        elif mirrored is not None:
-            mirrored[old_rows] = cached.mirrored[source]  # type: ignore[index]
+        backbone[old_rows], thumbs[old_rows] = old_b, old_t
+        if mirrored is not None and old_m is not None:
+            mirrored[old_rows] = old_m
     return backbone, thumbs, mirrored
 
 
-def _item_ids(names: list[str], base: Catalog | None, reserve: Reserve) -> tuple[np.ndarray, int]:
+def _item_ids(names: list[str], id_of: IdOf, floor: int, reserve: Reserve) -> tuple[np.ndarray, int]:
     """Each row's item id (the base's for a name it holds, a new one otherwise) and the next id."""
-    known = base.item_ids_by_name() if base is not None else {}
-    new_names = list(dict.fromkeys(name for name in names if name not in known))
-    start = reserve(len(new_names), base.next_id if base is not None else 0)
+    known: dict[str, int] = {}
+    for name in dict.fromkeys(names):
+        found = id_of(name)
+        if found is not None:
+            known[name] = found
+    new_names = [name for name in dict.fromkeys(names) if name not in known]
+    start = reserve(len(new_names), floor)
     known.update({name: start + i for i, name in enumerate(new_names)})
     return np.array([known[name] for name in names], dtype=np.int64), start + len(new_names)
-
-
-def rows_kept(rows: Catalog, replaced: set[str]) -> np.ndarray:
-    """The live rows of the items a change keeps (tombstones are dropped: the index is rebuilt);
-    an item named again is replaced whole, all its photos."""
-    return np.array([r for r in rows.live() if rows.item_name(r) not in replaced], dtype=np.int64)
-
-
-def live_ids(rows: Catalog | None) -> set[int]:
-    return set() if rows is None else {int(i) for i in rows.items[rows.live()]}

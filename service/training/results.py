@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.catalog.ingest import Skipped
+from service.storage.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,4 @@ class ChangeResult:
     evaluation: dict[str, Any] = field(default_factory=dict)
     rebases: int = 0
     runtime: dict[str, Any] = field(default_factory=dict)  # which runtime serves it, and why
+    manifest: Manifest | None = None  # the version published (None when the change published none)

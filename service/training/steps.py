@@ -1,5 +1,5 @@
-"""The pipeline's shared steps: find the encoder, plan the zip, fine-tune, stage a version's files,
-publish it; and the scratch folder a job works in."""
+"""The pipeline's shared steps: find the encoder, plan the zip, fine-tune, stage the converted
+encoder, publish and what follows it; and the scratch folder a job works in."""
 
 from __future__ import annotations
 
@@ -8,23 +8,27 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from service import encoders
-from service.catalog import images, ingest, rows
-from service.catalog.head import HEAD_FILES, Head
+from service.catalog import images, ingest
 from service.catalog.rows import Catalog
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec, HeadConfig
 from service.core.errors import BadImageError
-from service.encoders import convert, litert
-from service.storage import Storage, encoder_mirror, versions
+from service.encoders import convert
+from service.storage import Storage, encoder_mirror, gc, versions
+from service.storage.blobs import BlobCache
+from service.storage.manifest import BlobRef
 from service.training import finetune
 from service.training.embedding import mirror_thumbs
 from service.training.results import Progress, ProgressFn
+from service.training.stage import Stager
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,11 @@ def work_folder(settings: Settings, endpoint: str, kind: str = "train") -> tempf
     work_root = settings.cache_dir / "work"
     work_root.mkdir(parents=True, exist_ok=True)
     return tempfile.TemporaryDirectory(dir=work_root, prefix=f"{os.getpid()}-{endpoint}-{kind}-")
+
+
+def blob_cache(storage: Storage, settings: Settings) -> BlobCache:
+    """This instance's blob cache (shared with its web workers)."""
+    return BlobCache(storage, settings.cache_dir)
 
 
 def plan_zip(zf: zipfile.ZipFile, settings: Settings) -> ingest.ZipPlan:
@@ -73,22 +82,16 @@ def fine_tune(mode: str, catalog: Catalog, config: HeadConfig, report: ProgressF
     return outcome
 
 
-def stage_rows(catalog: Catalog, head: Head | None, staging: Path, n_trees: int, report: ProgressFn) -> None:
-    """Write the version's row files and a new index over `catalog.vectors` into `staging`."""
-    report(Progress("index", 0, catalog.count))
-    rows.write(catalog, staging, n_trees, head=head is not None)
-
-
 def stage_converted(
-    encoder: convert.Verified, staging: Path, settings: Settings, job_images: Path
-) -> dict[str, Any]:
-    """Put the converted model (if it passed every check) with the version; its `runtime` entry.
+    encoder: convert.Verified, stager: Stager, settings: Settings, job_images: Iterable[Path]
+) -> tuple[dict[str, Any], BlobRef | None]:
+    """The converted model (if it passed every check) as a file of the version; its `runtime` entry.
 
-    A job whose images were all reused from the catalog embedded nothing, so nothing was checked
-    yet: the job's own images (`job_images`, their originals) are checked here."""
+    A job whose images were all reused from the cache embedded nothing, so nothing was checked yet:
+    its own images (`job_images`, their originals) are checked here."""
     if encoder.converted is not None and encoder.checked < convert.CHECK_IMAGES:
         inputs = []
-        for path in sorted(p for p in job_images.glob("*") if p.is_file())[: convert.CHECK_IMAGES]:
+        for path in sorted(job_images)[: convert.CHECK_IMAGES]:
             try:
                 inputs.append(
                     images.prepare(path.read_bytes(), encoder.input_size, settings.max_image_pixels)[0]
@@ -98,47 +101,31 @@ def stage_converted(
         if inputs:
             encoder.check(np.stack(inputs))
     model = convert.model_path(encoder, settings.cache_dir)
-    if model is not None:
-        # A copy, not a link: the instance's cache file must never be the published one.
-        shutil.copyfile(model, staging / litert.MODEL_FILE)
-    return encoder.runtime
+    if model is None:
+        return encoder.runtime, None
+    # A copy, not the cache's file: a local store links what it publishes, and the instance's
+    # cache file must never be the published one.
+    copy = stager.folder / "encoder.tflite"
+    shutil.copyfile(model, copy)
+    return encoder.runtime, stager.file(copy)
 
 
-def head_manifest(head: Head | None) -> dict[str, Any] | None:
-    if head is None:
-        return None
-    return {
-        "files": list(HEAD_FILES),
-        "fingerprint": head.fingerprint,
-        "feature_dim": head.dim,
-        "labels": head.definition["labels"],
-        "thumbnail": head.thumbnail,
-    }
+def index_manifest(spec: EndpointSpec) -> dict[str, Any]:
+    """How the version's index is built: the manifest's metric, n_trees, search_k."""
+    return {"metric": spec.metric, "n_trees": spec.n_trees, "search_k": spec.search_k}
 
 
-def index_manifest(spec: EndpointSpec, dim: int) -> dict[str, Any]:
-    """The manifest's description of how the version's index was built."""
-    return {"dim": dim, "metric": spec.metric, "n_trees": spec.n_trees, "search_k": spec.search_k}
-
-
-def discard(storage: Storage, endpoint: str, version: str) -> None:
-    """Best effort: remove the files of a version whose publish failed (unless it became current)."""
-    try:
-        if versions.read_current(storage, endpoint).version != version:
-            storage.delete_prefix(versions.version_prefix(endpoint, version))
-    except Exception as exc:  # the store may be what failed; prune_versions cleans up later
-        log.warning("could not remove the unpublished version %s of %s: %s", version, endpoint, exc)
-
-
-def prune(storage: Storage, endpoint: str, keep: int) -> None:
-    """Best effort: the new version is live; a failure to delete old ones must not fail the job."""
-    try:
-        versions.prune_versions(storage, endpoint, keep)
-    except Exception as exc:
-        log.warning("could not delete old versions of %s: %s", endpoint, exc)
+def label_counts(entries: Iterable[dict[str, Any]]) -> dict[str, int]:
+    labels = Counter(e["label"] for e in entries if e.get("label") is not None)
+    return dict(sorted(labels.items()))
 
 
 def published(storage: Storage, settings: Settings, endpoint: str, version: str) -> None:
-    """After CURRENT names `version`: tell this instance's workers, then drop old versions."""
+    """After CURRENT names `version`: tell this instance's workers, drop the versions past
+    KEEP_VERSIONS and the files only they held (best effort: the version is live already)."""
     versions.note_published(settings.cache_dir, endpoint, version)
-    prune(storage, endpoint, settings.keep_versions)
+    try:
+        pruned = versions.prune_versions(storage, endpoint, settings.keep_versions)
+        gc.collect_pruned(storage, endpoint, pruned)
+    except Exception as exc:
+        log.warning("could not delete old versions of %s: %s", endpoint, exc)

@@ -1,23 +1,58 @@
 """A full train: every image of a zip becomes the catalog of a new version (plan, embed, merge,
-fine-tune, stage, publish). Images a published version holds already are not embedded again."""
+fine-tune, stage, publish). Images a retained version holds already are not embedded again, and
+changes published while the train ran are applied to its result rather than lost."""
 
 from __future__ import annotations
 
 import zipfile
-from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.catalog import images, ingest, rows
-from service.catalog.rows import Catalog, VectorCache
+import numpy as np
+
+from service.catalog import images, ingest
+from service.catalog.rows import Catalog
+from service.catalog.segment import to_catalog
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
-from service.core.errors import TrainingError
+from service.core.errors import ConflictError, TrainingError
 from service.encoders import convert
-from service.storage import Storage, versions
+from service.storage import Storage, blobs, versions
+from service.storage.blobs import BlobCache
+from service.storage.manifest import BlobRef, Manifest
 from service.training import embedding, finetune, merge, steps
+from service.training.base import Base, read_base
+from service.training.cache import VectorCache
+from service.training.diff import diff
 from service.training.results import Progress, ProgressFn, TrainResult, quiet
+from service.training.stage import Stager
+
+# A train rebuilt this many times in a row (each time a change was published meanwhile) gives up.
+MAX_REBASES = 10
+
+
+@dataclass
+class _Run:
+    """What one train knows as it goes."""
+
+    spec: EndpointSpec
+    storage: Storage
+    settings: Settings
+    cache: BlobCache
+    version: str
+    fine_tune: str
+    report: ProgressFn
+    zip_name: str
+    encoder: convert.Verified | None = None
+    plan: ingest.ZipPlan | None = None
+    embedded: embedding.Embedded = field(default_factory=embedding.Embedded)
+    outcome: finetune.Outcome | None = None
+
+    @property
+    def thumb_dim(self) -> int:
+        return 3 * self.spec.head.thumbnail**2
 
 
 def train(
@@ -30,143 +65,228 @@ def train(
     fine_tune: str = "auto",
 ) -> TrainResult:
     """Embed every image in the zip, fine-tune a head if the labels allow, index, and publish."""
-    report = on_progress or quiet
-    version = version or versions.new_version_id()
-    report(Progress("ingest", 0, 0))
-    with steps.work_folder(settings, spec.name) as tmp, ingest.open_zip(zip_path) as zf:
-        staging = Path(tmp)
-        plan = steps.plan_zip(zf, settings)
-        encoder = steps.converted_encoder(steps.load_encoder(spec, settings, storage), settings, report)
-        embedded, base = _embed(zf, plan, staging, encoder, spec, settings, storage, fine_tune, report)
-        catalog = merge.to_rows(
-            embedded, plan, base, 3 * spec.head.thumbnail**2, merge.reserver(storage, spec.name)
-        )
-        outcome = _fine_tune(fine_tune, catalog, spec, report)
-        runtime = _stage(catalog, outcome, encoder, staging, spec, settings, report)
-        counts = _counts(plan, catalog, embedded)
-        manifest = _manifest(spec, encoder, runtime, outcome, fine_tune, catalog, counts, zip_path, version)
-        manifest = _publish(storage, spec.name, version, staging, manifest, report)
-    steps.published(storage, settings, spec.name, version)
-    skipped = [*plan.skipped, *embedded.skipped]
-    return TrainResult(version, catalog.count, counts, skipped, manifest, outcome.evaluation, runtime)
-
-
-def _embed(
-    zf: zipfile.ZipFile,
-    plan: ingest.ZipPlan,
-    staging: Path,
-    encoder: convert.Verified,
-    spec: EndpointSpec,
-    settings: Settings,
-    storage: Storage,
-    fine_tune: str,
-    report: ProgressFn,
-) -> tuple[embedding.Embedded, Catalog | None]:
-    """Embed the zip's images, reusing the current version's vectors (same encoder, same bytes);
-    also the current version's rows, whose item ids the train keeps for names it finds again."""
-    wants_head = finetune.plan(fine_tune, [e.label for e in plan.entries], spec.head)
-    thumb_dim = 3 * spec.head.thumbnail**2
-    base, reusable = rows.current_catalog(storage, spec.name, encoder.fingerprint, thumb_dim)
-    head_config = spec.head if wants_head else None
-    embedded = embedding.embed(
-        zf,
-        plan,
-        staging,
-        encoder,
+    run = _Run(
+        spec,
+        storage,
         settings,
-        head_config,
-        spec.head.thumbnail,
-        report,
-        VectorCache.of(reusable),
+        steps.blob_cache(storage, settings),
+        version or versions.new_version_id(),
+        fine_tune,
+        on_progress or quiet,
+        zip_path.name,
     )
-    if not embedded.accepted:
-        skipped = [*plan.skipped, *embedded.skipped]
+    run.report(Progress("ingest", 0, 0))
+    with (
+        blobs.lease(storage, spec.name, settings.job_max_s + 600),
+        steps.work_folder(settings, spec.name) as tmp,
+        ingest.open_zip(zip_path) as zf,
+    ):
+        run.plan = steps.plan_zip(zf, settings)
+        run.encoder = steps.converted_encoder(
+            steps.load_encoder(spec, settings, storage), settings, run.report
+        )
+        base = read_base(storage, spec.name, run.cache, spec.search_k)
+        _embed(run, zf, Path(tmp))
+        catalog = merge.to_rows(
+            run.embedded,
+            run.plan,
+            _id_of(base),
+            base.manifest.next_id if base else 0,
+            run.thumb_dim,
+            merge.reserver(storage, spec.name),
+        )
+        run.outcome = _fine_tune(run, catalog)
+        manifest = _publish(run, catalog, base, Path(tmp))
+    steps.published(storage, settings, spec.name, run.version)
+    return TrainResult(
+        run.version,
+        manifest.rows,
+        _counts(run, manifest),
+        _skipped(run),
+        manifest.to_json(),
+        run.outcome.evaluation,
+        dict(manifest.runtime),
+    )
+
+
+def _id_of(base: Base | None) -> merge.IdOf:
+    """The item id a name has in `base`: a train keeps the ids of the names it finds again."""
+
+    def id_of(name: str) -> int | None:
+        found = base.view.named_rows(name) if base is not None else None
+        return None if found is None else int(base.view.segments[found.segment].items[found.rows[0]])  # type: ignore[union-attr]
+
+    return id_of
+
+
+def _embed(run: _Run, zf: zipfile.ZipFile, folder: Path) -> None:
+    """Embed the zip's images; the retained versions' vectors stand in for images they hold."""
+    assert run.plan is not None and run.encoder is not None
+    wants_head = finetune.plan(run.fine_tune, [e.label for e in run.plan.entries], run.spec.head)
+    cache = VectorCache.of_versions(
+        run.storage, run.spec.name, run.cache, run.encoder.fingerprint, run.thumb_dim
+    )
+    head_config = run.spec.head if wants_head else None
+    run.embedded = embedding.embed(
+        zf,
+        run.plan,
+        folder,
+        run.encoder,
+        run.settings,
+        head_config,
+        run.spec.head.thumbnail,
+        run.report,
+        cache,
+    )
+    if not run.embedded.accepted:
+        skipped = _skipped(run)
         raise TrainingError(
             f"the zip holds no usable image ({len(skipped)} files skipped; "
             f"images must be {images.SUPPORTED})",
             skipped,
         )
-    return embedded, base
 
 
-def _fine_tune(mode: str, catalog: Catalog, spec: EndpointSpec, report: ProgressFn) -> finetune.Outcome:
+def _skipped(run: _Run) -> list[ingest.Skipped]:
+    return [*(run.plan.skipped if run.plan else []), *run.embedded.skipped]
+
+
+def _fine_tune(run: _Run, catalog: Catalog) -> finetune.Outcome:
     """A head, when the mode and the labels call for one (its vectors replace the backbone's)."""
-    if not finetune.plan(mode, [e["label"] for e in catalog.entries], spec.head):
-        return finetune.not_trained(mode, spec.head)
-    outcome = steps.fine_tune(mode, catalog, spec.head, report)
+    if not finetune.plan(run.fine_tune, [e["label"] for e in catalog.entries], run.spec.head):
+        return finetune.not_trained(run.fine_tune, run.spec.head)
+    outcome = steps.fine_tune(run.fine_tune, catalog, run.spec.head, run.report)
     if outcome.head is not None:
         catalog.vectors = outcome.head.embed(catalog.backbone, catalog.thumbs)
     return outcome
 
 
-def _stage(
-    catalog: Catalog,
-    outcome: finetune.Outcome,
-    encoder: convert.Verified,
-    staging: Path,
-    spec: EndpointSpec,
-    settings: Settings,
-    report: ProgressFn,
-) -> dict[str, Any]:
-    """The version's files in `staging`: rows, index, head, converted encoder; its runtime entry."""
-    steps.stage_rows(catalog, outcome.head, staging, spec.n_trees, report)
-    if outcome.head is not None:
-        outcome.head.save(staging)
-    return steps.stage_converted(encoder, staging, settings, staging / "images")
+def _publish(run: _Run, catalog: Catalog, base: Base | None, work: Path) -> Manifest:
+    """Stage and publish; if changes to the same catalog were published meanwhile, apply them to
+    this train's rows and publish again on the version that carries them."""
+    run.report(Progress("publish", 0, 1))
+    for attempt in range(MAX_REBASES):
+        stager = Stager(work / f"stage-{attempt}")
+        manifest = _stage(run, catalog, base, stager)
+        pointer = base.pointer if base else versions.Pointer(None, None)
+        known = base.known() | _images_held(run, base) if base else set()
+        try:
+            versions.publish(run.storage, manifest, stager.files, known, base=pointer, change=False)
+        except versions.RebaseError:
+            versions.withdraw(run.storage, run.spec.name, run.version)
+            newer = read_base(run.storage, run.spec.name, run.cache, run.spec.search_k)
+            if base is None or newer is None:
+                raise
+            catalog = _rebase(run, catalog, base, newer)
+            base = newer
+            continue
+        except BaseException:
+            versions.withdraw(run.storage, run.spec.name, run.version)
+            raise
+        run.report(Progress("publish", 1, 1))
+        return manifest
+    raise ConflictError(
+        f"{run.spec.name} changed {MAX_REBASES} times while this train published; train again"
+    )
 
 
-def _counts(plan: ingest.ZipPlan, catalog: Catalog, embedded: embedding.Embedded) -> dict[str, Any]:
-    labels = Counter(e["label"] for e in catalog.entries if e["label"] is not None)
-    skipped = len(plan.skipped) + len(embedded.skipped)
-    return {
-        "files": len(plan.entries) + len(plan.skipped),
-        "images": catalog.count,
-        "embedded": embedded.embedded,
-        "reused": catalog.count - embedded.embedded,
-        "skipped": skipped,
-        "labels": dict(sorted(labels.items())),
-        "metadata_file": plan.metadata_file,
-        "metadata_matched": len(plan.metadata),
-        "metadata_unmatched": plan.metadata_unmatched,
-    }
+def _images_held(run: _Run, base: Base) -> set[str]:
+    """The zip's images the base version holds already (not uploaded again)."""
+    return {a.sha256 for a in run.embedded.accepted if base.view.find_image(a.sha256) is not None}
+
+
+def _stage(run: _Run, catalog: Catalog, base: Base | None, stager: Stager) -> Manifest:
+    """The version's files: its images, one segment of every row, the head, the converted encoder."""
+    assert run.encoder is not None and run.outcome is not None
+    images_dir = stager.folder.parent / "images"
+    for accepted in run.embedded.accepted:
+        stager.image(images_dir / Path(accepted.image).name, accepted.sha256)
+    run.report(Progress("index", 0, catalog.count))
+    segment = stager.segment(catalog, run.spec.n_trees, head=run.outcome.head is not None)
+    head = stager.head(run.outcome.head) if run.outcome.head is not None else None
+    job_images = [images_dir / Path(a.image).name for a in run.embedded.accepted]
+    runtime, model = steps.stage_converted(run.encoder, stager, run.settings, job_images)
+    return _manifest(run, catalog, segment, head, runtime, model, base)
 
 
 def _manifest(
-    spec: EndpointSpec,
-    encoder: convert.Verified,
-    runtime: dict[str, Any],
-    outcome: finetune.Outcome,
-    fine_tune: str,
+    run: _Run,
     catalog: Catalog,
-    counts: dict[str, Any],
-    zip_path: Path,
-    version: str,
-) -> dict[str, Any]:
+    segment: Any,
+    head: Any,
+    runtime: dict[str, Any],
+    model: BlobRef | None,
+    base: Base | None,
+) -> Manifest:
+    assert run.encoder is not None and run.outcome is not None
+    live = catalog.items[catalog.items >= 0]
+    return Manifest(
+        endpoint=run.spec.name,
+        version=run.version,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        lineage=run.version,
+        base=base.version if base else None,
+        encoder={**run.encoder.describe(), "handle": run.spec.encoder.source},
+        runtime=runtime,
+        dim=int(catalog.vectors.shape[1]),
+        **steps.index_manifest(run.spec),
+        count=int(len(np.unique(live))),
+        rows=catalog.count,
+        next_id=catalog.next_id,
+        labels=steps.label_counts(_first_rows(catalog)),
+        segments=(segment,),
+        encoder_model=model,
+        head=head,
+        fine_tune=run.fine_tune,
+        evaluation=run.outcome.evaluation,
+        change={
+            "kind": "train",
+            "embedded": run.embedded.embedded,
+            "reused": catalog.count - run.embedded.embedded,
+        },
+        source_zip=run.zip_name,
+    )
+
+
+def _first_rows(catalog: Catalog) -> list[dict[str, Any]]:
+    """One entry per item (an item's label counts once, whatever its number of photos)."""
+    _, first = np.unique(catalog.items, return_index=True)
+    return [catalog.entries[int(r)] for r in sorted(first)]
+
+
+def _rebase(run: _Run, catalog: Catalog, before: Base, after: Base) -> Catalog:
+    """This train's rows with the changes published since `before` applied: deletes and edits where
+    the item is still there, adds kept unless the train's zip names the same item."""
+    changes = diff(before.view, after.view)
+    keep = np.array([int(i) not in changes.deleted for i in catalog.items], dtype=bool)
+    catalog = catalog.take(np.flatnonzero(keep))
+    for r in range(catalog.count):
+        edit = changes.edited.get(int(catalog.items[r]))
+        if edit is not None:
+            catalog.entries[r] = {**catalog.entries[r], **edit}
+    names = {catalog.item_name(r) for r in range(catalog.count)}
+    head = run.outcome.head if run.outcome else None
+    for found in changes.added.values():
+        segment = after.view.segments[found.segment]
+        rows = to_catalog(segment, found.rows, after.manifest.head is not None, catalog.next_id)
+        if rows.item_name(0) in names:
+            continue  # the zip names this item: the train's image replaces the change's
+        rows.vectors = head.embed(rows.backbone, rows.thumbs) if head is not None else rows.backbone
+        catalog = catalog.extend(rows)
+    catalog.next_id = max(catalog.next_id, after.manifest.next_id)
+    return catalog
+
+
+def _counts(run: _Run, manifest: Manifest) -> dict[str, Any]:
+    assert run.plan is not None
     return {
-        "encoder": {**encoder.describe(), "handle": spec.encoder.source},
-        "runtime": runtime,
-        "head": steps.head_manifest(outcome.head),
-        "fine_tune": fine_tune,
-        "evaluation": outcome.evaluation,
-        **steps.index_manifest(spec, int(catalog.vectors.shape[1])),
-        **rows.manifest_summary(catalog),
-        "labels": counts["labels"],
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source_zip": zip_path.name,
-        "change": {"kind": "train", "embedded": counts["embedded"], "reused": counts["reused"]},
-        "lineage": version,
+        "files": len(run.plan.entries) + len(run.plan.skipped),
+        "images": manifest.rows,
+        "embedded": run.embedded.embedded,
+        "reused": manifest.rows - run.embedded.embedded,
+        "skipped": len(_skipped(run)),
+        "labels": dict(manifest.labels),
+        "metadata_file": run.plan.metadata_file,
+        "metadata_matched": len(run.plan.metadata),
+        "metadata_unmatched": run.plan.metadata_unmatched,
     }
-
-
-def _publish(
-    storage: Storage, endpoint: str, version: str, staging: Path, manifest: dict[str, Any], report: ProgressFn
-) -> dict[str, Any]:
-    """Upload the staged version and make it current ("the newest upload wins", versions.publish)."""
-    report(Progress("publish", 0, 1))
-    try:
-        published = versions.publish(storage, endpoint, version, staging, manifest)
-    except Exception:
-        steps.discard(storage, endpoint, version)
-        raise
-    report(Progress("publish", 1, 1))
-    return published

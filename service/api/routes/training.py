@@ -90,6 +90,16 @@ def created(name: str, job: Job) -> Created:
     return {"job_id": job.id, "status_url": status_url}, 202, {"Location": status_url}
 
 
+@blp.route("/<endpoint:name>/compact", methods=["POST"])
+@requires("write")
+@blp.response(202, JobCreatedSchema)
+@blp.doc(responses=error_responses(404, 409))
+def compact(name: str) -> Created:
+    """Merge the endpoint's small segments (and rewrite those with many deleted rows) now, as a job;
+    409 when there is nothing to merge. Changes queue one by themselves when it is due."""
+    return created(name, svc().compact(name))
+
+
 @blp.route("/<endpoint:name>/uploads", methods=["POST"])
 @requires("write")
 @blp.response(201, UploadSchema)

@@ -1,0 +1,114 @@
+"""Searching a version's segments: each segment's best k items (Annoy for an indexed segment, an exact
+scan for a small one; deleted rows and filtered-out rows passed over), merged by score.
+
+Every segment answers for its own rows only, and an item's rows all live in one segment, so the
+merged top k is as good as each segment's own search: the small segments that changes add are
+searched exactly and cost the recall nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.catalog.index import Neighbour, best
+from service.catalog.segment import Segment
+from service.catalog.view import View
+from service.serving import filters
+
+
+@dataclass(frozen=True, order=True)
+class Hit:
+    """A row that matched: ordered by score (best first when sorted in reverse)."""
+
+    score: float
+    segment: int
+    row: int
+
+
+# mask(segment index, segment) -> the rows that may match (None: every live row)
+MaskFn = Callable[[int, Segment], np.ndarray]
+
+
+def search(
+    view: View, vector: np.ndarray, k: int, mask: MaskFn | None = None, exclude: int | None = None
+) -> list[Hit]:
+    """The k best items of the version for `vector`, best first, each as its best-matching row."""
+    hits: list[Hit] = []
+    for index, segment in enumerate(view.segments):
+        allowed = _allowed(segment, index, mask, exclude)
+        for n in segment_search(segment, vector, k, allowed):
+            hits.append(Hit(n.score, index, n.id))
+    return heapq.nlargest(k, hits)
+
+
+def _allowed(segment: Segment, index: int, mask: MaskFn | None, exclude: int | None) -> np.ndarray | None:
+    """The rows that may match in this segment; None when every row may (the fast path)."""
+    rows_ok = None if mask is None else mask(index, segment)
+    if rows_ok is None and exclude is None and not _any_dead(segment):
+        return None
+    dead = segment.deleted
+    if exclude is not None:
+        dead = dead | (np.asarray(segment.items) == exclude)
+    return ~dead if rows_ok is None else rows_ok & ~dead
+
+
+def _any_dead(segment: Segment) -> bool:
+    cached = segment.__dict__.get("_any_dead")
+    if cached is None:
+        cached = segment.__dict__["_any_dead"] = bool(segment.deleted.any())
+    return cached
+
+
+def one_row_per_item(segment: Segment) -> bool:
+    return _groups(segment) is None
+
+
+def segment_search(
+    segment: Segment, vector: np.ndarray, k: int, allowed: np.ndarray | None
+) -> list[Neighbour]:
+    """The best row of each of the segment's k best items among `allowed` rows (None: all)."""
+    groups = _groups(segment)
+    if segment.index is None:  # a small segment: an exact scan of its vectors
+        rows = np.arange(segment.rows) if allowed is None else np.flatnonzero(allowed)
+        if not len(rows):
+            return []
+        scores = np.asarray(segment.vectors[rows], dtype=np.float32) @ np.asarray(vector, dtype=np.float32)
+        return best(rows, scores.astype(np.float64), k, groups)
+    if allowed is None and groups is None:
+        return segment.index.query(vector, k)
+    mask = np.ones(segment.rows, dtype=bool) if allowed is None else allowed
+    return segment.index.query_masked(vector, k, mask, groups)
+
+
+def _groups(segment: Segment) -> np.ndarray | None:
+    """Row -> item when the segment holds items with several rows (photos), else None."""
+    cached = segment.__dict__.get("_groups", False)
+    if cached is False:
+        items = np.asarray(segment.items)
+        cached = None if len(np.unique(items)) == segment.rows else items
+        segment.__dict__["_groups"] = cached
+    return cached
+
+
+def filter_mask(flt: filters.Filter) -> MaskFn:
+    """The rows of each segment a filter keeps, with this version's edits applied."""
+
+    def mask(index: int, segment: Segment) -> np.ndarray:
+        columns = segment.__dict__.setdefault("_columns", filters.ColumnCache())
+        kept = filters.evaluate(flt, segment.entries, columns)
+        for row in segment.overlay:  # rows this version edited: judged on their edited entry
+            kept[row] = filters.matches(flt, segment.entry(row))
+        return kept
+
+    return mask
+
+
+def entry_of(view: View, hit: Hit) -> tuple[int, dict[str, Any], str]:
+    """A hit's item id, entry (edits applied) and image name."""
+    segment = view.segments[hit.segment]
+    return int(segment.items[hit.row]), segment.entry(hit.row), segment.names[hit.row]
