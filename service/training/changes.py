@@ -94,10 +94,18 @@ class AddItems:
         keeps_mirrored = first is not None and first.rows.mirrored is not None
         head_config = self.spec.head if self.retrain or keeps_mirrored else None
         cache = VectorCache.of(first.rows if first else None)
+        thumbnail = self.spec.head.thumbnail
         self.embedded = embedding.embed(
-            zf, self.plan, self.embed_dir, self.encoder, self.settings, head_config,
-            self.spec.head.thumbnail, self.report, cache,
-        )  # fmt: skip
+            zf,
+            self.plan,
+            self.embed_dir,
+            self.encoder,
+            self.settings,
+            head_config,
+            thumbnail,
+            self.report,
+            cache,
+        )
         if not self.embedded.accepted:
             raise TrainingError(
                 f"the zip holds no usable image ({len(self.skipped)} files skipped)", self.skipped
@@ -162,9 +170,14 @@ class AddItems:
         return carried
 
     def manifest(
-        self, base: Base | None, merged: Catalog, new: Catalog, head: Head | None,
-        evaluation: dict[str, Any], runtime: dict[str, Any],
-    ) -> dict[str, Any]:  # fmt: skip
+        self,
+        base: Base | None,
+        merged: Catalog,
+        new: Catalog,
+        head: Head | None,
+        evaluation: dict[str, Any],
+        runtime: dict[str, Any],
+    ) -> dict[str, Any]:
         before = base.manifest if base else {}
         items = sorted({int(i) for i in new.items})
         return {
@@ -172,7 +185,9 @@ class AddItems:
             "encoder": {**self.encoder.describe(), "handle": self.spec.encoder.source},
             "runtime": runtime,
             "head": steps.head_manifest(head),
-            "fine_tune": self.fine_tune if self.retrain else before.get("fine_tune", self.fine_tune),
+            "fine_tune": self.fine_tune
+            if self.retrain
+            else (before.get("fine_tune") if base else self.fine_tune),
             "evaluation": evaluation or before.get("evaluation", {}),
             **steps.index_manifest(self.spec, int(merged.vectors.shape[1])),
             **summary(merged),

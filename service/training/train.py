@@ -37,11 +37,12 @@ def train(
         staging = Path(tmp)
         plan = steps.plan_zip(zf, settings)
         encoder = steps.converted_encoder(steps.load_encoder(spec, settings, storage), settings, report)
-        embedded, base = _embed(zf, plan, staging, encoder, spec, settings, storage, fine_tune, report)
+        wants_head = finetune.plan(fine_tune, [e.label for e in plan.entries], spec.head)
+        embedded, base = _embed(zf, plan, staging, encoder, spec, settings, storage, wants_head, report)
         catalog = merge.to_rows(
             embedded, plan, base, 3 * spec.head.thumbnail**2, merge.reserver(storage, spec.name)
         )
-        outcome = _fine_tune(fine_tune, catalog, spec, report)
+        outcome = _fine_tune(fine_tune, wants_head, catalog, spec, report)
         runtime = _stage(catalog, outcome, encoder, staging, spec, settings, report)
         counts = _counts(plan, catalog, embedded)
         manifest = _manifest(spec, encoder, runtime, outcome, fine_tune, catalog, counts, zip_path, version)
@@ -59,12 +60,11 @@ def _embed(
     spec: EndpointSpec,
     settings: Settings,
     storage: Storage,
-    fine_tune: str,
+    wants_head: bool,
     report: ProgressFn,
 ) -> tuple[embedding.Embedded, Catalog | None]:
     """Embed the zip's images, reusing the current version's vectors (same encoder, same bytes);
     also the current version's rows, whose item ids the train keeps for names it finds again."""
-    wants_head = finetune.plan(fine_tune, [e.label for e in plan.entries], spec.head)
     thumb_dim = 3 * spec.head.thumbnail**2
     base, reusable = rows.current_catalog(storage, spec.name, encoder.fingerprint, thumb_dim)
     head_config = spec.head if wants_head else None
@@ -89,9 +89,12 @@ def _embed(
     return embedded, base
 
 
-def _fine_tune(mode: str, catalog: Catalog, spec: EndpointSpec, report: ProgressFn) -> finetune.Outcome:
-    """A head, when the mode and the labels call for one (its vectors replace the backbone's)."""
-    if not finetune.plan(mode, [e["label"] for e in catalog.entries], spec.head):
+def _fine_tune(
+    mode: str, wanted: bool, catalog: Catalog, spec: EndpointSpec, report: ProgressFn
+) -> finetune.Outcome:
+    """A head, when the mode and the zip's labels call for one (its vectors replace the
+    backbone's); finetune.fine_tune decides on the images that decoded."""
+    if not wanted:
         return finetune.not_trained(mode, spec.head)
     outcome = steps.fine_tune(mode, catalog, spec.head, report)
     if outcome.head is not None:
