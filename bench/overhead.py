@@ -29,7 +29,10 @@ PARTS = (
     ("decode + resize (PIL)", ("PIL/", "catalog/images.py")),
     ("head (NumPy)", ("catalog/head.py", "core/vectors.py")),
     ("index (Annoy)", ("annoy", "catalog/index.py")),
-    ("results, maps, JSON", ("serving/query.py", "jsonmap.py", "json/", "filters.py", "api/common.py")),
+    (
+        "results, maps, JSON",
+        ("serving/query.py", "jsonmap.py", "json/", "filters.py", "api/bodies.py", "api/rules.py"),
+    ),
     ("metrics, logs", ("prometheus_client", "core/metrics.py", "logging/", "core/logs.py")),
     ("Flask, Werkzeug, marshmallow", ("flask/", "werkzeug/", "marshmallow/", "webargs/", "flask_smorest/")),
     ("service HTTP layer", ("service/api/",)),

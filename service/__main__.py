@@ -103,6 +103,9 @@ def train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     service = _service()
+    if args.endpoint not in service.specs:
+        print(f"error: no endpoint {args.endpoint!r} (have: {', '.join(service.specs)})", file=sys.stderr)
+        return 2
     bars: dict[str, tqdm] = {}
 
     def progress(p: Any) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import request
 from marshmallow import EXCLUDE, Schema, ValidationError
@@ -68,6 +68,14 @@ class BodyParser(FlaskParser):
 
     def load_json(self, req: Any, schema: Schema) -> Any:
         return json_object()
+
+    def handle_error(self, error: ValidationError, req: Any, schema: Schema, **kwargs: Any) -> NoReturn:
+        """A body's field errors as {"field": [...]}, like every hand-read body and form; those of a
+        query string stay under "query" (as webargs reports them)."""
+        messages = error.normalized_messages()
+        if isinstance(messages, dict) and set(messages) == {"json"}:
+            raise InvalidParameterError("invalid parameters", errors=messages["json"])
+        super().handle_error(error, req, schema, **kwargs)
 
 
 def require_multipart(what: str) -> None:

@@ -96,14 +96,15 @@ def _item() -> int:
     return int((request.view_args or {}).get("item_id", -1))
 
 
-def accepts_upload(setting: str) -> Callable[[View], View]:
+def accepts_upload(setting: str, to_disk: bool = False) -> Callable[[View], View]:
     """A route that takes an upload: its body may be as large as the setting `setting` (in MB);
-    every other route reads at most SMALL_BODY."""
+    every other route reads at most SMALL_BODY. `to_disk`: the upload is written to this
+    instance's disk (507 when it is full)."""
 
     def decorate(view: View) -> View:
         view.upload_limit_setting = setting  # type: ignore[attr-defined]
-        # 413 over the limit; 507 when this instance's disk cannot hold the upload.
-        return flask_smorest.Blueprint.doc(responses=error_responses(413, 507))(view)
+        statuses = (413, 507) if to_disk else (413,)
+        return flask_smorest.Blueprint.doc(responses=error_responses(*statuses))(view)
 
     return decorate
 

@@ -96,7 +96,7 @@ class JobSchema(Schema):
     endpoint = fields.String(required=True)
     kind = fields.String(
         validate=validate.OneOf(["train", "add"]),
-        metadata={"description": "train: replace the catalogue (POST /train); add: POST /items"},
+        metadata={"description": "train: replace the catalog (POST /train); add: POST /items"},
     )
     status = fields.String(
         required=True, validate=validate.OneOf(["queued", "running", "succeeded", "failed"])

@@ -79,8 +79,6 @@ def build_service(settings: Settings) -> Service:
         return child.work(settings, specs[endpoint], zip_path, on_progress, version, fine_tune, kind, storage)
 
     bucket = storage.as_bucket()
-    if settings.job_queue_url and bucket is None:
-        raise ValueError("JOB_QUEUE_URL needs an s3:// STORAGE_URI: the worker tier reads the zips there")
 
     def fetch_source(uri: str, path: Path) -> None:
         key = bucket.bucket_key(uri) if bucket else None

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[2]  # service/core/config.py -> the repository
 
@@ -155,6 +156,8 @@ class Settings:
             raise ValueError(f"CONVERTED_MIN_COSINE must be in (0, 1], got {self.converted_min_cosine}")
         if not self.storage_uri:
             raise ValueError("STORAGE_URI is required (e.g. s3://my-bucket/simsvc or file:///srv/data)")
+        if self.job_queue_url and urlparse(self.storage_uri).scheme != "s3":
+            raise ValueError("JOB_QUEUE_URL needs an s3:// STORAGE_URI: the worker tier reads the zips there")
         if self.service_role not in ROLES:
             raise ValueError(f"SERVICE_ROLE must be one of {ROLES}, got {self.service_role!r}")
         if self.query_token and not (self.admin_token or self.endpoint_tokens):

@@ -12,7 +12,9 @@ from service.core.errors import EndpointConfigError
 
 SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 # Names that would shadow the service's own top-level routes.
-RESERVED_NAMES = frozenset({"health", "endpoints", "docs", "openapi.json", "train", "static", "worker"})
+RESERVED_NAMES = frozenset(
+    {"health", "endpoints", "docs", "openapi.json", "train", "static", "worker", "metrics"}
+)
 METRICS = frozenset({"angular"})
 
 

@@ -24,11 +24,11 @@ ENCODER_SECONDS = Histogram(
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
 )
 IMAGES_DECODED = Counter("simsvc_images_decoded_total", "Query images decoded", ["outcome"])
-JOBS = Counter("simsvc_jobs_total", "Training jobs and catalogue adds finished", ["kind", "status"])
+JOBS = Counter("simsvc_jobs_total", "Training jobs and catalog adds finished", ["kind", "status"])
 JOB_SECONDS = Histogram(
     "simsvc_job_seconds", "Duration of jobs", ["kind"], buckets=(1, 5, 15, 60, 300, 900, 3600, 14400)
 )
-# One series per worker and endpoint (versions are not labels: a catalogue that changes every
+# One series per worker and endpoint (versions are not labels: a catalog that changes every
 # hour would add a series an hour): the creation time of the version it serves, Unix seconds.
 # Version ids are that time, so `GET /<endpoint>/versions` maps it back to an id.
 SERVED_VERSION = Gauge(

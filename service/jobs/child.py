@@ -119,7 +119,7 @@ def work(
     kind: str,
     storage: Any = None,
 ) -> Work:
-    """A job's work: train (replace the catalogue) or add items; in whichever process runs it."""
+    """A job's work: train (replace the catalog) or add items; in whichever process runs it."""
     # The spec the worker validated at start-up, not the endpoint file as it is now.
     if storage is None:
         storage = open_storage(

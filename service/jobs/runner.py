@@ -59,7 +59,7 @@ def _now() -> str:
 class Job:
     id: str
     endpoint: str
-    kind: str = "train"  # train: replace the catalogue; add: add or replace items (POST /items)
+    kind: str = "train"  # train: replace the catalog; add: add or replace items (POST /items)
     status: str = "queued"  # queued | running | succeeded | failed
     stage: str | None = None
     done: int = 0

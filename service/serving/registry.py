@@ -368,8 +368,8 @@ class Registry:
             raise EndpointNotFoundError(name, sorted(self.endpoints)) from None
 
     def refresh_all(self) -> None:
-        for runtime in self.endpoints.values():
-            runtime.refresh()
+        for served in self.endpoints.values():
+            served.refresh()
 
     def start(self) -> None:
         """Load every endpoint in the background, then poll CURRENT every watch interval."""

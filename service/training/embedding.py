@@ -110,8 +110,7 @@ def embed(
     report: ProgressFn,
     cache: VectorCache | None = None,
 ) -> Embedded:
-    """Decode and embed every candidate image the cache does not hold; keep the originals in
-    `staging/images/` (the same bytes twice are stored once)."""
+    """Decode and embed every image the cache does not hold; keep the originals in `staging/images/`."""
     out = Embedded(cache=cache or VectorCache())
     total, batch_size = len(plan.entries), settings.encode_batch_size
     (staging / "images").mkdir()
@@ -181,9 +180,12 @@ def _decoded(
     window = max(2 * settings.encode_batch_size, 4)
     pending: deque[_Pending] = deque()
     with ThreadPoolExecutor(max(1, settings.decode_threads), "decode") as pool:
-        decode: Callable[[bytes], Future[tuple[np.ndarray, str]]] = lambda data: pool.submit(  # noqa: E731
-            images.prepare, data, size, settings.max_image_pixels, settings.allowed_formats
-        )
+
+        def decode(data: bytes) -> Future[tuple[np.ndarray, str]]:
+            return pool.submit(
+                images.prepare, data, size, settings.max_image_pixels, settings.allowed_formats
+            )
+
         for entry in entries:
             pending.append(_read(zf, entry, cache, decode))
             if len(pending) >= window:

@@ -74,38 +74,20 @@ def fine_tune(
         if mode == "always":
             plan(mode, labels, config)  # raises with the reason
         return not_trained(mode, config)
-    ids = {name: i for i, name in enumerate(names)}
-    members = np.array([i for i, label in enumerate(labels) if label in ids])
-    label_ids = np.array([ids[labels[i]] for i in members])
-    keep, held = stratified_split(label_ids, config.holdout_fraction, config.seed)
-    db, queries = members[keep], members[held]
-
-    def subset(array: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
-        return None if array is None else array[rows]
-
-    head, summary = train_head(
-        TrainingData(
-            backbone[db],
-            thumbs[db],
-            label_ids[keep],
-            subset(mirrored_backbone, db),
-            subset(mirrored_thumbs, db),
-        ),
-        names,
-        config,
+    split = _split(labels, names, config)
+    db, train_labels = split.members[split.keep], split.label_ids[split.keep]
+    data = TrainingData(
+        backbone[db],
+        thumbs[db],
+        train_labels,
+        None if mirrored_backbone is None else mirrored_backbone[db],
+        None if mirrored_thumbs is None else mirrored_thumbs[db],
     )
-    frozen = evaluate(exact_search(backbone[db]), label_ids[keep], backbone[queries], label_ids[held])
-    tuned_db = head.embed(backbone[db], thumbs[db])
-    tuned = evaluate(
-        exact_search(tuned_db),
-        label_ids[keep],
-        head.embed(backbone[queries], thumbs[queries]),
-        label_ids[held],
-    )
-    better = tuned[DECIDING_METRIC] > frozen[DECIDING_METRIC]
-    kept = mode == "always" or better
+    head, summary = train_head(data, names, config)
+    frozen, tuned = _scores(head, backbone, thumbs, split)
+    kept = mode == "always" or tuned[DECIDING_METRIC] > frozen[DECIDING_METRIC]
     evaluation = {
-        "holdout_queries": int(len(queries)),
+        "holdout_queries": int(len(split.held)),
         "database": int(len(db)),
         "labels": len(names),
         "frozen": frozen,
@@ -115,3 +97,35 @@ def fine_tune(
         "training": summary,
     }
     return Outcome(head if kept else None, evaluation)
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The labelled rows (`members`), their label ids, and which of them are kept or held out."""
+
+    members: np.ndarray
+    label_ids: np.ndarray
+    keep: np.ndarray
+    held: np.ndarray
+
+
+def _split(labels: list[str | None], names: list[str], config: HeadConfig) -> _Split:
+    ids = {name: i for i, name in enumerate(names)}
+    members = np.array([i for i, label in enumerate(labels) if label in ids])
+    label_ids = np.array([ids[labels[i]] for i in members])
+    keep, held = stratified_split(label_ids, config.holdout_fraction, config.seed)
+    return _Split(members, label_ids, keep, held)
+
+
+def _scores(
+    head: Head, backbone: np.ndarray, thumbs: np.ndarray, split: _Split
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The hold-out's scores with the frozen backbone's vectors and with the head's."""
+    db, queries = split.members[split.keep], split.members[split.held]
+    db_labels, query_labels = split.label_ids[split.keep], split.label_ids[split.held]
+    frozen = evaluate(exact_search(backbone[db]), db_labels, backbone[queries], query_labels)
+    tuned_db = head.embed(backbone[db], thumbs[db])
+    tuned = evaluate(
+        exact_search(tuned_db), db_labels, head.embed(backbone[queries], thumbs[queries]), query_labels
+    )
+    return frozen, tuned

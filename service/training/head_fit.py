@@ -28,14 +28,34 @@ class TrainingData:
 
 def train_head(data: TrainingData, label_names: list[str], config: HeadConfig) -> tuple[Head, dict[str, Any]]:
     """Train the head (early stopping on a stratified validation split); return it and a summary."""
-    from service.encoders import tfruntime
-
-    tf = tfruntime.tensorflow()
     import tf_keras as keras
 
     keras.utils.set_random_seed(config.seed)
-    n_labels = len(label_names)
     train_idx, val_idx = stratified_split(data.labels, 0.1, config.seed)
+    shell = _shell(data, train_idx, label_names, config)
+    x, y = shell.inputs(data.backbone, data.thumbs), data.labels
+    x_train, y_train = x[train_idx], y[train_idx]
+    if config.augment and data.mirrored_backbone is not None and data.mirrored_thumbs is not None:
+        mirrored = shell.inputs(data.mirrored_backbone, data.mirrored_thumbs)
+        x_train = np.concatenate([x_train, mirrored[train_idx]])
+        y_train = np.concatenate([y_train, y[train_idx]])
+    model = _model(x.shape[1], len(label_names), config)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=6, restore_best_weights=True)
+    fit = {"epochs": config.max_epochs, "batch_size": 128, "shuffle": True, "verbose": 0, "callbacks": [stop]}
+    history = model.fit(x_train, y_train, validation_data=(x[val_idx], y[val_idx]), **fit)
+    summary = {
+        "epochs": len(history.history["loss"]),
+        "train_images": int(len(train_idx)),
+        "validation_images": int(len(val_idx)),
+        "augmented": bool(len(x_train) > len(train_idx)),
+        "best_val_loss": round(float(min(history.history["val_loss"])), 4),
+    }
+    log.info("trained head: %s", summary)
+    return Head(shell.definition, _weights(model, shell, config)), summary
+
+
+def _shell(data: TrainingData, train_idx: np.ndarray, label_names: list[str], config: HeadConfig) -> Head:
+    """A head with its definition and input standardisation, before any weight is trained."""
     thumb_mean = data.thumbs[train_idx].mean(axis=0) if config.thumbnail else np.zeros(0, np.float32)
     thumb_std = data.thumbs[train_idx].std(axis=0) + 1e-3 if config.thumbnail else np.zeros(0, np.float32)
     definition = {
@@ -44,61 +64,51 @@ def train_head(data: TrainingData, label_names: list[str], config: HeadConfig) -
         "labels": label_names,
         "inputs": "unit backbone vector x 30, standardised box thumbnail of the encoder input",
     }
-    shell = Head(
+    return Head(
         definition, {"thumb_mean": thumb_mean.astype(np.float32), "thumb_std": thumb_std.astype(np.float32)}
     )
 
-    x = shell.inputs(data.backbone, data.thumbs)
-    y = data.labels
-    x_train, y_train = x[train_idx], y[train_idx]
-    if config.augment and data.mirrored_backbone is not None and data.mirrored_thumbs is not None:
-        mirrored = shell.inputs(data.mirrored_backbone, data.mirrored_thumbs)
-        x_train = np.concatenate([x_train, mirrored[train_idx]])
-        y_train = np.concatenate([y_train, y[train_idx]])
 
-    inputs = keras.Input((x.shape[1],))
+def _model(width: int, n_labels: int, config: HeadConfig) -> Any:
+    """The head (dropout, optional hidden ReLU layer, feature layer, unit length) with a cosine
+    classifier over the labels on top, compiled with the CosFace loss."""
+    import tf_keras as keras
+
+    inputs = keras.Input((width,))
     h = keras.layers.Dropout(0.2)(inputs)
     if config.hidden_dim:
         h = keras.layers.Dense(config.hidden_dim, activation="relu", name="hidden")(h)
         h = keras.layers.Dropout(0.2)(h)
-    features = keras.layers.Dense(config.feature_dim, name="feature")(h)
-    unit = keras.layers.UnitNormalization()(features)
+    unit = keras.layers.UnitNormalization()(keras.layers.Dense(config.feature_dim, name="feature")(h))
     cosine = keras.layers.Dense(
         n_labels, use_bias=False, name="classes", kernel_constraint=keras.constraints.UnitNorm(axis=0)
     )(unit)
     model = keras.Model(inputs, cosine)
+    model.compile(keras.optimizers.Adam(1e-3), loss=CosFaceLoss(n_labels, config.scale, config.margin))
+    return model
 
-    def cosface_loss(labels: Any, cosines: Any) -> Any:
-        onehot = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), n_labels)
-        logits = config.scale * (cosines - config.margin * onehot)
+
+class CosFaceLoss:
+    """Softmax cross-entropy over scaled cosines, the right label's cosine less an additive margin."""
+
+    def __init__(self, n_labels: int, scale: float, margin: float) -> None:
+        self.n_labels, self.scale, self.margin = n_labels, scale, margin
+
+    def __call__(self, labels: Any, cosines: Any) -> Any:
+        from service.encoders import tfruntime
+
+        tf = tfruntime.tensorflow()
+        onehot = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), self.n_labels)
+        logits = self.scale * (cosines - self.margin * onehot)
         return tf.nn.softmax_cross_entropy_with_logits(onehot, logits)
 
-    model.compile(keras.optimizers.Adam(1e-3), loss=cosface_loss)
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=6, restore_best_weights=True)
-    history = model.fit(
-        x_train,
-        y_train,
-        validation_data=(x[val_idx], y[val_idx]),
-        epochs=config.max_epochs,
-        batch_size=128,
-        shuffle=True,
-        verbose=0,
-        callbacks=[stop],
-    )
+
+def _weights(model: Any, shell: Head, config: HeadConfig) -> dict[str, np.ndarray]:
     weights = dict(shell.weights)
     if config.hidden_dim:
         weights["hidden_w"], weights["hidden_b"] = model.get_layer("hidden").get_weights()
     weights["feature_w"], weights["feature_b"] = model.get_layer("feature").get_weights()
-    epochs = len(history.history["loss"])
-    summary = {
-        "epochs": epochs,
-        "train_images": int(len(train_idx)),
-        "validation_images": int(len(val_idx)),
-        "augmented": bool(len(x_train) > len(train_idx)),
-        "best_val_loss": round(float(min(history.history["val_loss"])), 4),
-    }
-    log.info("trained head: %s", summary)
-    return Head(definition, {k: np.asarray(v, np.float32) for k, v in weights.items()}), summary
+    return {k: np.asarray(v, np.float32) for k, v in weights.items()}
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -49,6 +49,7 @@ class _Run:
     plan: ingest.ZipPlan | None = None
     embedded: embedding.Embedded = field(default_factory=embedding.Embedded)
     outcome: finetune.Outcome | None = None
+    wants_head: bool = False  # the zip's labels call for a head (decided before embedding)
 
     @property
     def thumb_dim(self) -> int:
@@ -122,11 +123,11 @@ def _id_of(base: Base | None) -> merge.IdOf:
 def _embed(run: _Run, zf: zipfile.ZipFile, folder: Path) -> None:
     """Embed the zip's images; the retained versions' vectors stand in for images they hold."""
     assert run.plan is not None and run.encoder is not None
-    wants_head = finetune.plan(run.fine_tune, [e.label for e in run.plan.entries], run.spec.head)
+    run.wants_head = finetune.plan(run.fine_tune, [e.label for e in run.plan.entries], run.spec.head)
     cache = VectorCache.of_versions(
         run.storage, run.spec.name, run.cache, run.encoder.fingerprint, run.thumb_dim
     )
-    head_config = run.spec.head if wants_head else None
+    head_config = run.spec.head if run.wants_head else None
     run.embedded = embedding.embed(
         zf,
         run.plan,
@@ -152,8 +153,9 @@ def _skipped(run: _Run) -> list[ingest.Skipped]:
 
 
 def _fine_tune(run: _Run, catalog: Catalog) -> finetune.Outcome:
-    """A head, when the mode and the labels call for one (its vectors replace the backbone's)."""
-    if not finetune.plan(run.fine_tune, [e["label"] for e in catalog.entries], run.spec.head):
+    """A head, when the mode and the zip's labels call for one (its vectors replace the
+    backbone's); finetune.fine_tune decides on the images that decoded."""
+    if not run.wants_head:
         return finetune.not_trained(run.fine_tune, run.spec.head)
     outcome = steps.fine_tune(run.fine_tune, catalog, run.spec.head, run.report)
     if outcome.head is not None:

@@ -75,3 +75,26 @@ def test_the_rules_are_on_the_views(locked: Flask) -> None:
     assert views["items.edit_item"].required_token == "write"
     assert views["queries.similar"].required_token == "query"
     assert not hasattr(views["endpoints.health"], "required_token")
+
+
+def test_the_token_comes_before_a_bad_body_or_query_string(locked: Flask) -> None:
+    # The order the decorators must keep: @requires right under @blp.route, above @blp.arguments.
+    client = locked.test_client()
+    assert client.post("/food/rollback", data=b"{nope", content_type="application/json").status_code == 401
+    assert client.patch("/food/items/1", json={"label": 3}).status_code == 401
+    assert client.delete("/food/items", json={"ids": "x"}).status_code == 401
+    assert client.post("/food/infer?k=ten", data=b"x", content_type="image/jpeg").status_code == 401
+    assert client.get("/food/items/1/similar?k=0").status_code == 401
+
+
+def test_a_json_body_s_field_errors_name_the_field(locked: Flask) -> None:
+    client = locked.test_client()
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    body = client.post("/food/rollback", json={"version": 1}, headers=headers).get_json()
+    assert body["code"] == 422 and set(body["errors"]) == {"version"}  # flat, as every body's
+    body = client.delete("/food/items", json={"ids": ["x"]}, headers=headers).get_json()
+    assert body["code"] == 422 and set(body["errors"]) == {"ids"}
+    body = client.post(
+        "/food/rollback", data=b"[1]", content_type="application/json", headers=headers
+    ).get_json()
+    assert body["code"] == 422 and body["message"] == "the body must be a JSON object"

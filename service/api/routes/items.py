@@ -31,7 +31,7 @@ blp = Blueprint("items", __name__, url_prefix="/", description="Change the catal
 @requires("write")
 @blp.response(202, JobCreatedSchema)
 @blp.doc(requestBody=multipart(AddItemsFormSchema), responses=error_responses(404, 409, 415, 422))
-@accepts_upload("max_upload_mb")
+@accepts_upload("max_upload_mb", to_disk=True)
 def add_items(name: str) -> Created:
     """Add items from a zip or from images; an existing name is replaced (runs in the background)"""
     require_multipart("a zip in field 'file', or images in field 'image'")

@@ -39,7 +39,7 @@ Created = tuple[dict[str, str], int, dict[str, str]]
     },
     responses=error_responses(404, 409, 415, 422),
 )
-@accepts_upload("max_upload_mb")
+@accepts_upload("max_upload_mb", to_disk=True)
 def train(name: str) -> Created:
     """Train a new version from a zip of images (runs in the background)"""
     return _start_training(name)
@@ -49,7 +49,7 @@ def train(name: str) -> Created:
 @requires("write")
 @blp.response(202, JobCreatedSchema)
 @blp.doc(requestBody=multipart(TrainAnyFormSchema), responses=error_responses(404, 415, 422))
-@accepts_upload("max_upload_mb")
+@accepts_upload("max_upload_mb", to_disk=True)
 def train_any() -> Created:
     """Train the endpoint named by the form field `endpoint`"""
     require_multipart("a zip in field 'file' and the endpoint name in field 'endpoint'")
