@@ -46,7 +46,7 @@ from service.serving.registry import LoadedVersion, Registry, ServedEndpoint
 from service.storage import KeyNotFoundError, Storage, encoder_mirror, gc, versions
 from service.storage.blobs import BlobCache
 from service.storage.manifest import Manifest
-from service.training import changes, compaction, migrate
+from service.training import changes, compaction
 from service.training.results import ChangeResult, ProgressFn, TrainResult
 from service.training.train import train
 
@@ -344,7 +344,7 @@ class Service:
 
     def migrate(self, name: str) -> ChangeOutcome:
         """Convert the endpoint's current version to content-addressed storage (if it is not)."""
-        result = migrate.migrate(self.endpoint(name).spec, self.storage, self.settings, self.blobs)
+        result = changes.migrate(self.endpoint(name).spec, self.storage, self.settings, self.blobs)
         if result.manifest is not None:
             versions.note_published(self.settings.cache_dir, name, result.version)
         return _outcome(name, result)

@@ -31,8 +31,10 @@ from service.storage.blobs import BlobCache
 from service.storage.manifest import Manifest, SegmentRef
 from service.training import embedding, merge, steps
 from service.training.base import Base, read_base
+from service.training.built import Built
 from service.training.cache import VectorCache
-from service.training.rebase import Built, publish_with_rebase
+from service.training.migration import Migration
+from service.training.rebase import publish_with_rebase
 from service.training.results import ChangeResult, Progress, ProgressFn, quiet
 from service.training.stage import Stager
 
@@ -52,6 +54,21 @@ def _label_delta(
 def _with_deleted(stager: Stager, segment_ref: SegmentRef, mask: np.ndarray) -> SegmentRef:
     """The segment with this version's deletion bitmap."""
     return replace(segment_ref, deleted=stager.deleted(mask), live=int(np.count_nonzero(~mask)))
+
+
+# --- migrate ------------------------------------------------------------------------------------
+
+
+def migrate(
+    spec: EndpointSpec, storage: Storage, settings: Settings, cache: BlobCache | None = None
+) -> ChangeResult:
+    """Migrate the endpoint's current version if it is a format-1 one (else nothing happens)."""
+    cache = cache or steps.blob_cache(storage, settings)
+    base = read_base(storage, spec.name, cache, spec.search_k)
+    if base is None or base.manifest.format != 1:
+        version = base.version if base else ""
+        return ChangeResult(version, "migrate", [], base.manifest.count if base else 0, {"migrated": False})
+    return publish_with_rebase(storage, spec, settings, Migration(spec, storage), cache)
 
 
 # --- add or replace ------------------------------------------------------------------------------

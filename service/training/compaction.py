@@ -27,7 +27,8 @@ from service.storage import Storage, gc
 from service.storage.manifest import BlobRef, Manifest, SegmentRef
 from service.training import steps
 from service.training.base import Base, read_base
-from service.training.rebase import Built, publish_with_rebase
+from service.training.built import Built
+from service.training.rebase import publish_with_rebase
 from service.training.results import ChangeResult, Progress, ProgressFn, quiet
 from service.training.stage import Stager
 

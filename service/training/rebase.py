@@ -6,10 +6,8 @@ collection never deletes a blob the change may reference."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 
 from service.catalog.view import View
 from service.core.config import Settings
@@ -17,9 +15,10 @@ from service.core.endpoint import EndpointSpec
 from service.core.errors import ConflictError
 from service.storage import KeyNotFoundError, Storage, blobs, versions
 from service.storage.blobs import BlobCache
-from service.storage.manifest import Manifest
 from service.training import steps
 from service.training.base import Base, read_base
+from service.training.built import Built, Change
+from service.training.migration import Migration
 from service.training.results import ChangeResult
 from service.training.stage import Stager
 
@@ -29,20 +28,6 @@ log = logging.getLogger(__name__)
 MAX_REBASES = 20
 # How long a change may hold its lease (a crashed one's expires after this).
 CHANGE_LEASE_S = 1800.0
-
-
-@dataclass
-class Built:
-    """A change built on a base: the new version's manifest, the base's blobs it keeps (not
-    uploaded again), and what it reports."""
-
-    manifest: Manifest
-    known: set[str]
-    result: ChangeResult
-
-
-class Change(Protocol):
-    def build(self, base: Base | None, stager: Stager, version: str) -> Built: ...
 
 
 def publish_with_rebase(
@@ -109,8 +94,6 @@ def _build_and_publish(
 def _migrate_first(
     storage: Storage, spec: EndpointSpec, settings: Settings, cache: BlobCache, served: View | None
 ) -> None:
-    from service.training.migrate import Migration  # migrate.py builds on this module
-
     log.info("%s: its current version is in format 1; migrating it before the change", spec.name)
     _build_and_publish(storage, spec, settings, Migration(spec, storage), cache, served)
 

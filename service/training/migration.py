@@ -17,30 +17,15 @@ from dataclasses import replace
 import numpy as np
 
 from service.catalog.segment import FILE_NAMES, Segment, name_key
-from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.storage import Storage, versions
-from service.storage.blobs import BlobCache
 from service.storage.manifest import BlobRef, SegmentRef, blob_key
-from service.training import steps
-from service.training.base import Base, read_base
-from service.training.rebase import Built, publish_with_rebase
+from service.training.base import Base
+from service.training.built import Built
 from service.training.results import ChangeResult
 from service.training.stage import Stager
 
 log = logging.getLogger(__name__)
-
-
-def migrate(
-    spec: EndpointSpec, storage: Storage, settings: Settings, cache: BlobCache | None = None
-) -> ChangeResult:
-    """Migrate the endpoint's current version if it is a format-1 one (else nothing happens)."""
-    cache = cache or steps.blob_cache(storage, settings)
-    base = read_base(storage, spec.name, cache, spec.search_k)
-    if base is None or base.manifest.format != 1:
-        version = base.version if base else ""
-        return ChangeResult(version, "migrate", [], base.manifest.count if base else 0, {"migrated": False})
-    return publish_with_rebase(storage, spec, settings, Migration(spec, storage), cache)
 
 
 class Migration:
