@@ -228,6 +228,8 @@ class AddItems:
         """fine_tune=always: the head trained again on every row's stored backbone vectors; every
         vector changes, so the catalog is written again as one segment."""
         kept = _live_catalog(base, exclude=set(replaced), next_id=new.next_id) if base else None
+        if kept is not None:
+            kept.vectors = kept.backbone  # every vector is made again, by the new head
         merged = kept.extend(new) if kept is not None else new
         merged.next_id = new.next_id
         outcome = steps.fine_tune("always", merged, self.spec.head, self.report)

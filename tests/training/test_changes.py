@@ -19,9 +19,10 @@ from bench import demo
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.storage import open_storage, versions
+from service.storage.blobs import BlobCache
 from service.training import changes
 from service.training import train as training
-from service.training.rebase import read_base
+from service.training.base import read_base
 from service.training.results import ChangeResult
 from tests.helpers import make_zip, procfile_server, settings_for, submit, upload
 
@@ -244,13 +245,15 @@ def test_four_concurrent_adds_all_end_up_in_the_catalogue(
         results = list(pool.map(add, paths))
     assert sum(r.rebases for r in results) >= 1  # they did race
     final = versions.read_current(storage, "food").version
-    rows = read_base(storage, spec)
-    assert rows is not None and rows.pointer.version == final
-    names = {rows.rows.names[r] for r in rows.rows.live()}
+    base = read_base(storage, "food", BlobCache(storage, tmp_path / "reader"))
+    assert base is not None and base.pointer.version == final
+    live = [(s, int(r)) for s in base.view.segments for r in s.live()]
+    names = {segment.names[row] for segment, row in live}
     expected = {f"photos/{n}.jpg" for n in PHOTOS[:2]}
     expected |= {f"set{i}/{n}.jpg" for i, s in enumerate(sets) for n in s}
     assert names == expected
-    assert len(set(rows.rows.items[rows.rows.live()])) == len(expected)  # every item its own id
+    assert len({int(segment.items[row]) for segment, row in live}) == len(expected)  # every item its own id
+    assert len(base.manifest.segments) == 5  # the train's, and one per add: nothing was copied
 
 
 @pytest.mark.slow  # two instances

@@ -48,9 +48,9 @@ def test_a_labelled_zip_trains_a_head_and_reports_hold_out_metrics(
     assert info["encoder"]["serving"]["kind"] == "offline" and info["count"] == 30
     store = client.application.extensions["simsvc"].storage
     manifest = versions.read_manifest(store, "food", job["version"])
-    assert manifest["dim"] == 256 and manifest["head"]["feature_dim"] == 256
-    assert manifest["evaluation"] == evaluation
-    assert {"head.json", "head.npz"} <= set(manifest["files"])
+    assert manifest.dim == 256 and manifest.head is not None and manifest.head.feature_dim == 256
+    assert manifest.evaluation == evaluation
+    assert set(manifest.head.files) == {"head.json", "head.npz"}
 
 
 def test_an_unlabelled_zip_does_not_train_a_head(client: FlaskClient) -> None:
@@ -62,7 +62,7 @@ def test_an_unlabelled_zip_does_not_train_a_head(client: FlaskClient) -> None:
     }
     store = client.application.extensions["simsvc"].storage
     manifest = versions.read_manifest(store, "food", job["version"])
-    assert manifest["head"] is None and manifest["dim"] == 1280
+    assert manifest.head is None and manifest.dim == 1280
 
 
 def test_fine_tune_always_without_labels_fails_clearly(client: FlaskClient) -> None:
@@ -81,12 +81,11 @@ def test_a_bad_fine_tune_value_is_422(client: FlaskClient, photos_zip: Path) -> 
 
 def test_inference_uses_the_versions_own_head(client: FlaskClient, photos_zip: Path) -> None:
     job = train_with(client, photos_zip.read_bytes(), "always")
-    store = client.application.extensions["simsvc"].storage
-    prefix = versions.version_prefix("food", job["version"])
-    vectors = np.load(store.local_path(prefix + "vectors.npy"), allow_pickle=False)
+    wait_serving(client, "food", job["version"])
+    segment = client.application.extensions["simsvc"].registry.get("food").current().view.segments[0]
+    vectors = np.asarray(segment.vectors)
     with zipfile.ZipFile(photos_zip) as zf:
-        names = json.loads(store.read(prefix + "ids.json"))
-        original = zf.read(names["12"])
+        original = zf.read(segment.names[12])
 
     loaded = client.application.extensions["simsvc"].registry.get("food").current()
     again = loaded.encoder.encode(prepare(original, loaded.encoder.input_size, 10**8)[0][None])[0]
@@ -109,7 +108,7 @@ def test_versions_with_and_without_a_head_each_serve_with_their_own_encoder(
 
     plain = train_with(client, photos_zip.read_bytes(), "never")
     store = client.application.extensions["simsvc"].storage
-    assert versions.read_manifest(store, "food", plain["version"])["head"] is None
+    assert versions.read_manifest(store, "food", plain["version"]).head is None
     second = client.post("/food/infer?k=1", data=rocket, content_type="image/jpeg").get_json()
     assert second["version"] == plain["version"] and second["results"][0]["score"] >= 0.9999
     assert second["results"][0]["name"] == first["results"][0]["name"] == "rocket/rocket-original.jpg"

@@ -12,10 +12,13 @@ import pytest
 from bench import demo
 from service import encoders
 from service.catalog.images import to_input
+from service.catalog.view import View
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.storage import versions
+from service.storage.blobs import BlobCache
 from service.storage.local import LocalStorage
+from service.storage.manifest import blob_key
 from service.training import train as training
 from tests.helpers import make_zip
 
@@ -43,27 +46,30 @@ def test_a_published_version_holds_everything_the_manifest_lists(
     result = training.train(spec, photos_zip, storage, settings, lambda p: stages.append(p.stage))
     assert stages[0] == "ingest" and stages[-1] == "publish" and "embed" in stages and "index" in stages
 
-    prefix = versions.version_prefix("food", result.version)
-    manifest = json.loads(storage.read(prefix + "manifest.json"))
-    for field in ("endpoint", "version", "encoder", "dim", "metric", "n_trees", "count", "created_at"):
-        assert field in manifest
-    assert (manifest["count"], manifest["dim"], manifest["metric"]) == (30, 1280, "angular")
-    for name, entry in manifest["files"].items():
-        assert versions.sha256_file(storage.local_path(prefix + name)) == entry["sha256"]
+    manifest = versions.read_manifest(storage, "food", result.version)
+    assert manifest.format == 2 and manifest.change["kind"] == "train" and manifest.created_at
+    assert (manifest.count, manifest.dim, manifest.metric) == (30, 1280, "angular")
+    assert (
+        json.loads(storage.read(versions.manifest_key("food", result.version)))["version"] == result.version
+    )
+    for ref in manifest.blobs():  # every file a blob named by its content, and it is that content
+        assert versions.sha256_file(storage.local_path(blob_key("food", ref.sha256))) == ref.sha256
     assert versions.read_current(storage, "food").version == result.version
 
-    ids = json.loads(storage.read(prefix + "ids.json"))
-    meta = json.loads(storage.read(prefix + "metadata.json"))
-    assert sorted(ids, key=int) == [str(i) for i in range(30)]  # dense integer ids
-    assert ids["0"] == "astronaut/astronaut-crop-bottom-right.jpg"
-    assert meta["0"]["label"] == "astronaut" and meta["0"]["metadata"]["title"]
-
-    vectors = np.load(storage.local_path(prefix + "vectors.npy"), allow_pickle=False)
+    (segment,) = manifest.segments
+    assert segment.rows == segment.live == 30 and "vectors" in segment.files  # 30 rows: searched exactly
+    fetch = BlobCache(storage, settings.cache_dir)
+    view = View.open(manifest, lambda ref: fetch.path("food", ref), 0)
+    rows = view.segments[0]
+    assert [int(i) for i in rows.items] == list(range(30))  # new items: dense ids
+    assert rows.names[0] == "astronaut/astronaut-crop-bottom-right.jpg"
+    assert rows.entry(0)["label"] == "astronaut" and rows.entry(0)["metadata"]["title"]
+    vectors = np.asarray(rows.vectors)
     assert vectors.dtype == np.float32 and vectors.shape == (30, 1280)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     # Row i is the embedding of image i, batching notwithstanding.
     encoder = encoders.load(encoders.offline_source(settings.models_dir), settings.hub_cache)
-    original = storage.read(prefix + meta["7"]["image"])
+    original = storage.read(segment.image_key("food", rows.entry(7)["image"]))
     again = encoder.encode(to_input(demo.decode_jpeg(original), 160)[None])[0]
     assert float(again @ vectors[7]) > 0.9999
 
@@ -74,9 +80,11 @@ def test_the_original_bytes_are_kept(setup: tuple[LocalStorage, Settings]) -> No
     png = demo.png(demo.photo("coins"))
     spec = parse_endpoint(ROOT / "endpoints" / "food.toml")
     result = training.train(spec, _zip(Path(settings.cache_dir), {"coins/c.png": png}), storage, settings)
-    prefix = versions.version_prefix("food", result.version)
-    # Content-addressed: the same bytes under the same key in every version that holds them.
-    assert storage.read(prefix + f"images/{hashlib.sha256(png).hexdigest()}.png") == png
+    # Content-addressed: the same bytes under the same key, whatever version holds them.
+    assert storage.read(blob_key("food", hashlib.sha256(png).hexdigest())) == png
+    manifest = versions.read_manifest(storage, "food", result.version)
+    view = View.open(manifest, lambda ref: BlobCache(storage, settings.cache_dir).path("food", ref), 0)
+    assert view.segments[0].entry(0)["image"].endswith(".png")  # its type, for the image route
 
 
 def _zip(folder: Path, files: dict[str, bytes]) -> Path:
