@@ -92,12 +92,13 @@ class CosFaceLoss:
     """Softmax cross-entropy over scaled cosines, the right label's cosine less an additive margin."""
 
     def __init__(self, n_labels: int, scale: float, margin: float) -> None:
-        self.n_labels, self.scale, self.margin = n_labels, scale, margin
-
-    def __call__(self, labels: Any, cosines: Any) -> Any:
         from service.encoders import tfruntime
 
-        tf = tfruntime.tensorflow()
+        self.n_labels, self.scale, self.margin = n_labels, scale, margin
+        self.tf = tfruntime.tensorflow()  # here, not in __call__: autograph traces that
+
+    def __call__(self, labels: Any, cosines: Any) -> Any:
+        tf = self.tf
         onehot = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), self.n_labels)
         logits = self.scale * (cosines - self.margin * onehot)
         return tf.nn.softmax_cross_entropy_with_logits(onehot, logits)
