@@ -31,6 +31,8 @@ from flask.testing import FlaskClient
 from bench import demo
 from service.core.config import ROOT
 from service.encoders import OFFLINE_NAME
+from service.storage.blobs import ref_of
+from service.storage.manifest import BlobRef, Manifest, SegmentRef
 
 ERROR_KEYS = {"code", "status", "message"}  # every error answer's JSON
 # A handful of real photos keeps the suite fast; five variants each, one folder per photo.
@@ -214,6 +216,42 @@ def assert_error(response: Any, status: int, *fragments: str) -> dict[str, Any]:
     for fragment in fragments:
         assert fragment in body["message"] or fragment in json.dumps(body.get("errors", {}))
     return body
+
+
+# --- versions made by hand, for the store's tests ---------------------------------------------
+
+
+def files(folder: Path, tag: str) -> dict[str, tuple[Path, BlobRef]]:
+    """A segment's parts, as small files whose bytes say which version made them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for part in ("vectors", "items", "names", "entries"):
+        path = folder / part
+        path.write_bytes(f"{tag}:{part}".encode())
+        out[part] = (path, ref_of(path))
+    return out
+
+
+def manifest_of(version: str, parts: dict[str, tuple[Path, BlobRef]], lineage: str | None = None) -> Manifest:
+    segment = SegmentRef("seg-" + version[-6:], 1, 1, {name: ref for name, (_, ref) in parts.items()})
+    return Manifest(
+        endpoint="shop",
+        version=version,
+        created_at="2026-01-01T00:00:00+00:00",
+        lineage=lineage or version,
+        base=None,
+        encoder={"fingerprint": "f"},
+        runtime={"name": "tensorflow"},
+        dim=2,
+        metric="angular",
+        n_trees=1,
+        search_k=0,
+        count=1,
+        rows=1,
+        next_id=1,
+        labels={},
+        segments=(segment,),
+    )
 
 
 # --- the Procfile's web command, as Elastic Beanstalk runs it --------------------------------------

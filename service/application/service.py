@@ -165,7 +165,7 @@ class Service:
                 manifest = versions.read_manifest(self.storage, served.spec.name, version)
             except (KeyNotFoundError, IntegrityError):
                 return None
-            fetch = lambda ref: self.blobs.path(served.spec.name, ref)  # noqa: E731
+            fetch = lambda ref, label: self.blobs.path(served.spec.name, ref, label)  # noqa: E731
             loaded = served.loaded
             view = View.open(manifest, fetch, served.spec.search_k, loaded.view if loaded else None)
             with self._views_lock:

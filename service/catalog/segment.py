@@ -115,8 +115,8 @@ def write_overlay(edits: dict[int, dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-# Where a segment's blobs come from: (the part's ref) -> a local, verified file.
-Fetch = Callable[[BlobRef], Path]
+# Where a segment's blobs come from: (the part's ref, what it is) -> a local, verified file.
+Fetch = Callable[[BlobRef, str], Path]
 
 
 class Segment:
@@ -131,7 +131,7 @@ class Segment:
 
     def _path(self, part: str) -> Path | None:
         blob = self.ref.files.get(part)
-        return None if blob is None else self.fetch(blob)
+        return None if blob is None else self.fetch(blob, f"segment {self.ref.id}'s {part}")
 
     def _array(self, part: str) -> np.ndarray | None:
         path = self._path(part)
@@ -249,7 +249,8 @@ class Segment:
         """bool [rows]: rows this version does not serve (deleted, or replaced by a newer row)."""
         mask = self.items < 0
         if self.ref.deleted is not None:
-            bits = np.frombuffer(self.fetch(self.ref.deleted).read_bytes(), dtype=np.uint8)
+            path = self.fetch(self.ref.deleted, f"segment {self.ref.id}'s deletions")
+            bits = np.frombuffer(path.read_bytes(), dtype=np.uint8)
             unpacked = np.unpackbits(bits, count=self.rows, bitorder="little").astype(bool)
             if len(unpacked) != self.rows:
                 raise IntegrityError(f"segment {self.ref.id}: its deletion bitmap does not fit its rows")
@@ -262,7 +263,7 @@ class Segment:
         if self.ref.overlay is None:
             return {}
         try:
-            raw = json.loads(self.fetch(self.ref.overlay).read_bytes())
+            raw = json.loads(self.fetch(self.ref.overlay, f"segment {self.ref.id}'s overlay").read_bytes())
             return {int(row): dict(edit) for row, edit in raw.items()}
         except (ValueError, TypeError, AttributeError):
             raise IntegrityError(f"segment {self.ref.id}: its overlay is not valid") from None

@@ -77,7 +77,7 @@ def _backbone(
         try:
             if manifest.encoder_model is None:
                 raise EncoderUnavailableError(f"the manifest lists no {litert.MODEL_FILE}")
-            path = cache.path(spec.name, manifest.encoder_model)
+            path = cache.path(spec.name, manifest.encoder_model, litert.MODEL_FILE)
             converted = litert.load(path, manifest.encoder_model.sha256, recorded)
             if converted.input_size != int(recorded.get("input_size") or converted.input_size):
                 raise EncoderUnavailableError(f"{litert.MODEL_FILE} takes {converted.input_size}px images")
@@ -115,14 +115,18 @@ def load_version(
     the blobs `previous` (the version served now) does not share are fetched and opened."""
     manifest = versions.read_manifest(storage, spec.name, version)
     view = View.open(
-        manifest, lambda ref: cache.path(spec.name, ref), spec.search_k, previous.view if previous else None
+        manifest,
+        lambda ref, label: cache.path(spec.name, ref, label),
+        spec.search_k,
+        previous.view if previous else None,
     )
     backbone, runtime = _backbone(storage, spec, manifest, cache, settings)
     encoder: Embedder = backbone
     if manifest.head is not None:  # a fine-tuned version: its own head on top of that backbone
         files = manifest.head.files
         head = Head.from_files(
-            cache.path(spec.name, files["head.json"]), cache.path(spec.name, files["head.npz"])
+            cache.path(spec.name, files["head.json"], "head.json"),
+            cache.path(spec.name, files["head.npz"], "head.npz"),
         )
         if head.fingerprint != manifest.head.fingerprint:
             raise IntegrityError(f"{spec.name} version {version}: the head does not match its manifest")

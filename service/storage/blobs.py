@@ -96,10 +96,10 @@ class BlobCache:
         self._checked: dict[Path, _Seen] = {}
         self._lock = threading.Lock()
 
-    def path(self, endpoint: str, ref: BlobRef) -> Path:
-        """A local, verified file holding `ref`'s bytes."""
-        key = ref.key_in(endpoint)
-        local = self.storage.local_path(key)
+    def path(self, endpoint: str, ref: BlobRef, label: str = "") -> Path:
+        """A local, verified file holding `ref`'s bytes; `label` says what it is, in errors."""
+        key = f"{label} ({ref.key_in(endpoint)})" if label else ref.key_in(endpoint)
+        local = self.storage.local_path(ref.key_in(endpoint))
         if local is not None:
             self._verify(local, ref, key)
             return local
@@ -112,26 +112,26 @@ class BlobCache:
             except IntegrityError as exc:
                 log.error("%s; fetching it again", exc.message)
                 target.unlink(missing_ok=True)
-        return self._download(key, ref, target)
+        return self._download(ref.key_in(endpoint), ref, target, key)
 
-    def _download(self, key: str, ref: BlobRef, target: Path) -> Path:
+    def _download(self, key: str, ref: BlobRef, target: Path, label: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target.with_name(target.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one download per blob per instance
             if target.exists():  # another worker fetched it meanwhile
-                self._verify(target, ref, key)
+                self._verify(target, ref, label)
                 return target
             fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{ref.sha256[:12]}.", suffix=".part")
             os.close(fd)
             tmp = Path(name)
             try:
                 self.storage.download(key, tmp)
-                self._verify(tmp, ref, key)
+                self._verify(tmp, ref, label)
                 os.replace(tmp, target)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     raise InsufficientStorageError(
-                        f"this instance's blob cache ({self.folder}) is full: {key} could not be fetched"
+                        f"this instance's blob cache ({self.folder}) is full: {label} could not be fetched"
                     ) from None
                 raise
             finally:
@@ -155,8 +155,8 @@ class BlobCache:
         with self._lock:
             self._checked[path] = seen
 
-    def read_bytes(self, endpoint: str, ref: BlobRef) -> bytes:
-        return self.path(endpoint, ref).read_bytes()
+    def read_bytes(self, endpoint: str, ref: BlobRef, label: str = "") -> bytes:
+        return self.path(endpoint, ref, label).read_bytes()
 
     def touch(self, endpoint: str, refs: Iterable[BlobRef]) -> None:
         """Mark cached blobs as in use by a version a worker serves now (their time stamp)."""
@@ -214,8 +214,8 @@ class _Stamp:
         return json.dumps({"started": self.started, "expires": self.expires}).encode()
 
 
-# How long a build waits for a collection under way before it gives up.
-LEASE_WAIT_S = 60.0
+# How long a build waits for a collection under way before it gives up (past a dead collector's lock).
+LEASE_WAIT_S = 90.0
 
 
 @contextmanager
@@ -257,22 +257,30 @@ def _live(storage: Storage, key: str) -> bool:
     return stamp is not None and stamp.expires > time.time()
 
 
+# The collector's lock lasts this long unless renewed (it is, every third of it, while held): a
+# collector that dies holds builds back for at most this long.
+GC_LOCK_S = 60.0
+
+
 @contextmanager
-def collector_lock(storage: Storage, endpoint: str, hold_s: float = 600) -> Iterator[bool]:
+def collector_lock(storage: Storage, endpoint: str) -> Iterator[bool]:
     """Take the collector's lock; yields False (and holds nothing) while a build holds a lease or
     another collection runs: the caller then deletes nothing, and tries again another time."""
     key = f"{endpoint}/{GC_LOCK}"
     now = time.time()
-    stamp = _Stamp(now, now + hold_s).dumps()
+    stamp = _Stamp(now, now + GC_LOCK_S)
     try:
         data, tag = storage.read_tagged(key)
         old = _Stamp.read(data)
-        taken = (old is None or old.expires <= now) and storage.write_if(key, stamp, tag)
+        taken = (old is None or old.expires <= now) and storage.write_if(key, stamp.dumps(), tag)
     except KeyNotFoundError:
-        taken = storage.write_if(key, stamp, None)
+        taken = storage.write_if(key, stamp.dumps(), None)
     if not taken:
         yield False
         return
+    done = threading.Event()
+    renew = threading.Thread(target=_renew, args=(storage, key, done), name="gc-lock", daemon=True)
+    renew.start()
     try:
         leases = storage.list(f"{endpoint}/{LEASES}")
         live = [k for k in leases if _lease_expires(k) > now]
@@ -280,4 +288,14 @@ def collector_lock(storage: Storage, endpoint: str, hold_s: float = 600) -> Iter
             storage.delete(stale)  # a crashed build's
         yield not live
     finally:
+        done.set()
+        renew.join()
         storage.delete(key)
+
+
+def _renew(storage: Storage, key: str, done: threading.Event) -> None:
+    while not done.wait(GC_LOCK_S / 3):
+        try:
+            storage.write(key, _Stamp(time.time(), time.time() + GC_LOCK_S).dumps())
+        except StorageError as exc:
+            log.warning("could not renew %s: %s", key, exc)

@@ -37,10 +37,10 @@ def read_base(
     if pointer.version is None:
         return None
     manifest = versions.read_manifest(storage, endpoint, pointer.version)
-    view = View.open(manifest, lambda ref: cache.path(endpoint, ref), search_k, previous)
+    view = View.open(manifest, lambda ref, label: cache.path(endpoint, ref, label), search_k, previous)
     head = None
     if manifest.head is not None:
         head = Head.from_files(
-            *(cache.path(endpoint, manifest.head.files[n]) for n in ("head.json", "head.npz"))
+            *(cache.path(endpoint, manifest.head.files[n], n) for n in ("head.json", "head.npz"))
         )
     return Base(pointer, manifest, view, head)

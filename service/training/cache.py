@@ -57,7 +57,7 @@ class VectorCache:
                     continue  # fine-tuned before versions kept backbone vectors: not reusable
                 if "thumbs" not in ref.files and thumb_dim:
                     continue
-                segment = Segment(ref, lambda blob: cache.path(endpoint, blob), manifest.dim)
+                segment = Segment(ref, lambda blob, label: cache.path(endpoint, blob, label), manifest.dim)
                 segments[ref.id] = (segment, head)
         return cls([s for s, _ in segments.values()], [h for _, h in segments.values()])
 

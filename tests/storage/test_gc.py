@@ -250,3 +250,22 @@ def test_delete_version_rollback_and_add_racing_leave_every_version_whole(
         current = versions.read_current(store, "shop").version
         assert current is not None and current in versions.list_versions(store, "shop")
         _retained_are_whole(store)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_pruning_racing_a_rollback_never_deletes_what_current_names(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store = _store(kind, tmp_path, request)
+    builder = Builder(store, tmp_path / "work")
+    for _ in range(ROUNDS):
+        old = builder.add()
+        builder.add()
+        _race(
+            lambda old=old: versions.rollback(store, "shop", old),
+            lambda: gc.collect_pruned(store, "shop", versions.prune_versions(store, "shop", keep=1)),
+        )
+        current = versions.read_current(store, "shop").version
+        assert current is not None and current in versions.list_versions(store, "shop")
+        assert_whole(store, versions.read_manifest(store, "shop", current))

@@ -11,47 +11,14 @@ import pytest
 from service.core.errors import ConflictError, IntegrityError, NotFoundError
 from service.storage import manifest as manifests
 from service.storage import versions
-from service.storage.blobs import ref_of
 from service.storage.local import LocalStorage
-from service.storage.manifest import BlobRef, Manifest, SegmentRef, blob_key
+from service.storage.manifest import Manifest, SegmentRef, blob_key
+from tests.helpers import files, manifest_of
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> LocalStorage:
     return LocalStorage(tmp_path / "store")
-
-
-def files(folder: Path, tag: str) -> dict[str, tuple[Path, BlobRef]]:
-    """A segment's parts, as small files whose bytes say which version made them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for part in ("vectors", "items", "names", "entries"):
-        path = folder / part
-        path.write_bytes(f"{tag}:{part}".encode())
-        out[part] = (path, ref_of(path))
-    return out
-
-
-def manifest_of(version: str, parts: dict[str, tuple[Path, BlobRef]], lineage: str | None = None) -> Manifest:
-    segment = SegmentRef("seg-" + version[-6:], 1, 1, {name: ref for name, (_, ref) in parts.items()})
-    return Manifest(
-        endpoint="shop",
-        version=version,
-        created_at="2026-01-01T00:00:00+00:00",
-        lineage=lineage or version,
-        base=None,
-        encoder={"fingerprint": "f"},
-        runtime={"name": "tensorflow"},
-        dim=2,
-        metric="angular",
-        n_trees=1,
-        search_k=0,
-        count=1,
-        rows=1,
-        next_id=1,
-        labels={},
-        segments=(segment,),
-    )
 
 
 def publish(

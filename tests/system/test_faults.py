@@ -18,9 +18,10 @@ import requests
 
 from bench import demo
 from service.core.config import ROOT
-from service.storage import versions
+from service.storage import blobs, gc, versions
 from service.storage.local import LocalStorage
-from tests.helpers import Server, make_zip, procfile_server
+from service.storage.manifest import blob_key
+from tests.helpers import Server, files, make_zip, manifest_of, procfile_server
 
 pytestmark = pytest.mark.slow
 
@@ -103,8 +104,9 @@ PUBLISH_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from service.storage import versions
     from service.storage.local import LocalStorage
+    from tests.helpers import files, manifest_of
 
-    store, stage, version = LocalStorage(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3]
+    store, work, version = LocalStorage(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3]
     marker = Path(sys.argv[4])
     uploads = 0
     real_upload = store.upload
@@ -118,36 +120,88 @@ PUBLISH_SCRIPT = textwrap.dedent("""
             time.sleep(60)
 
     store.upload = slow_upload
-    versions.publish(store, "shop", version, stage, {})
+    parts = files(work, "two")
+    base = versions.read_current(store, "shop")
+    versions.publish(store, manifest_of(version, parts), parts.values(), set(), base=base, change=True)
 """)
 
 
-def test_a_process_killed_mid_publish_never_leaves_current_on_an_incomplete_version(tmp_path: Path) -> None:
-    store = LocalStorage(tmp_path / "store")
-    stages = []
-    for name in ("v1", "v2"):
-        stage = tmp_path / name
-        (stage / "images").mkdir(parents=True)
-        for file in (*versions.SERVING_FILES, "vectors.npy", "images/0.jpg"):
-            (stage / file).write_bytes(f"{name}:{file}".encode())
-        stages.append(stage)
-    old, new = versions.new_version_id(), versions.new_version_id()
-    versions.publish(store, "shop", old, stages[0], {})
-
-    marker = tmp_path / "marker"
-    child = subprocess.Popen(
-        [sys.executable, "-c", PUBLISH_SCRIPT, str(store.root), str(stages[1]), new, str(marker)], cwd=ROOT
-    )
-    deadline = time.monotonic() + 60
+def _killed_midway(script: str, args: list[str], marker: Path) -> None:
+    """Run `script` in a process of its own and kill it (SIGKILL) once it writes `marker`."""
+    child = subprocess.Popen([sys.executable, "-c", script, *args, str(marker)], cwd=ROOT)
+    deadline = time.monotonic() + 120
     while not marker.exists():
         assert child.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()
 
+
+def test_a_process_killed_mid_publish_never_leaves_current_on_an_incomplete_version(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path / "store")
+    old, new = versions.new_version_id(), versions.new_version_id()
+    parts = files(tmp_path / "one", "one")
+    versions.publish(
+        store, manifest_of(old, parts), parts.values(), set(), base=versions.Pointer(None, None), change=False
+    )
+    _killed_midway(PUBLISH_SCRIPT, [str(store.root), str(tmp_path / "two"), new], tmp_path / "marker")
+
     assert versions.read_current(store, "shop").version == old
     assert versions.list_versions(store, "shop") == [old]  # the half-written one has no manifest
-    assert store.list(versions.version_prefix("shop", new))  # it really was half written
+    assert len(store.list("shop/blobs/")) == 4 + 2  # it really was half written: two of its blobs
+    collected = gc.sweep(store, "shop")  # its blobs are garbage, swept; the published version stays whole
+    assert collected.deleted == 2 and len(store.list("shop/blobs/")) == 4
+
+
+SWEEP_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from service.storage import blobs, gc
+    from service.storage.local import LocalStorage
+
+    store, marker = LocalStorage(Path(sys.argv[1])), Path(sys.argv[2])
+    real_delete_many = store.delete_many
+
+    def slow_delete_many(keys):  # the test kills this process while it deletes
+        real_delete_many(keys[:1])
+        marker.write_text("mid-sweep")
+        time.sleep(60)
+
+    store.delete_many = slow_delete_many
+    gc.sweep(store, "shop")
+""")
+
+
+def test_a_collector_killed_mid_sweep_leaves_every_version_whole_and_builds_going(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStorage(tmp_path / "store")
+    version = versions.new_version_id()
+    parts = files(tmp_path / "one", "one")
+    versions.publish(
+        store,
+        manifest_of(version, parts),
+        parts.values(),
+        set(),
+        base=versions.Pointer(None, None),
+        change=False,
+    )
+    for n in range(3):
+        store.write(blob_key("shop", f"{n}" * 64), b"a failed build's leftover")
+    monkeypatch.setattr(blobs, "GC_LOCK_S", 1.0)
+    _killed_midway(
+        SWEEP_SCRIPT.replace("gc.sweep(", "blobs.GC_LOCK_S = 1.0; gc.sweep("),
+        [str(store.root)],
+        tmp_path / "marker",
+    )
+
+    manifest = versions.read_manifest(store, "shop", version)
+    assert all(store.exists(blob_key("shop", ref.sha256)) for ref in manifest.blobs())
+    assert store.exists("shop/GC_LOCK")  # the dead collector's lock...
+    time.sleep(1.2)
+    with blobs.lease(store, "shop", 60):  # ...does not hold a build back once it expires
+        pass
+    assert gc.sweep(store, "shop").deleted == 2  # and the next sweep finishes the job
 
 
 DISK_SCRIPT = textwrap.dedent("""

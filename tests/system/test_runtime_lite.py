@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +18,20 @@ from PIL import Image
 from service.catalog import images
 from service.encoders import litert
 from service.serving import registry as registry_module
+from service.storage import versions
+from service.storage.local import LocalStorage
+from service.storage.manifest import BlobRef, Manifest, blob_key
 from tests.helpers import make_zip, photo_jpeg, procfile_server, train, wait_job, wait_serving
 
 
-def _manifest(store: Path, endpoint: str, version: str) -> dict:
-    return json.loads((store / endpoint / "versions" / version / "manifest.json").read_text())
+def _manifest(store: Path, endpoint: str, version: str) -> Manifest:
+    return versions.read_manifest(LocalStorage(store), endpoint, version)
+
+
+def _model(store: Path, manifest: Manifest) -> Path:
+    """The converted encoder's blob in the local store."""
+    assert manifest.encoder_model is not None
+    return store / blob_key(manifest.endpoint, manifest.encoder_model.sha256)
 
 
 def test_a_trained_version_carries_its_checked_converted_encoder(
@@ -37,15 +45,11 @@ def test_a_trained_version_carries_its_checked_converted_encoder(
     assert runtime["name"] == "litert" and runtime["file"] == "encoder.tflite"
     assert runtime["checked_samples"] == 8 and runtime["min_cosine_samples"] >= 0.9999
     assert runtime["checked_images"] == 32 and runtime["min_cosine_images"] >= 0.9999
-    # Listed in the manifest with its sha256 and size, like every serving file.
-    folder = tmp_path / "store" / "food" / "versions" / job["version"]
+    # Listed in the manifest with its sha256 and size, a blob like every file of a version.
     manifest = _manifest(tmp_path / "store", "food", job["version"])
-    data = (folder / "encoder.tflite").read_bytes()
-    assert manifest["files"]["encoder.tflite"] == {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-    }
-    assert manifest["runtime"] == runtime
+    data = _model(tmp_path / "store", manifest).read_bytes()
+    assert manifest.encoder_model == BlobRef(hashlib.sha256(data).hexdigest(), len(data))
+    assert manifest.runtime == runtime
     wait_serving(client, "food", job["version"])
     described = client.get("/food").get_json()
     assert described["runtime"]["name"] == "litert"
@@ -64,20 +68,20 @@ def test_changes_keep_the_converted_encoder_and_adds_bring_their_own(
     client = make_app().test_client()
     first = train(client, "food", photos_zip)
     store = tmp_path / "store"
-    digest = _manifest(store, "food", first["version"])["files"]["encoder.tflite"]["sha256"]
+    model = _manifest(store, "food", first["version"]).encoder_model
     deleted = client.delete("/food/items/0").get_json()
     edited = client.patch("/food/items/1", json={"label": "renamed"}).get_json()
     for answer in (deleted, edited):
         manifest = _manifest(store, "food", answer["version"])
-        assert manifest["runtime"]["name"] == "litert"
-        assert manifest["files"]["encoder.tflite"]["sha256"] == digest
+        assert manifest.runtime["name"] == "litert" and manifest.encoder_model == model
     added = client.post(
         "/food/items", data={"file": (io.BytesIO(make_zip({"new/one.jpg": photo_jpeg("camera")})), "add.zip")}
     )
     assert added.status_code == 202, added.get_json()
     job = wait_job(client, added.get_json()["status_url"])
     assert job["status"] == "succeeded" and job["runtime"]["name"] == "litert", job
-    assert _manifest(store, "food", job["version"])["files"]["encoder.tflite"]["sha256"] == digest
+    # The same conversion is the same blob: one copy in the store, never downloaded again.
+    assert _manifest(store, "food", job["version"]).encoder_model == model
 
 
 def test_encoder_runtime_tensorflow_serves_with_tensorflow_and_says_why(
@@ -87,8 +91,7 @@ def test_encoder_runtime_tensorflow_serves_with_tensorflow_and_says_why(
     job = train(client, "food", photos_zip)
     assert job["status"] == "succeeded", job
     assert job["runtime"] == {"name": "tensorflow", "reason": "ENCODER_RUNTIME=tensorflow"}
-    manifest = _manifest(tmp_path / "store", "food", job["version"])
-    assert "encoder.tflite" not in manifest["files"]
+    assert _manifest(tmp_path / "store", "food", job["version"]).encoder_model is None
     wait_serving(client, "food", job["version"])
     assert client.get("/food").get_json()["runtime"]["name"] == "tensorflow"
 
@@ -178,7 +181,7 @@ def test_a_tampered_converted_model_is_never_served(
 ) -> None:
     client = make_app().test_client()
     job = train(client, "food", photos_zip)
-    model = tmp_path / "store" / "food" / "versions" / job["version"] / "encoder.tflite"
+    model = _model(tmp_path / "store", _manifest(tmp_path / "store", "food", job["version"]))
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one bit pattern changed: it would still load
     model.write_bytes(bytes(data))

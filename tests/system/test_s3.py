@@ -3,10 +3,12 @@ retention and rollback."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from flask.testing import FlaskClient
 
 from bench import demo
 from service.storage import open_storage, versions
+from service.storage.manifest import blob_key
 from tests.helpers import S3Server, cli, make_zip, train, upload, wait_job, wait_serving
+from tests.storage.test_versions import files, manifest_of
 
 
 def jpeg(name: str) -> bytes:
@@ -74,11 +78,16 @@ def test_train_publish_infer_through_s3_and_a_cold_instance(
     assert job["status"] == "succeeded", job
     wait_serving(first, "food", job["version"])
 
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
-    prefix = f"simsvc/food/versions/{job['version']}/"
-    for name in ("index.ann", "vectors.npy", "ids.json", "metadata.json", "manifest.json"):
-        assert prefix + name in keys
-    assert sum(k.startswith(prefix + "images/") for k in keys) == 30
+    listed = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    keys = {o["Key"] for page in listed for o in page.get("Contents", [])}
+    store = open_storage(f"s3://{bucket}/simsvc", endpoint_url=s3_server.url)
+    manifest = versions.read_manifest(store, "food", job["version"])
+    assert f"simsvc/food/manifests/{job['version']}.json" in keys
+    for ref in manifest.blobs():  # every file of the version: a blob named by its content
+        assert f"simsvc/{blob_key('food', ref.sha256)}" in keys
+    with zipfile.ZipFile(photos_zip) as zf:  # and every image, once
+        images = {hashlib.sha256(zf.read(n)).hexdigest() for n in zf.namelist() if n.endswith(".jpg")}
+    assert len(images) == 30 and all(f"simsvc/{blob_key('food', sha)}" in keys for sha in images)
     assert "simsvc/food/CURRENT" in keys and f"simsvc/jobs/{job['id']}.json" in keys
 
     body = infer(first).get_json()
@@ -96,42 +105,41 @@ def test_train_publish_infer_through_s3_and_a_cold_instance(
     cold_body = infer(cold).get_json()
     assert cold_body["version"] == job["version"]
     assert [r["id"] for r in cold_body["results"]] == [r["id"] for r in body["results"]]
-    cached = tmp_path / "instance-b" / "versions" / "food" / job["version"] / "index.ann"
+    vectors = manifest.segments[0].files["vectors"].sha256
+    cached = tmp_path / "instance-b" / "blobs" / vectors[:2] / vectors
     assert cached.is_file()
     before = cached.stat()
 
     # A second worker on that instance reuses the downloaded files instead of fetching them.
     second_worker = s3_app(make_app, s3_server, bucket, tmp_path, "instance-b").test_client()
     assert infer(second_worker).get_json()["version"] == job["version"]
-    after = cached.stat()
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert cached.stat().st_ino == before.st_ino  # the same file (a download would replace it)
 
 
 def test_racing_publishes_leave_one_complete_current(s3_server: S3Server, tmp_path: Path) -> None:
     bucket = s3_server.bucket()
-    names = [versions.new_version_id() for _ in range(4)]
-    stages = []
-    for i, name in enumerate(names):
-        stage = tmp_path / name
-        (stage / "images").mkdir(parents=True)
-        for file in versions.SERVING_FILES:
-            (stage / file).write_bytes(f"{name}:{file}".encode() * 1000)
-        (stage / "images" / "0.jpg").write_bytes(bytes([i]) * 5000)
-        stages.append(stage)
-
+    names = sorted(versions.new_version_id() for _ in range(4))
     barrier = threading.Barrier(len(names))
     outcomes: dict[str, str] = {}
 
-    def publisher(name: str, stage: Path) -> None:
+    def publisher(name: str) -> None:
         store = open_storage(f"s3://{bucket}/race", endpoint_url=s3_server.url)  # one per "instance"
+        parts = files(tmp_path / name, name)
         barrier.wait()
         try:
-            versions.publish(store, "shop", name, stage, {})
+            versions.publish(
+                store,
+                manifest_of(name, parts),
+                parts.values(),
+                set(),
+                base=versions.Pointer(None, None),
+                change=False,
+            )
             outcomes[name] = "published"
         except versions.SupersededError:
             outcomes[name] = "superseded"
 
-    threads = [threading.Thread(target=publisher, args=pair) for pair in zip(names, stages, strict=True)]
+    threads = [threading.Thread(target=publisher, args=(name,)) for name in names]
     for t in threads:
         t.start()
     for t in threads:
@@ -142,8 +150,8 @@ def test_racing_publishes_leave_one_complete_current(s3_server: S3Server, tmp_pa
     assert current == max(names), "the newest build wins, whatever order they finished in"
     assert outcomes[current] == "published" and set(outcomes) == set(names)
     manifest = versions.read_manifest(store, "shop", current)
-    folder = versions.fetch_serving_files(store, "shop", current, manifest, tmp_path / "verify")
-    assert (folder / "ids.json").read_bytes() == f"{current}:ids.json".encode() * 1000
+    for ref in manifest.blobs():
+        assert store.read(blob_key("shop", ref.sha256)).startswith(current.encode())
 
 
 def test_serving_survives_an_s3_outage_and_then_picks_up_a_newer_version(
@@ -213,16 +221,18 @@ def test_a_tampered_version_is_refused_and_the_old_one_keeps_serving(
 
     second = train(client, "food", make_zip({"moon/m.jpg": jpeg("moon")}))
     assert second["status"] == "succeeded"
-    key = f"simsvc/food/versions/{second['version']}/index.ann"
-    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"not the index that was published")
+    store = open_storage(f"s3://{bucket}/simsvc", endpoint_url=s3_server.url)
+    vectors = versions.read_manifest(store, "food", second["version"]).segments[0].files["vectors"].sha256
+    key = f"simsvc/{blob_key('food', vectors)}"
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"not the vectors that were published")
 
     registry.refresh_all()
     info = client.get("/food").get_json()
     assert info["version"] == first["version"]
-    assert "index.ann has sha256" in info["error"]
+    assert "vectors" in info["error"] and "does not match its sha256" in info["error"]
     assert infer(client).get_json()["version"] == first["version"]
-    cache = tmp_path / "cache" / "versions" / "food" / second["version"]
-    assert not (cache / "index.ann").exists() and not list(cache.glob("*.part"))
+    cache = tmp_path / "cache" / "blobs" / vectors[:2]
+    assert not (cache / vectors).exists() and not list(cache.glob("*.part"))
 
 
 def test_old_versions_are_pruned_and_can_be_rolled_back_to(
