@@ -209,6 +209,14 @@ class HealthSchema(Schema):
         values=fields.String(allow_none=True),
         metadata={"description": "The version each endpoint serves in this process"},
     )
+    problems = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={
+            "description": "Why an endpoint's current version is not served here (a file that failed its "
+            "check, a full cache, the store out of reach); only endpoints with a problem"
+        },
+    )
 
     @post_dump
     def _only_what_is_shown(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

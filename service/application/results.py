@@ -18,6 +18,9 @@ class Health:
     status: str = "ok"
     worker: int | None = None  # the answering process; None for callers who may not see it
     endpoints: dict[str, str | None] | None = None  # the version each endpoint serves here
+    # Why an endpoint's current version is not served here (a blob that failed its check, a
+    # full cache, a store out of reach), by endpoint; only endpoints with a problem.
+    problems: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,10 @@ class Service:
         """Liveness; which process answers and what it serves only for callers who may see it."""
         if not details:
             return Health()
-        return Health(worker=os.getpid(), endpoints=self.registry.versions_served())
+        problems = {n: s.error for n, s in self.registry.endpoints.items() if s.error}
+        return Health(
+            worker=os.getpid(), endpoints=self.registry.versions_served(), problems=problems or None
+        )
 
     def endpoint(self, name: str) -> ServedEndpoint:
         """The named endpoint (404 if there is none)."""

@@ -65,4 +65,3 @@ BLOB_CACHE_BYTES = Counter(
 SEGMENTS = Gauge(
     "simsvc_segments", "Segments of the version a worker serves", ["endpoint"], multiprocess_mode="livemax"
 )
-COMPACTIONS = Counter("simsvc_compactions_total", "Compactions finished", ["endpoint", "status"])

@@ -38,6 +38,7 @@ class Accepted:
     image: str  # the image's key in the version: images/<sha256><ext>
     sha256: str
     cached: Cached | None  # where the cache holds its encoder outputs, or None: embedded now
+    same_as: int | None = None  # an earlier image of this job with the same bytes (embedded once)
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Embedded:
     thumbs: list[np.ndarray] = field(default_factory=list)
     mirrored: list[np.ndarray] = field(default_factory=list)
     cache: VectorCache = field(default_factory=VectorCache)
+    first: dict[str, int] = field(default_factory=dict)  # digest -> its first accepted image
+    refused: dict[str, str] = field(default_factory=dict)  # digest -> why its first copy was skipped
 
     @property
     def embedded(self) -> int:
@@ -153,9 +156,17 @@ def _accept(
     out: Embedded, staging: Path, entry: ingest.Entry, data: bytes, digest: str, prepared: Prepared
 ) -> np.ndarray | None:
     """Record one decoded entry; its encoder input when it still needs a forward pass."""
+    if isinstance(prepared, _Again):  # bytes this job met already: that image's fate, no second pass
+        prepared = out.refused.get(digest) or _Again(out.first[digest])
     if isinstance(prepared, str):
         out.skipped.append(ingest.Skipped(entry.name, prepared))
+        out.refused.setdefault(digest, prepared)
         return None
+    if isinstance(prepared, _Again):
+        earlier = out.accepted[prepared.index]
+        out.accepted.append(Accepted(entry, earlier.image, digest, earlier.cached, prepared.index))
+        return None
+    out.first[digest] = len(out.accepted)
     if isinstance(prepared, Cached):
         ext, cached, array = out.cache.extension(prepared), prepared, None
     else:
@@ -168,8 +179,16 @@ def _accept(
     return array
 
 
-Prepared = tuple[np.ndarray, str] | str | Cached  # (input, format), the reason it was skipped, a cached row
-_Pending = tuple[ingest.Entry, bytes, str, "Future[tuple[np.ndarray, str]] | str | Cached"]
+@dataclass(frozen=True)
+class _Again:
+    """An entry whose bytes an earlier entry of the job had (`index`: that one, once accepted)."""
+
+    index: int = -1
+
+
+# (input, format), the reason it was skipped, a cached row, the same bytes as an earlier entry
+Prepared = tuple[np.ndarray, str] | str | Cached | _Again
+_Pending = tuple[ingest.Entry, bytes, str, "Future[tuple[np.ndarray, str]] | str | Cached | _Again"]
 
 
 def _decoded(
@@ -186,8 +205,9 @@ def _decoded(
                 images.prepare, data, size, settings.max_image_pixels, settings.allowed_formats
             )
 
+        seen: set[str] = set()
         for entry in entries:
-            pending.append(_read(zf, entry, cache, decode))
+            pending.append(_read(zf, entry, cache, decode, seen))
             if len(pending) >= window:
                 yield _settle(pending.popleft(), settings.image_decode_max_s)
         while pending:
@@ -199,12 +219,17 @@ def _read(
     entry: ingest.Entry,
     cache: VectorCache,
     decode: Callable[[bytes], Future[tuple[np.ndarray, str]]],
+    seen: set[str],
 ) -> _Pending:
+    """Read an entry; start decoding it unless its bytes are cached or met earlier in the job."""
     try:
         data = ingest.read_entry(zf, entry)
     except TrainingError as exc:
         return entry, b"", "", exc.message
     digest = hashlib.sha256(data).hexdigest()
+    if digest in seen:
+        return entry, data, digest, _Again()
+    seen.add(digest)
     row = cache.get(digest)
     return entry, data, digest, (row if row is not None else decode(data))
 

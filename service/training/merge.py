@@ -67,9 +67,10 @@ def _vectors(embedded: Embedded, thumb_dim: int) -> tuple[np.ndarray, np.ndarray
     """Backbone vectors, thumbnails and (when every row has them) mirrored vectors, row for row:
     from this job's forward passes, or from the vector cache."""
     n = len(embedded.accepted)
-    new_rows = [i for i, a in enumerate(embedded.accepted) if a.cached is None]
-    old_rows = [i for i, a in enumerate(embedded.accepted) if a.cached is not None]
-    found = [a.cached for a in embedded.accepted if a.cached is not None]
+    firsts = [(i, a) for i, a in enumerate(embedded.accepted) if a.same_as is None]
+    new_rows = [i for i, a in firsts if a.cached is None]
+    old_rows = [i for i, a in firsts if a.cached is not None]
+    found = [a.cached for _, a in firsts if a.cached is not None]
     old_b, old_t, old_m = embedded.cache.gather(found, thumb_dim)
     dim = embedded.vectors[0].shape[1] if embedded.vectors else old_b.shape[1]
     backbone, thumbs = np.zeros((n, dim), np.float32), np.zeros((n, thumb_dim), np.float32)
@@ -86,6 +87,11 @@ def _vectors(embedded: Embedded, thumb_dim: int) -> tuple[np.ndarray, np.ndarray
         backbone[old_rows], thumbs[old_rows] = old_b, old_t
         if mirrored is not None and old_m is not None:
             mirrored[old_rows] = old_m
+    again = [(i, a.same_as) for i, a in enumerate(embedded.accepted) if a.same_as is not None]
+    for i, earlier in again:  # the same bytes twice: the same outputs
+        backbone[i], thumbs[i] = backbone[earlier], thumbs[earlier]
+        if mirrored is not None:
+            mirrored[i] = mirrored[earlier]
     return backbone, thumbs, mirrored
 
 

@@ -59,7 +59,7 @@ def test_a_published_version_holds_everything_the_manifest_lists(
     (segment,) = manifest.segments
     assert segment.rows == segment.live == 30 and "vectors" in segment.files  # 30 rows: searched exactly
     fetch = BlobCache(storage, settings.cache_dir)
-    view = View.open(manifest, lambda ref: fetch.path("food", ref), 0)
+    view = View.open(manifest, lambda ref, label: fetch.path("food", ref, label), 0)
     rows = view.segments[0]
     assert [int(i) for i in rows.items] == list(range(30))  # new items: dense ids
     assert rows.names[0] == "astronaut/astronaut-crop-bottom-right.jpg"
@@ -83,7 +83,7 @@ def test_the_original_bytes_are_kept(setup: tuple[LocalStorage, Settings]) -> No
     # Content-addressed: the same bytes under the same key, whatever version holds them.
     assert storage.read(blob_key("food", hashlib.sha256(png).hexdigest())) == png
     manifest = versions.read_manifest(storage, "food", result.version)
-    view = View.open(manifest, lambda ref: BlobCache(storage, settings.cache_dir).path("food", ref), 0)
+    view = View.open(manifest, lambda ref, label: BlobCache(storage, settings.cache_dir).path("food", ref, label), 0)
     assert view.segments[0].entry(0)["image"].endswith(".png")  # its type, for the image route
 
 
