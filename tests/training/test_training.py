@@ -83,7 +83,9 @@ def test_the_original_bytes_are_kept(setup: tuple[LocalStorage, Settings]) -> No
     # Content-addressed: the same bytes under the same key, whatever version holds them.
     assert storage.read(blob_key("food", hashlib.sha256(png).hexdigest())) == png
     manifest = versions.read_manifest(storage, "food", result.version)
-    view = View.open(manifest, lambda ref, label: BlobCache(storage, settings.cache_dir).path("food", ref, label), 0)
+    view = View.open(
+        manifest, lambda ref, label: BlobCache(storage, settings.cache_dir).path("food", ref, label), 0
+    )
     assert view.segments[0].entry(0)["image"].endswith(".png")  # its type, for the image route
 
 
