@@ -22,7 +22,7 @@ function renderVersions(data) {
   const rows = [...data.versions].reverse(); // newest first
   const body = $("versions-body");
   if (!rows.length) {
-    body.replaceChildren(el("tr", {}, el("td", { colspan: "5", class: "muted", text: "No version yet." })));
+    body.replaceChildren(el("tr", {}, el("td", { colspan: "7", class: "muted", text: "No version yet." })));
     return;
   }
   body.replaceChildren(
@@ -31,7 +31,10 @@ function renderVersions(data) {
         "tr",
         { "data-version": v.version, class: v.current ? "current" : "" },
         el("td", {}, el("code", { text: v.version })),
+        // What made it: train, add, delete, edit, compact (segments merged), migrate.
+        el("td", { text: v.change || "train" }),
         el("td", { text: v.count === null || v.count === undefined ? "?" : String(v.count) }),
+        el("td", { text: v.segments === undefined ? "" : String(v.segments) }),
         el("td", { text: formatTime(v.created_at) }),
         el("td", { text: v.fine_tuned ? "fine-tuned" : "frozen" }),
         el(
