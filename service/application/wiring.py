@@ -20,6 +20,7 @@ from service.jobs.runner import JobRunner, JobStore
 from service.serving.registry import Registry
 from service.storage import open_storage
 from service.storage.blobs import BlobCache
+from service.training import changes
 from service.training.results import ChangeResult, ProgressFn, TrainResult
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,15 @@ def build_service(settings: Settings) -> Service:
         fine_tune: str,
         kind: str,
     ) -> TrainResult | ChangeResult:
-        if settings.train_in_child:  # TensorFlow loads in the child, never in this worker
-            return child.run_job(settings, specs[endpoint], zip_path, on_progress, version, fine_tune, kind)
-        return child.work(settings, specs[endpoint], zip_path, on_progress, version, fine_tune, kind, storage)
+        spec = specs[endpoint]
+        # TensorFlow loads in a child, never in this worker; work that needs none runs here: a
+        # compaction, and an add the current version's converted encoder embeds by itself.
+        light = kind == "compact" or (
+            kind == "add" and not changes.needs_tensorflow(spec, storage, settings, fine_tune)
+        )
+        if settings.train_in_child and not light:
+            return child.run_job(settings, spec, zip_path, on_progress, version, fine_tune, kind)
+        return child.work(settings, spec, zip_path, on_progress, version, fine_tune, kind, storage)
 
     bucket = storage.as_bucket()
 

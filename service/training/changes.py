@@ -25,10 +25,10 @@ from service.catalog.view import Found
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import ConflictError, InvalidParameterError, ItemNotFoundError, TrainingError
-from service.encoders import convert
-from service.storage import Storage
+from service.encoders import convert, litert
+from service.storage import Storage, versions
 from service.storage.blobs import BlobCache
-from service.storage.manifest import Manifest, SegmentRef
+from service.storage.manifest import BlobRef, Manifest, SegmentRef
 from service.training import embedding, merge, steps
 from service.training.base import Base, read_base
 from service.training.built import Built
@@ -91,8 +91,8 @@ def add_items(
     report = on_progress or quiet
     report(Progress("ingest", 0, 0))
     cache = steps.blob_cache(storage, settings)
-    encoder = steps.converted_encoder(steps.load_encoder(spec, settings, storage), settings, report)
     first = read_base(storage, spec.name, cache, spec.search_k)
+    encoder = _encoder(spec, storage, settings, cache, first, fine_tune, report)
     if first is not None:
         _check_encoder(first, encoder.fingerprint, spec)
     with steps.work_folder(settings, spec.name, "add") as tmp, ingest.open_zip(zip_path) as zf:
@@ -114,6 +114,39 @@ def add_items(
     return result
 
 
+def needs_tensorflow(spec: EndpointSpec, storage: Storage, settings: Settings, fine_tune: str) -> bool:
+    """Whether an add must load TensorFlow: not when the current version's converted encoder can
+    embed the new images by itself (and no head is trained again)."""
+    pointer = versions.read_current(storage, spec.name)
+    if pointer.version is None:
+        return True
+    return not _converted(versions.read_manifest(storage, spec.name, pointer.version), settings, fine_tune)
+
+
+def _converted(manifest: Manifest, settings: Settings, fine_tune: str) -> bool:
+    return (
+        fine_tune != "always"
+        and settings.encoder_runtime == "litert"
+        and manifest.runtime.get("name") == litert.RUNTIME
+        and manifest.encoder_model is not None
+    )
+
+
+def _encoder(
+    spec: EndpointSpec, storage: Storage, settings: Settings, cache: BlobCache, first: Base | None,
+    fine_tune: str, report: ProgressFn,
+) -> convert.Verified | litert.LiteEncoder:  # fmt: skip
+    """The current version's own converted encoder when it has one: checked when it was built, it
+    embeds the new images consistently with the old, and no TensorFlow loads (a small add is served
+    in about a second). Otherwise the endpoint's encoder through TensorFlow, converted and checked."""
+    if first is not None and _converted(first.manifest, settings, fine_tune):
+        model = first.manifest.encoder_model
+        assert model is not None
+        path = cache.path(spec.name, model, litert.MODEL_FILE)
+        return litert.load(path, model.sha256, dict(first.manifest.encoder))
+    return steps.converted_encoder(steps.load_encoder(spec, settings, storage), settings, report)
+
+
 @dataclass
 class AddItems:
     """An add: embed once (`embed`), then build on whichever version is current (`build`)."""
@@ -122,7 +155,7 @@ class AddItems:
     storage: Storage
     settings: Settings
     cache: BlobCache
-    encoder: convert.Verified
+    encoder: convert.Verified | litert.LiteEncoder
     plan: ingest.ZipPlan
     embed_dir: Path  # the new images' originals
     fine_tune: str
@@ -189,7 +222,7 @@ class AddItems:
                 (base.head if base else None),
                 {},
             )
-        runtime, model = steps.stage_converted(self.encoder, stager, self.settings, self._originals())
+        runtime, model = self._stage_encoder(base, stager)
         manifest = self._manifest(
             base, segments, new, replaced, head, stager, runtime, model, evaluation, version
         )
@@ -202,6 +235,19 @@ class AddItems:
 
     def _originals(self) -> list[Path]:
         return [self.embed_dir / a.image for a in self.embedded.accepted]
+
+    def _stage_encoder(self, base: Base | None, stager: Stager) -> tuple[dict[str, Any], BlobRef | None]:
+        """The runtime entry and the converted model of the new version: the base's, when its own
+        converted encoder embedded the images; else the one this add converted and checked."""
+        if isinstance(self.encoder, convert.Verified):
+            return steps.stage_converted(self.encoder, stager, self.settings, self._originals())
+        assert base is not None
+        return dict(base.manifest.runtime), base.manifest.encoder_model
+
+    def _describe_encoder(self, base: Base | None) -> dict[str, Any]:
+        if isinstance(self.encoder, convert.Verified) or base is None:
+            return {**self.encoder.describe(), "handle": self.spec.encoder.source}
+        return dict(base.manifest.encoder)
 
     def _append(
         self, base: Base | None, new: Catalog, replaced: dict[int, Found], stager: Stager
@@ -261,7 +307,7 @@ class AddItems:
         after = [new.entries[int(r)] for r in np.unique(new.items, return_index=True)[1]]
         head_ref = base.manifest.head if base and head is base.head else (stager.head(head) if head else None)
         fields: dict[str, Any] = {
-            "encoder": {**self.encoder.describe(), "handle": self.spec.encoder.source},
+            "encoder": self._describe_encoder(base),
             "runtime": runtime,
             "encoder_model": model,
             "dim": int(new.vectors.shape[1])

@@ -27,7 +27,6 @@ from service.catalog.head import thumbnails
 from service.core.config import Settings
 from service.core.endpoint import HeadConfig
 from service.core.errors import BadImageError, TrainingError
-from service.encoders import convert
 from service.training.cache import Cached, VectorCache
 from service.training.results import Progress, ProgressFn
 
@@ -59,7 +58,7 @@ class Embedded:
         return sum(len(v) for v in self.vectors)
 
 
-Encoder = convert.Verified | encoders.Encoder
+Encoder = encoders.Embedder  # TensorFlow's (through a conversion check) or a version's converted one
 
 
 class _EncodeThread:
