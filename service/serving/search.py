@@ -40,10 +40,65 @@ def search(
     """The k best items of the version for `vector`, best first, each as its best-matching row."""
     hits: list[Hit] = []
     for index, segment in enumerate(view.segments):
+        if segment.index is None:
+            continue  # the small segments are scanned together, below
         allowed = _allowed(segment, index, mask, exclude)
         for n in segment_search(segment, vector, k, allowed):
             hits.append(Hit(n.score, index, n.id))
+    small = _small_block(view)
+    if small is not None:
+        hits.extend(_scan(small, view, vector, k, mask, exclude))
     return heapq.nlargest(k, hits)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Every small (unindexed) segment of a version in one matrix: the changes since the last
+    compaction, scanned with one product instead of one per segment."""
+
+    vectors: np.ndarray  # float32 [rows, dim]
+    segment: np.ndarray  # each row's segment (its index in the view)
+    row: np.ndarray  # each row's row in its segment
+    item: np.ndarray  # each row's item id
+    dead: np.ndarray  # rows this version does not serve
+    grouped: bool  # some item has several rows
+
+
+def _small_block(view: View) -> _Block | None:
+    cached = view.__dict__.get("_small", False)
+    if cached is not False:
+        return cached
+    small = [(i, s) for i, s in enumerate(view.segments) if s.index is None and s.rows]
+    block = None
+    if small:
+        items = np.concatenate([np.asarray(s.items) for _, s in small])
+        block = _Block(
+            vectors=np.concatenate([np.asarray(s.vectors, dtype=np.float32) for _, s in small]),
+            segment=np.concatenate([np.full(s.rows, i, np.int64) for i, s in small]),
+            row=np.concatenate([np.arange(s.rows, dtype=np.int64) for _, s in small]),
+            item=items,
+            dead=np.concatenate([s.deleted for _, s in small]),
+            grouped=len(np.unique(items)) != len(items),
+        )
+    view.__dict__["_small"] = block
+    return block
+
+
+def _scan(
+    block: _Block, view: View, vector: np.ndarray, k: int, mask: MaskFn | None, exclude: int | None
+) -> list[Hit]:
+    allowed = ~block.dead
+    if exclude is not None:
+        allowed &= block.item != exclude
+    if mask is not None:
+        segments = sorted(set(block.segment.tolist()))
+        allowed &= np.concatenate([mask(i, view.segments[i]) for i in segments])
+    rows = np.flatnonzero(allowed)
+    if not len(rows):
+        return []
+    scores = block.vectors[rows] @ np.asarray(vector, dtype=np.float32)
+    found = best(rows, scores.astype(np.float64), k, block.item if block.grouped else None)
+    return [Hit(n.score, int(block.segment[n.id]), int(block.row[n.id])) for n in found]
 
 
 def _allowed(segment: Segment, index: int, mask: MaskFn | None, exclude: int | None) -> np.ndarray | None:
