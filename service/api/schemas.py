@@ -95,8 +95,11 @@ class JobSchema(Schema):
     id = fields.String(required=True)
     endpoint = fields.String(required=True)
     kind = fields.String(
-        validate=validate.OneOf(["train", "add"]),
-        metadata={"description": "train: replace the catalog (POST /train); add: POST /items"},
+        validate=validate.OneOf(["train", "add", "compact"]),
+        metadata={
+            "description": "train: replace the catalog (POST /train); add: POST /items; "
+            "compact: merge segments (POST /compact, or queued by a change)"
+        },
     )
     status = fields.String(
         required=True, validate=validate.OneOf(["queued", "running", "succeeded", "failed"])
