@@ -166,7 +166,10 @@ def encoders_command(args: argparse.Namespace) -> int:
 
 def migrate(args: argparse.Namespace) -> int:
     outcome = _service().migrate(args.endpoint)
-    print(f"{args.endpoint}: {outcome.kind} -> {outcome.version} ({outcome.count} items)")
+    if not outcome.published:
+        print(f"{args.endpoint}: nothing to migrate ({outcome.version or 'no version'} is in format 2)")
+    else:
+        print(f"{args.endpoint}: migrated -> {outcome.version} ({outcome.count} items)")
     return 0
 
 

@@ -65,6 +65,7 @@ class ChangeOutcome:
     kind: str
     items: list[int]
     count: int
+    published: bool = True  # False: nothing to change (a migrate of a migrated endpoint)
 
 
 @dataclass(frozen=True)

@@ -339,6 +339,8 @@ class Service:
         manifest = self._current_manifest(name)
         if manifest is None or not compaction.due(manifest, compaction.Policy.from_settings(self.settings)):
             raise ConflictError(f"{name} has nothing to compact (see COMPACT_* in docs/CONFIGURATION.md)")
+        if self.jobs.compacting(name):
+            raise ConflictError(f"{name} is being compacted already (a job queued or running here)")
         return self.jobs.submit(name, kind="compact")
 
     def _current_manifest(self, name: str) -> Manifest | None:
@@ -431,4 +433,6 @@ class Service:
 
 
 def _outcome(endpoint: str, result: ChangeResult) -> ChangeOutcome:
-    return ChangeOutcome(endpoint, result.version, result.kind, result.items, result.count)
+    return ChangeOutcome(
+        endpoint, result.version, result.kind, result.items, result.count, result.manifest is not None
+    )

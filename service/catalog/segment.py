@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -300,10 +300,6 @@ class Segment:
         if ref.overlay == self.ref.overlay and "overlay" in self.__dict__:
             other.__dict__["overlay"] = self.__dict__["overlay"]
         return other
-
-    def iter_entries(self) -> Iterator[dict[str, Any]]:
-        for row in range(self.rows):
-            yield self.entry(row)
 
 
 def to_catalog(segment: Segment, rows: np.ndarray, head: bool, next_id: int) -> Catalog:

@@ -102,14 +102,6 @@ class View:
                 return int(segs[j]), int(rows[j])
         return None
 
-    def image_digests(self) -> set[str]:
-        """The sha256 of every row's image (what the store holds for this version)."""
-        found: set[str] = set()
-        for segment in self.segments:
-            if segment.ref.images is None:
-                found.update(bytes(d).hex() for d in segment.digests)
-        return found
-
 
 def _rows_of(segment: Segment, item_id: int) -> np.ndarray:
     order, ordered = _item_order(segment)

@@ -28,6 +28,7 @@ from service.core.errors import (
     EndpointLoadingError,
     EndpointNotFoundError,
     EndpointUnavailableError,
+    InsufficientStorageError,
     IntegrityError,
     NotTrainedError,
     ServiceError,
@@ -204,6 +205,8 @@ class ServedEndpoint:
                 fresh = load_version(
                     self.storage, self.spec, pointer.version, self.settings, self.cache, self.loaded
                 )
+            except InsufficientStorageError as exc:  # the disk may be freed: try again next round
+                return self._failed(exc.message)
             except StorageError as exc:
                 if not isinstance(exc, IntegrityError):
                     return self._unreachable(exc.message)  # try again next round
@@ -237,7 +240,7 @@ class ServedEndpoint:
         """Mark the blobs this worker serves as in use; drop those no version served for a while."""
         held = [ref for loaded in (fresh, previous) if loaded for ref in loaded.manifest.blobs()]
         self.cache.touch(self.spec.name, held)
-        self.cache.evict({ref.sha256 for ref in held})
+        self.cache.evict(self.spec.name, {ref.sha256 for ref in held})
 
     @contextmanager
     def _lock_held(self) -> Iterator[None]:

@@ -86,9 +86,10 @@ class _Seen:
 
 class BlobCache:
     """Blobs on this instance, by sha256: read in place from a local store, else downloaded once into
-    CACHE_DIR/blobs/ (to a temporary name, checked, then renamed) and shared by the instance's
-    workers. Each process checks a file's sha256 the first time it uses it, so a blob corrupted in
-    the cache (or in a local store) is never served: it is fetched again, or the load fails."""
+    CACHE_DIR/blobs/<endpoint>/ (to a temporary name, checked, then renamed) and shared by the
+    instance's workers; a folder per endpoint, so one endpoint's eviction never judges another's.
+    Each process checks a file's sha256 the first time it uses it, so a blob corrupted in the cache
+    (or in a local store) is never served: it is fetched again, or the load fails."""
 
     def __init__(self, storage: Storage, cache_dir: Path) -> None:
         self.storage = storage
@@ -103,7 +104,7 @@ class BlobCache:
         if local is not None:
             self._verify(local, ref, key)
             return local
-        target = self.folder / ref.sha256[:2] / ref.sha256
+        target = self._target(endpoint, ref)
         if target.exists():
             try:
                 self._verify(target, ref, key)
@@ -158,35 +159,36 @@ class BlobCache:
     def read_bytes(self, endpoint: str, ref: BlobRef, label: str = "") -> bytes:
         return self.path(endpoint, ref, label).read_bytes()
 
-    def touch(self, endpoint: str, refs: Iterable[BlobRef]) -> None:
-        """Mark cached blobs as in use by a version a worker serves now (their time stamp)."""
-        for ref in refs:
-            target = self.folder / ref.sha256[:2] / ref.sha256
-            if self.storage.local_path(ref.key_in(endpoint)) is None and target.exists():
-                try:
-                    os.utime(target)
-                    with self._lock:  # utime changes mtime: keep this process's check valid
-                        if target in self._checked:
-                            stat = target.stat()
-                            self._checked[target] = _Seen(stat.st_size, stat.st_mtime_ns)
-                except FileNotFoundError:
-                    continue
+    def _target(self, endpoint: str, ref: BlobRef) -> Path:
+        return self.folder / endpoint / ref.sha256[:2] / ref.sha256
 
-    def evict(self, keep: set[str], min_age_s: float = 600) -> int:
-        """Remove cached blobs not in `keep` that no worker of this instance marked as in use for
-        `min_age_s` (every worker marks what it serves when it loads a version). Returns the bytes
-        freed. Open memory maps of a removed file stay valid until they are closed."""
+    def touch(self, endpoint: str, refs: Iterable[BlobRef]) -> None:
+        """Mark cached blobs as in use by a version a worker serves now: a `.used` file beside each
+        (the blob's own time stamp stays as it was checked, so no worker hashes it again)."""
+        for ref in refs:
+            target = self._target(endpoint, ref)
+            if self.storage.local_path(ref.key_in(endpoint)) is None and target.exists():
+                target.with_name(target.name + ".used").touch()
+
+    def evict(self, endpoint: str, keep: set[str], min_age_s: float = 600) -> int:
+        """Remove the endpoint's cached blobs not in `keep` that no worker of this instance marked as
+        in use for `min_age_s` (every worker marks what it serves when it loads a version). Returns
+        the bytes freed. Open memory maps of a removed file stay valid until they are closed."""
         freed = 0
-        if not self.folder.is_dir():
+        folder = self.folder / endpoint
+        if not folder.is_dir():
             return 0
         now = time.time()
-        for path in self.folder.glob("*/*"):
-            if path.suffix in (".lock", ".part") or path.name in keep:
+        for path in folder.glob("*/*"):
+            if path.suffix in (".lock", ".part", ".used") or path.name in keep:
                 continue
+            used = path.with_name(path.name + ".used")
             try:
                 stat = path.stat()
-                if now - stat.st_mtime > min_age_s:
+                last = max(stat.st_mtime, used.stat().st_mtime if used.exists() else 0.0)
+                if now - last > min_age_s:
                     path.unlink()
+                    used.unlink(missing_ok=True)
                     path.with_name(path.name + ".lock").unlink(missing_ok=True)
                     freed += stat.st_size
             except FileNotFoundError:
@@ -216,30 +218,88 @@ class _Stamp:
 
 # How long a build waits for a collection under way before it gives up (past a dead collector's lock).
 LEASE_WAIT_S = 90.0
+# A build's lease lasts this long unless renewed (it is, every third of it, while the build runs): a
+# build that dies holds collections back for at most this long, and a long one keeps its lease.
+LEASE_S = 300.0
+
+
+class Lease:
+    """A build lease, renewed by a thread while held: a new key with a later expiry, then the old
+    key deleted (the collector reads expiries from the keys' names, so it never sees a gap)."""
+
+    def __init__(self, storage: Storage, endpoint: str) -> None:
+        self.storage, self.endpoint = storage, endpoint
+        self.expires = 0.0
+        self.key = ""
+        self.lost = False
+        self._done = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _write(self) -> None:
+        expires = time.time() + LEASE_S
+        key = f"{self.endpoint}/{LEASES}{expires:.3f}-{secrets.token_hex(6)}"
+        self.storage.write(key, b"")
+        old, self.key, self.expires = self.key, key, expires
+        if old:
+            self.storage.delete(old)
+
+    def _intact(self) -> bool:
+        """Not expired, and still in the store: a collector deletes the leases it judges expired (by
+        its own clock) before it deletes anything, so a lease gone means a collection may have run."""
+        return time.time() <= self.expires and self.storage.exists(self.key)
+
+    def check(self) -> None:
+        """Raise StorageError unless the lease has been held without a gap: a collection may have
+        deleted blobs this build counts on once it lapsed, so what it built must not be published."""
+        if not self.lost and not self._intact():
+            self.lost = True
+        if self.lost:
+            raise StorageError(f"the build lease on {self.endpoint} lapsed; nothing was published")
+
+    def _renew(self) -> None:
+        while not self._done.wait(LEASE_S / 3):
+            try:
+                if not self._intact():
+                    self.lost = True  # a gap: a collection may have run meanwhile
+                    return
+                self._write()
+            except StorageError as exc:  # tried again in a third of the lease
+                log.warning("could not renew the build lease on %s: %s", self.endpoint, exc)
+
+    def start(self) -> None:
+        self._renewer = threading.Thread(target=self._renew, name="build-lease", daemon=True)
+        self._renewer.start()
+
+    def release(self) -> None:
+        self._done.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        try:
+            self.storage.delete(self.key)
+        except StorageError as exc:  # expires by itself
+            log.warning("could not remove the build lease %s: %s", self.key, exc)
 
 
 @contextmanager
-def lease(storage: Storage, endpoint: str, hold_s: float) -> Iterator[None]:
+def lease(storage: Storage, endpoint: str) -> Iterator[Lease]:
     """Hold a build lease on `endpoint` for the block: garbage collection deletes nothing meanwhile.
-    `hold_s`: how long the build may take (past that the lease counts as a crashed build's). The
-    lease's name carries its expiry, so the collector lists leases without reading them."""
-    key = f"{endpoint}/{LEASES}{time.time() + hold_s:.0f}-{secrets.token_hex(6)}"
+    Waits while a collection holds its lock (at most LEASE_WAIT_S). Publish with `check()` first."""
+    held = Lease(storage, endpoint)
     deadline = time.monotonic() + LEASE_WAIT_S
     while True:
-        storage.write(key, b"")
+        held._write()
         if not _live(storage, f"{endpoint}/{GC_LOCK}"):
             break
-        storage.delete(key)  # a collection is under way: let it finish first
+        storage.delete(held.key)  # a collection is under way: let it finish first
+        held.key = ""
         if time.monotonic() > deadline:
             raise StorageError(f"garbage collection of {endpoint} held its lock for over {LEASE_WAIT_S:g} s")
         time.sleep(0.5)
+    held.start()
     try:
-        yield
+        yield held
     finally:
-        try:
-            storage.delete(key)
-        except StorageError as exc:  # expires by itself
-            log.warning("could not remove the build lease %s: %s", key, exc)
+        held.release()
 
 
 def _lease_expires(key: str) -> float:

@@ -69,23 +69,32 @@ def collect_pruned(storage: Storage, endpoint: str, pruned: list[Manifest]) -> C
 
 
 def sweep(storage: Storage, endpoint: str) -> Collected:
-    """Delete every blob of the endpoint that no retained version references."""
+    """Delete every blob of the endpoint that no retained version references.
+
+    The mark (every retained segment's digests: a cost that grows with the catalog) runs before the
+    collector's lock is taken, so builds wait only for the final check and the deletes. Under the
+    lock, versions published since the mark are marked too; blobs uploaded since the listing are not
+    in it; and a build still running holds a lease, which defers the whole collection."""
+    manifests = retained(storage, endpoint)
+    seen: set[str] = set()
+    keep = _marked(storage, endpoint, manifests, seen)
+    present = storage.list(f"{endpoint}/blobs/")
     with collector_lock(storage, endpoint) as free:
         if not free:
             return Collected(0, True)
-        keep = _marked(storage, endpoint, retained(storage, endpoint))
-        present = storage.list(f"{endpoint}/blobs/")
+        marked = {m.version for m in manifests}
+        newer = [m for m in retained(storage, endpoint) if m.version not in marked]
+        keep |= _marked(storage, endpoint, newer, seen)
         garbage = [key for key in present if key.rsplit("/", 1)[-1] not in keep]
         storage.delete_many(garbage)
     log.info("%s: swept %d of %d blobs", endpoint, len(garbage), len(present))
     return Collected(len(garbage), False)
 
 
-def _marked(storage: Storage, endpoint: str, manifests: list[Manifest]) -> set[str]:
+def _marked(storage: Storage, endpoint: str, manifests: list[Manifest], seen: set[str]) -> set[str]:
     """Every blob the versions reference: their files, and the images of their segments' rows
-    (read from each segment's digests, once per segment)."""
+    (read from each segment's digests, once per segment: `seen` holds the digests already read)."""
     keep = _files(manifests)
-    seen: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="gc-") as tmp:
         for manifest in manifests:
             for segment in manifest.segments:

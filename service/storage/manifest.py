@@ -227,8 +227,9 @@ def _blob(where: str, raw: Any) -> BlobRef:
     sha = r.get("sha256", str)
     if not SHA256.match(sha):
         raise IntegrityError(f"{where}: not a sha256")
-    key = r.get("key", str, None)
-    return BlobRef(sha, r.get("size", int), key)
+    if "key" in raw:  # a blob's key follows from its sha256; only format 1's files have keys of their own
+        raise IntegrityError(f"{where}: a blob names no key")
+    return BlobRef(sha, r.get("size", int))
 
 
 def _segment(where: str, raw: Any) -> SegmentRef:
@@ -273,8 +274,10 @@ def parse(data: bytes, endpoint: str, version: str) -> Manifest:
         raw = json.loads(data)
     except ValueError:
         raise IntegrityError(f"{where} is not valid JSON") from None
-    if isinstance(raw, dict) and raw.get("format") != FORMAT:
+    if isinstance(raw, dict) and raw.get("format", 1) == 1:
         return from_legacy(raw, endpoint, version)
+    if isinstance(raw, dict) and raw.get("format") != FORMAT:
+        raise IntegrityError(f"{where} is in format {raw.get('format')!r}, which this release cannot read")
     r = _Reader(where, raw)
     if r.get("endpoint", str) != endpoint or r.get("version", str) != version:
         raise IntegrityError(f"{where} names another version")

@@ -26,7 +26,7 @@ from pathlib import Path
 from service.core.errors import ConflictError, IntegrityError, NotFoundError, StorageError
 from service.storage import manifest as manifests
 from service.storage.base import KeyNotFoundError, Storage
-from service.storage.blobs import sha256_file, upload_missing
+from service.storage.blobs import Lease, sha256_file, upload_missing
 from service.storage.manifest import BlobRef, Manifest
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ def publish(
     *,
     base: Pointer,
     change: bool,
+    lease: Lease | None = None,
 ) -> None:
     """Upload a built version's new blobs, its manifest, then point CURRENT at it.
 
@@ -236,10 +237,15 @@ def publish(
     refused with SupersededError if a newer train (uploaded after it) was published meanwhile ("the
     newest upload wins"); if only changes to its base's train were, RebaseError: the caller applies
     them to its result (a train never drops a change made while it ran).
+
+    `lease`: the build's; if it lapsed, a collection may have deleted blobs in `known`, so nothing
+    is published (StorageError).
     """
     endpoint, version = manifest.endpoint, manifest.version
     _check_current(storage, read_current(storage, endpoint), manifest, base, change)  # before uploading
     upload_missing(storage, endpoint, files, known)
+    if lease is not None:
+        lease.check()
     storage.write(manifest_key(endpoint, version), manifest.dumps())
     pointer = json.dumps({"version": version}).encode()
     for _ in range(5):  # retry only when another writer raced us between read and write

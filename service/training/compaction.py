@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,8 +64,11 @@ def plan(manifest: Manifest, policy: Policy) -> list[int]:
         if len(members) > policy.max_per_tier:
             chosen.update(members)
     chosen = {i for i in chosen if segments[i].images is None}
-    if len(chosen) == 1 and segments[next(iter(chosen))].live == segments[next(iter(chosen))].rows:
-        return []  # a lone segment with nothing to drop: merging it changes nothing
+    if len(chosen) == 1:
+        lone = segments[next(iter(chosen))]
+        overlay_big = lone.overlay is not None and lone.overlay.size > policy.max_overlay_bytes
+        if lone.live == lone.rows and not overlay_big:
+            return []  # a lone segment with nothing to drop or fold in: merging it changes nothing
     return sorted(chosen)
 
 
@@ -128,17 +132,22 @@ class Merge:
     report: ProgressFn
     merged: SegmentRef | None = None
     files: list[tuple[Path, BlobRef]] = field(default_factory=list)
-    origin: dict[tuple[str, int], int] = field(default_factory=dict)  # (segment id, row) -> merged row
+    # Per merged segment: its rows that were live (in the merged segment's order, from `start`), and
+    # the edits baked into the merged rows' entries.
+    origin: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
+    baked: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
 
     def prepare(self, base: Base, folder: Path) -> None:
         """Read the live rows of the chosen segments, write them as one segment."""
         parts: list[Catalog] = []
+        start = 0
         for segment in base.view.segments:
             if segment.ref.id not in self.segment_ids:
                 continue
             live = segment.live()
-            for row in live:
-                self.origin[(segment.ref.id, int(row))] = len(self.origin)
+            self.origin[segment.ref.id] = (live, start)
+            self.baked[segment.ref.id] = dict(segment.overlay)
+            start += len(live)
             if len(live):
                 parts.append(to_catalog(segment, live, base.head is not None, base.manifest.next_id))
         if not parts:
@@ -174,21 +183,29 @@ class Merge:
         return Built(manifest, base.known(), ChangeResult("", "compact", [], manifest.count, counts))
 
     def _carry(self, present: dict[str, Segment], stager: Stager) -> SegmentRef:
-        """The merged segment with the deletions and edits made to its rows since it was built."""
+        """The merged segment with the deletions and edits made to its rows since it was built
+        (a rollback meanwhile too: an edit it undid is undone on the merged row as well)."""
         assert self.merged is not None
         deleted = np.zeros(self.merged.rows, dtype=bool)
-        edits: dict[int, dict[str, object]] = {}
+        edits: dict[int, dict[str, Any]] = {}
         for segment_id in self.segment_ids:
             segment = present[segment_id]
-            dead, overlay = segment.deleted, segment.overlay
-            for (sid, row), merged_row in self.origin.items():
-                if sid != segment_id:
-                    continue
-                if dead[row]:
-                    deleted[merged_row] = True
-                elif row in overlay:
-                    edits[merged_row] = overlay[row]
-        # Edits the merge itself wrote (the rows' entries then) stay; later ones are applied again.
+            live, start = self.origin[segment_id]
+            dead = segment.deleted
+            if np.count_nonzero(~dead) > np.count_nonzero(~dead[live]):
+                # Rows live now that were deleted when the merge read them: a rollback restored
+                # them, and the merged segment lacks them. The next change compacts again.
+                raise SegmentsGone(f"{self.spec.name} was rolled back while it was compacted")
+            deleted[start : start + len(live)] = dead[live]
+            baked, overlay = self.baked[segment_id], segment.overlay
+            for row in set(baked) | set(overlay):
+                position = int(np.searchsorted(live, row))
+                if position == len(live) or live[position] != row or dead[row]:
+                    continue  # a row the merge left out, or deleted since
+                if overlay.get(row) != baked.get(row):  # edited (or an edit undone) since
+                    entry = segment.entry(row)
+                    metadata = entry.get("metadata") or {}
+                    edits[start + position] = {"label": entry.get("label"), "metadata": metadata}
         return replace(
             self.merged,
             deleted=stager.deleted(deleted),

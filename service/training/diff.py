@@ -43,12 +43,33 @@ def diff(before: View, after: View) -> Diff:
     out = Diff(deleted=set(old) - set(new))
     edited_rows = _edited_rows(before, after)
     for item, (index, placement) in new.items():
-        if item not in old or old[item][1] != placement:
+        prior, here = old.get(item), (index, placement)
+        if prior is not None and prior[1] != placement and _same_photos(before, prior, after, here):
+            # Moved, not changed: a compaction or a migration rewrote its segment. Edited if its
+            # label or metadata differ.
+            then, now = _labels(before, prior), _labels(after, here)
+            if then != now:
+                out.edited[item] = now
+        elif prior is None or prior[1] != placement:
             out.added[item] = Found(index, np.array(placement[1], dtype=np.int64))
         elif any((placement[0], row) in edited_rows for row in placement[1]):
-            entry = after.segments[index].entry(placement[1][0])
-            out.edited[item] = {"label": entry.get("label"), "metadata": entry.get("metadata") or {}}
+            out.edited[item] = _labels(after, (index, placement))
     return out
+
+
+def _same_photos(before: View, old: tuple[int, Placement], after: View, new: tuple[int, Placement]) -> bool:
+    """Whether an item's rows in two places hold the same images (by sha256) under the same names."""
+
+    def photos(view: View, where: tuple[int, Placement]) -> list[tuple[bytes, str]]:
+        segment = view.segments[where[0]]
+        return sorted((bytes(segment.digests[row]), segment.names[row]) for row in where[1][1])
+
+    return photos(before, old) == photos(after, new)
+
+
+def _labels(view: View, where: tuple[int, Placement]) -> dict[str, Any]:
+    entry = view.segments[where[0]].entry(where[1][1][0])
+    return {"label": entry.get("label"), "metadata": entry.get("metadata") or {}}
 
 
 def _edited_rows(before: View, after: View) -> set[tuple[str, int]]:

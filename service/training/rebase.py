@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 # A change rebuilt this many times in a row (each time another change won the race) gives up.
 MAX_REBASES = 20
 # How long a change may hold its lease (a crashed one's expires after this).
-CHANGE_LEASE_S = 1800.0
 
 
 def publish_with_rebase(
@@ -41,8 +40,8 @@ def publish_with_rebase(
     """Build `change` on the current version and publish it; on a lost race, build it again on the
     winner. `served`: this worker's open view of a recent version, whose segments it reuses."""
     cache = cache or steps.blob_cache(storage, settings)
-    with blobs.lease(storage, spec.name, max(CHANGE_LEASE_S, settings.job_max_s)):
-        version, built = _build_and_publish(storage, spec, settings, change, cache, served)
+    with blobs.lease(storage, spec.name) as held:
+        version, built = _build_and_publish(storage, spec, settings, change, cache, served, held)
     steps.published(storage, settings, spec.name, version)
     built.result.version, built.result.manifest = version, built.manifest
     return built.result
@@ -55,6 +54,7 @@ def _build_and_publish(
     change: Change,
     cache: BlobCache,
     served: View | None,
+    held: blobs.Lease,
 ) -> tuple[str, Built]:
     for attempt in range(MAX_REBASES):
         try:
@@ -64,7 +64,7 @@ def _build_and_publish(
                 continue
             raise
         if base is not None and base.manifest.format == 1 and not getattr(change, "migrates", False):
-            _migrate_first(storage, spec, settings, cache, served)  # a change never writes format 1
+            _migrate_first(storage, spec, settings, cache, served, held)  # a change never writes format 1
             continue
         version = versions.new_version_id()
         try:
@@ -77,7 +77,7 @@ def _build_and_publish(
                     base=base.version if base else None,
                     lineage=base.manifest.lineage if base else version,
                 )
-                _publish(storage, built, base, stager)
+                _publish(storage, built, base, stager, held)
         except versions.RebaseError:
             log.info("%s: a change lost the race to another; building it again", spec.name)
             continue
@@ -92,16 +92,23 @@ def _build_and_publish(
 
 
 def _migrate_first(
-    storage: Storage, spec: EndpointSpec, settings: Settings, cache: BlobCache, served: View | None
+    storage: Storage,
+    spec: EndpointSpec,
+    settings: Settings,
+    cache: BlobCache,
+    served: View | None,
+    held: blobs.Lease,
 ) -> None:
     log.info("%s: its current version is in format 1; migrating it before the change", spec.name)
-    _build_and_publish(storage, spec, settings, Migration(spec, storage), cache, served)
+    _build_and_publish(storage, spec, settings, Migration(spec, storage), cache, served, held)
 
 
-def _publish(storage: Storage, built: Built, base: Base | None, stager: Stager) -> None:
+def _publish(storage: Storage, built: Built, base: Base | None, stager: Stager, held: blobs.Lease) -> None:
     pointer = base.pointer if base else versions.Pointer(None, None)
     try:
-        versions.publish(storage, built.manifest, stager.files, built.known, base=pointer, change=True)
+        versions.publish(
+            storage, built.manifest, stager.files, built.known, base=pointer, change=True, lease=held
+        )
     except BaseException:
         versions.withdraw(storage, built.manifest.endpoint, built.manifest.version)
         raise

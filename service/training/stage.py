@@ -61,7 +61,3 @@ class Stager:
         return manifest.Head(
             head.fingerprint, head.dim, list(head.definition["labels"]), head.thumbnail, files
         )
-
-    @property
-    def shas(self) -> set[str]:
-        return {ref.sha256 for _, ref in self.files}

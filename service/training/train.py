@@ -50,6 +50,7 @@ class _Run:
     embedded: embedding.Embedded = field(default_factory=embedding.Embedded)
     outcome: finetune.Outcome | None = None
     wants_head: bool = False  # the zip's labels call for a head (decided before embedding)
+    lease: blobs.Lease | None = None  # held while it builds: checked before it publishes
 
     @property
     def thumb_dim(self) -> int:
@@ -78,7 +79,7 @@ def train(
     )
     run.report(Progress("ingest", 0, 0))
     with (
-        blobs.lease(storage, spec.name, settings.job_max_s + 600),
+        blobs.lease(storage, spec.name) as held,
         steps.work_folder(settings, spec.name) as tmp,
         ingest.open_zip(zip_path) as zf,
     ):
@@ -97,6 +98,7 @@ def train(
             merge.reserver(storage, spec.name),
         )
         run.outcome = _fine_tune(run, catalog)
+        run.lease = held
         manifest = _publish(run, catalog, base, Path(tmp))
     steps.published(storage, settings, spec.name, run.version)
     return TrainResult(
@@ -173,7 +175,9 @@ def _publish(run: _Run, catalog: Catalog, base: Base | None, work: Path) -> Mani
         pointer = base.pointer if base else versions.Pointer(None, None)
         known = base.known() | _images_held(run, base) if base else set()
         try:
-            versions.publish(run.storage, manifest, stager.files, known, base=pointer, change=False)
+            versions.publish(
+                run.storage, manifest, stager.files, known, base=pointer, change=False, lease=run.lease
+            )
         except versions.RebaseError:
             versions.withdraw(run.storage, run.spec.name, run.version)
             newer = read_base(run.storage, run.spec.name, run.cache, run.spec.search_k)

@@ -55,7 +55,7 @@ class Builder:
 
     def add(self) -> str:
         """A change: the base's segments and one new one."""
-        with blobs.lease(self.store, "shop", 60):
+        with blobs.lease(self.store, "shop") as held:
             for _ in range(50):
                 base = versions.read_current(self.store, "shop")
                 before = versions.read_manifest(self.store, "shop", base.version) if base.version else None
@@ -65,7 +65,7 @@ class Builder:
                 manifest = _manifest(version, segments, before)
                 known = {r.sha256 for r in before.blobs()} if before else set()
                 try:
-                    versions.publish(self.store, manifest, files, known, base=base, change=True)
+                    versions.publish(self.store, manifest, files, known, base=base, change=True, lease=held)
                     return version
                 except versions.RebaseError:
                     versions.withdraw(self.store, "shop", version)
@@ -159,7 +159,7 @@ def test_a_sweep_deletes_blobs_and_images_nothing_references(tmp_path: Path) -> 
 def test_a_live_lease_defers_collection_and_an_expired_one_does_not(tmp_path: Path) -> None:
     store = open_storage(str(tmp_path / "store"))
     store.write(blob_key("shop", "f" * 64), b"garbage")
-    with blobs.lease(store, "shop", 60):
+    with blobs.lease(store, "shop"):
         assert gc.sweep(store, "shop").deferred
     assert store.exists(blob_key("shop", "f" * 64))
     store.write("shop/leases/1-crashed", b"")  # a build that died a long time ago
@@ -173,9 +173,66 @@ def test_a_build_waits_for_a_collection_and_gives_up_clearly(
     store = open_storage(str(tmp_path / "store"))
     monkeypatch.setattr(blobs, "LEASE_WAIT_S", 0.3)
     store.write("shop/GC_LOCK", b'{"started": %f, "expires": %f}' % (time.time(), time.time() + 600))
-    with pytest.raises(StorageError, match="garbage collection"), blobs.lease(store, "shop", 60):
+    with pytest.raises(StorageError, match="garbage collection"), blobs.lease(store, "shop"):
         pass
     assert store.list("shop/leases/") == []  # it left no lease behind
+
+
+def test_a_build_that_outlasts_its_lease_keeps_it_by_renewing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blobs, "LEASE_S", 2.0)  # 300 s in production; renewed every third of it
+    store = open_storage(str(tmp_path / "store"))
+    store.write(blob_key("shop", "f" * 64), b"garbage")
+    with blobs.lease(store, "shop") as held:
+        first = held.key
+        time.sleep(4.5)  # more than two lifetimes of a lease never renewed
+        assert held.key != first and store.list("shop/leases/") == [held.key]
+        assert gc.sweep(store, "shop").deferred
+        held.check()
+    assert store.exists(blob_key("shop", "f" * 64)) and store.list("shop/leases/") == []
+
+
+def test_a_build_whose_lease_lapsed_publishes_nothing(tmp_path: Path) -> None:
+    store = open_storage(str(tmp_path / "store"))
+    builder = Builder(store, tmp_path / "builds")
+    first = builder.add()
+    with blobs.lease(store, "shop") as held:
+        store.delete(held.key)  # a collector judged it expired (its clock ahead of ours) and swept
+        segment, files = builder._segment()
+        manifest = _manifest(versions.new_version_id(), (segment,), None)
+        pointer = versions.read_current(store, "shop")
+        with pytest.raises(StorageError, match="lapsed"):
+            versions.publish(store, manifest, files, set(), base=pointer, change=True, lease=held)
+    assert versions.read_current(store, "shop").version == first
+
+
+def test_a_sweep_marks_before_it_locks_and_keeps_what_was_published_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_storage(str(tmp_path / "store"))
+    builder = Builder(store, tmp_path / "builds")
+    builder.add()
+    monkeypatch.setattr(blobs, "LEASE_WAIT_S", 0.5)  # a build waiting on a marking sweep would fail
+    marking, go = threading.Event(), threading.Event()
+    mark = gc._marked
+
+    def slow_mark(storage: Storage, endpoint: str, manifests: list[Manifest], seen: set[str]) -> set[str]:
+        if not marking.is_set():  # the first pass: a large catalog's digests take a while to read
+            marking.set()
+            go.wait(10)
+        return mark(storage, endpoint, manifests, seen)
+
+    monkeypatch.setattr(gc, "_marked", slow_mark)
+    swept: list[gc.Collected] = []
+    sweeper = threading.Thread(target=lambda: swept.append(gc.sweep(store, "shop")))
+    sweeper.start()
+    assert marking.wait(5)
+    added = builder.add()  # published while the sweep marks: not held back, and not swept
+    go.set()
+    sweeper.join()
+    assert not swept[0].deferred
+    assert_whole(store, versions.read_manifest(store, "shop", added))
 
 
 # --- real races --------------------------------------------------------------------------------------

@@ -243,13 +243,41 @@ def test_a_full_blob_cache_is_a_clear_error_and_the_served_version_stays(
     def full(key: str, path: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    submit(client, "/food/items", {"file": upload(make_zip({"x/coins.jpg": photo_jpeg("coins")}))})
+    added = submit(client, "/food/items", {"file": upload(make_zip({"x/coins.jpg": photo_jpeg("coins")}))})
     monkeypatch.setattr(service.storage, "download", full)  # the new version's blobs cannot be fetched
     info = client.get("/food").get_json()
     assert info["version"] == first["version"] and "full" in info["error"], info
     assert client.get("/health").get_json()["problems"]["food"] == info["error"]
     answer = client.post("/food/infer", data=photo_jpeg("moon"), content_type="image/jpeg")
     assert answer.status_code == 200 and answer.get_json()["version"] == first["version"]
+    monkeypatch.undo()  # the operator frees the disk: the next check loads the new version
+    service.endpoint("food").refresh()
+    assert client.get("/food").get_json()["version"] == added["version"]
+
+
+def test_a_new_version_of_one_endpoint_evicts_no_blob_another_endpoint_serves(
+    make_app: Callable[..., Flask], s3_config: dict[str, object]
+) -> None:
+    import os
+    import time
+
+    app = make_app(**s3_config, keep_versions=20)
+    client, service = app.test_client(), app.extensions["simsvc"]
+    for endpoint in ("food", "fashion"):
+        submit(client, f"/{endpoint}/train", {"file": upload(catalog_zip(PHOTOS[:3]))})
+        client.post(f"/{endpoint}/infer", data=photo_jpeg("moon"), content_type="image/jpeg")
+    served = {ref.sha256 for ref in service.endpoint("fashion").current().manifest.blobs()}
+    fetched = {path.name for path in service.blobs.folder.rglob("*") if path.name in served}
+    assert fetched
+    an_hour_ago = time.time() - 3600  # both served for an hour: past the eviction's age
+    for path in service.blobs.folder.rglob("*"):
+        if path.is_file():
+            os.utime(path, (an_hour_ago, an_hour_ago))
+    coffee = ids(client)["photos/coffee.jpg"]
+    assert client.patch(f"/food/items/{coffee}", json={"label": "x"}).status_code == 200
+    client.post("/food/infer", data=photo_jpeg("moon"), content_type="image/jpeg")  # food's new version
+    cached = {path.name for path in service.blobs.folder.rglob("*") if path.is_file()}
+    assert fetched <= cached
 
 
 def test_metrics_show_segments_and_the_blob_cache(app: Flask) -> None:
