@@ -106,7 +106,7 @@ def test_train_publish_infer_through_s3_and_a_cold_instance(
     assert cold_body["version"] == job["version"]
     assert [r["id"] for r in cold_body["results"]] == [r["id"] for r in body["results"]]
     vectors = manifest.segments[0].files["vectors"].sha256
-    cached = tmp_path / "instance-b" / "blobs" / vectors[:2] / vectors
+    cached = tmp_path / "instance-b" / "blobs" / "food" / vectors[:2] / vectors
     assert cached.is_file()
     before = cached.stat()
 
@@ -231,7 +231,7 @@ def test_a_tampered_version_is_refused_and_the_old_one_keeps_serving(
     assert info["version"] == first["version"]
     assert "vectors" in info["error"] and "does not match its sha256" in info["error"]
     assert infer(client).get_json()["version"] == first["version"]
-    cache = tmp_path / "cache" / "blobs" / vectors[:2]
+    cache = tmp_path / "cache" / "blobs" / "food" / vectors[:2]
     assert not (cache / vectors).exists() and not list(cache.glob("*.part"))
 
 
