@@ -100,8 +100,18 @@ def _scan(
     rows = np.arange(len(scores)) if allowed is None else np.flatnonzero(allowed)
     if not len(rows):
         return []
-    found = best(rows, scores[rows], k, block.item if block.grouped else None)
-    return [Hit(n.score, int(block.segment[n.id]), int(block.row[n.id])) for n in found]
+    if block.grouped:
+        found = best(rows, scores[rows], k, block.item)
+        return [Hit(n.score, int(block.segment[n.id]), int(block.row[n.id])) for n in found]
+    # One row per item: the k best by a partial sort, straight into hits.
+    kept = scores[rows]
+    top = np.argpartition(-kept, k - 1)[:k] if len(kept) > k else np.arange(len(kept))
+    top = top[np.argsort(-kept[top], kind="stable")]
+    picked = rows[top]
+    return [
+        Hit(float(score), int(segment), int(row))
+        for score, segment, row in zip(kept[top], block.segment[picked], block.row[picked], strict=True)
+    ]
 
 
 def _allowed(segment: Segment, index: int, mask: MaskFn | None, exclude: int | None) -> np.ndarray | None:
