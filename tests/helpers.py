@@ -316,7 +316,7 @@ def procfile_server(tmp: Path, env: dict[str, str], app_dir: Path = ROOT) -> Ite
             try:
                 if requests.get(f"{url}/health", timeout=2).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or a busy machine
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"gunicorn did not start:\n{log.read_text()[-3000:]}")
