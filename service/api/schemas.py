@@ -316,7 +316,10 @@ class DeleteItemsSchema(Schema):
 
 
 class EditItemSchema(Schema):
-    label = fields.String(allow_none=True, validate=validate.Length(max=256))
+    label = fields.String(
+        allow_none=True,
+        metadata={"description": "The new label (null: none), by the rule of docs/API.md#labels-and-names"},
+    )
     metadata = fields.Dict(
         allow_none=True,
         metadata={"description": "Merged into the item's metadata (JSON merge patch: null removes a field)"},

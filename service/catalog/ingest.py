@@ -7,11 +7,13 @@ import io
 import json
 import posixpath
 import stat
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.core import names
 from service.core.config import Settings
 from service.core.errors import InvalidParameterError, NotAZipError, PayloadTooLargeError, TrainingError
 
@@ -139,6 +141,8 @@ def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
             result.skipped.append(
                 Skipped(name, f"{info.file_size} bytes, over the limit of {limits.max_entry_bytes} per image")
             )
+        elif names.name_problem(name):
+            result.skipped.append(Skipped(name, f"not a usable name: {names.name_problem(name)}"))
         else:
             inner = name[len(label_root) :].split("/")  # labels count from inside a zipped folder
             result.entries.append(Entry(name, inner[-2] if len(inner) > 1 else None, info))
@@ -262,11 +266,16 @@ def write_images_zip(
         raise InvalidParameterError(
             "send 'name' or 'label', not both: the label is the folder in the name (e.g. shoes/red-1.jpg)"
         )
+    if label is not None:
+        names.check_label(label)
     folder = f"{label}/" if label else ""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
         rows = []
         for filename, data in images:
-            entry = name or folder + posixpath.basename(filename.replace("\\", "/"))
+            if name is not None:
+                entry = names.check_name(name)
+            else:
+                entry = folder + names.check_name(posixpath.basename(filename.replace("\\", "/")), "filename")
             if entry in zf.namelist():
                 raise InvalidParameterError(f"two images are named {entry!r}; give them different file names")
             zf.writestr(entry, data)
@@ -295,13 +304,30 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+def _huge_number(value: Any) -> int | None:
+    """The first integer in `value` too large for a double (which filters compare), if any."""
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, int) and not isinstance(current, bool) and abs(current) > sys.float_info.max:
+            return current
+        if isinstance(current, dict | list):
+            stack.extend(current.values() if isinstance(current, dict) else current)
+    return None
+
+
 def check_metadata(metadata: dict[str, Any], field: str = "metadata") -> dict[str, Any]:
     """An item's metadata (a change's, or a row of a metadata file): standard JSON (no NaN or
-    Infinity, which no JSON parser reads back), nested at most 16 deep, at most 64 KB; or a 422
-    that says which."""
+    Infinity, which no JSON parser reads back, and no number beyond a double's range), nested at
+    most 16 deep, at most 64 KB; or a 422 that says which."""
     if _depth(metadata) > MAX_METADATA_DEPTH:
         raise InvalidParameterError(
             f"'{field}' nests deeper than {MAX_METADATA_DEPTH} levels", errors={field: ["Too deep."]}
+        )
+    if _huge_number(metadata) is not None:
+        raise InvalidParameterError(
+            f"'{field}' holds a number beyond the range of a double (about 1.8e308)",
+            errors={field: ["Number out of range."]},
         )
     try:
         size = len(json.dumps(metadata, allow_nan=False))

@@ -24,12 +24,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.core import names
 from service.core.errors import InvalidParameterError
 
 MAX_WHERE_CHARS = 4096
 MAX_FIELDS = 50
 MAX_VALUES = 100  # per list, and labels per query
-MAX_NAME_CHARS = 200  # a field name, a label
+MAX_NAME_CHARS = 200  # a field name
 MAX_COLUMNS = 16  # columns kept per loaded version (least recently used dropped first)
 RANGE_KEYS = ("min", "max")
 
@@ -83,6 +84,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer past a double's range
+        return False
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | bool | int | float)
 
@@ -98,8 +111,9 @@ def parse_filter(labels: list[str] | None, where: str | dict[str, Any] | None) -
         if len(labels) > MAX_VALUES:
             raise _problem("label", f"at most {MAX_VALUES} labels, got {len(labels)}")
         for label in labels:
-            if not isinstance(label, str) or not label or len(label) > MAX_NAME_CHARS:
-                raise _problem("label", f"a label must be a string of 1 to {MAX_NAME_CHARS} characters")
+            problem = names.label_problem(label) if isinstance(label, str) else "a label is a string"
+            if problem:
+                raise _problem("label", problem)
         conditions.append(AnyOf(("label",), frozenset(canonical(label) for label in labels)))
     if where is not None:
         conditions.extend(_parse_where(where))
@@ -149,8 +163,10 @@ def _range(name: str, path: FieldPath, value: dict[str, Any]) -> Range:
     if not value:
         raise _problem("where", f"{name!r}: a range needs 'min' and/or 'max'")
     for key in RANGE_KEYS:
-        if key in value and not (_is_number(value[key]) and math.isfinite(value[key])):
-            raise _problem("where", f"{name!r}: {key} must be a number, got {json.dumps(value[key])}")
+        if key in value and not _is_number(value[key]):
+            raise _problem("where", f"{name!r}: {key} must be a number, got {_shown(value[key])}")
+        if key in value and not _finite(value[key]):
+            raise _problem("where", f"{name!r}: {key} is beyond the range of a double (about 1.8e308)")
     low, high = value.get("min"), value.get("max")
     if low is not None and high is not None and low > high:
         raise _problem("where", f"{name!r}: min {low} is greater than max {high}")
@@ -171,12 +187,10 @@ _MISSING = object()
 
 
 def _as_number(value: Any) -> float:
-    if _is_number(value):
-        return float(value)
-    if isinstance(value, str):
+    if _is_number(value) or isinstance(value, str):
         try:
             return float(value)  # NaN and infinities parse too; NaN never matches a range
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number; an integer stored before 422s existed
             pass
     return math.nan
 

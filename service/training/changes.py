@@ -22,6 +22,7 @@ from service.catalog.head import Head
 from service.catalog.rows import Catalog
 from service.catalog.segment import to_catalog
 from service.catalog.view import Found
+from service.core import names
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import ConflictError, InvalidParameterError, ItemNotFoundError, TrainingError
@@ -497,6 +498,8 @@ def edit_item(
     version's overlay of the item's segment changes."""
     if label is not UNSET and label is not None and not isinstance(label, str):
         raise InvalidParameterError("label must be a string or null", errors={"label": ["Not a string."]})
+    if isinstance(label, str):
+        names.check_label(label)
     if metadata is not None:
         ingest.check_metadata(metadata)
     return publish_with_rebase(
