@@ -311,7 +311,7 @@ class AddItemsFormSchema(Schema):
 
 
 class DeleteItemsSchema(Schema):
-    ids = fields.List(fields.Integer(), load_default=list, metadata={"description": "Item ids"})
+    ids = fields.List(fields.Integer(strict=True), load_default=list, metadata={"description": "Item ids"})
     names = fields.List(fields.String(), load_default=list, metadata={"description": "Item names"})
 
 

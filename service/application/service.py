@@ -315,7 +315,7 @@ class Service:
             self.settings,
             item_id,
             label=edit.get("label", changes.UNSET),
-            metadata=edit.get("metadata"),
+            metadata=edit.get("metadata", changes.UNSET),
             cache=self.blobs,
             served=served.loaded.view if served.loaded else None,
         )

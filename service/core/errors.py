@@ -50,8 +50,10 @@ class NotFoundError(ServiceError):
 
 class EndpointNotFoundError(NotFoundError):
     def __init__(self, name: str, known: list[str]) -> None:
-        # Not listing the known names: with QUERY_TOKEN set, GET /endpoints needs a token.
-        super().__init__(f"No endpoint named {name!r} (GET /endpoints lists them).")
+        # Not listing the known names: with QUERY_TOKEN set, GET /endpoints needs a token. A name
+        # is at most 64 characters: one longer is cut, not echoed whole.
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        super().__init__(f"No endpoint named {shown!r} (GET /endpoints lists them).")
 
 
 class JobNotFoundError(NotFoundError):

@@ -22,10 +22,10 @@ from service.catalog.head import Head
 from service.catalog.rows import Catalog
 from service.catalog.segment import to_catalog
 from service.catalog.view import Found
-from service.core import names
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import ConflictError, InvalidParameterError, ItemNotFoundError, TrainingError
+from service.core.names import check_label
 from service.encoders import convert, litert
 from service.storage import Storage, versions
 from service.storage.blobs import BlobCache
@@ -490,29 +490,61 @@ def edit_item(
     settings: Settings,
     item_id: int,
     label: Any = UNSET,
-    metadata: dict[str, Any] | None = None,
+    metadata: Any = UNSET,
     cache: BlobCache | None = None,
     served: Any = None,
 ) -> ChangeResult:
-    """Change an item's label and/or metadata (a JSON merge patch: null removes a field). Only this
-    version's overlay of the item's segment changes."""
+    """Change an item's label and/or metadata: a JSON merge patch (RFC 7396) of the item's
+    {"label", "metadata"} (null removes: the label, the whole metadata, or a field at any depth).
+    Only this version's overlay of the item's segment changes; a patch that changes nothing
+    publishes nothing (the result names the current version)."""
     if label is not UNSET and label is not None and not isinstance(label, str):
         raise InvalidParameterError("label must be a string or null", errors={"label": ["Not a string."]})
     if isinstance(label, str):
-        names.check_label(label)
-    if metadata is not None:
+        check_label(label)
+    if metadata is not UNSET and metadata is not None:
+        if not isinstance(metadata, dict):
+            raise InvalidParameterError(
+                "metadata must be an object or null", errors={"metadata": ["Not an object."]}
+            )
         ingest.check_metadata(metadata)
-    return publish_with_rebase(
-        storage, spec, settings, EditItem(spec, item_id, label, metadata), cache, served
-    )
+    try:
+        return publish_with_rebase(
+            storage, spec, settings, EditItem(spec, item_id, label, metadata), cache, served
+        )
+    except Unchanged as same:
+        count = same.base.manifest.count
+        return ChangeResult(same.base.version, "edit", [item_id], count, {"changed": False})
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396's MergePatch: an object patch merges member by member (null removes one), anything
+    else replaces the target."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+class Unchanged(Exception):
+    """An edit that would change nothing: no version is published."""
+
+    def __init__(self, base: Base) -> None:
+        super().__init__("unchanged")
+        self.base = base
 
 
 @dataclass
 class EditItem:
     spec: EndpointSpec
     item_id: int
-    label: Any
-    metadata: dict[str, Any] | None
+    label: Any  # UNSET: leave it; None: remove it; else the new label
+    metadata: Any  # UNSET: leave it; None: remove it all; else a merge patch of it
 
     def build(self, base: Base | None, stager: Stager, version: str) -> Built:
         if base is None:
@@ -520,9 +552,14 @@ class EditItem:
         found = resolve(base, [self.item_id], [], self.spec.name)[self.item_id]
         segment = base.view.segments[found.segment]
         overlay = dict(segment.overlay)
+        changed = False
         for row in found.rows:
-            edited = self.edited(segment.entry(int(row)))
-            overlay[int(row)] = {"label": edited.get("label"), "metadata": edited.get("metadata") or {}}
+            entry = segment.entry(int(row))
+            edited = self.edited(entry)
+            changed |= edited != {"label": entry.get("label"), "metadata": entry.get("metadata") or {}}
+            overlay[int(row)] = edited
+        if not changed:
+            raise Unchanged(base)
         segments = list(base.manifest.segments)
         segments[found.segment] = replace(segments[found.segment], overlay=stager.overlay(overlay))
         before, after = segment.entry(int(found.rows[0])), overlay[int(found.rows[0])]
@@ -534,15 +571,14 @@ class EditItem:
         return Built(manifest, base.known(), ChangeResult("", "edit", [self.item_id], manifest.count))
 
     def edited(self, entry: dict[str, Any]) -> dict[str, Any]:
-        entry = dict(entry)
+        """The row's {"label", "metadata"} with the patch applied."""
+        document = {"label": entry.get("label"), "metadata": entry.get("metadata") or {}}
+        patch = {}
         if self.label is not UNSET:
-            entry["label"] = self.label
-        if self.metadata is not None:
-            merged = dict(entry.get("metadata") or {})
-            for key, value in self.metadata.items():
-                if value is None:
-                    merged.pop(key, None)
-                else:
-                    merged[key] = value
-            entry["metadata"] = ingest.check_metadata(merged)  # the result stays within bounds too
-        return entry
+            patch["label"] = self.label
+        if self.metadata is not UNSET:
+            patch["metadata"] = self.metadata
+        merged = merge_patch(document, patch)
+        # The result stays within the bounds a new item's metadata has.
+        metadata = ingest.check_metadata(merged.get("metadata") or {})
+        return {"label": merged.get("label"), "metadata": metadata}

@@ -52,4 +52,4 @@ def endpoint_info(name: str) -> dict[str, Any]:
 )
 def prometheus_metrics() -> Response:
     """Prometheus metrics of every worker (protected like queries when QUERY_TOKEN is set)"""
-    return Response(metrics.exposition(), mimetype=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)  # it names its charset
