@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.core import names
 from service.core.config import Settings
 from service.core.errors import InvalidParameterError, NotAZipError, PayloadTooLargeError, TrainingError
+from service.core.names import check_label, check_name, name_problem
 
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 NESTED_ARCHIVES = (".zip", ".tar", ".gz", ".tgz", ".7z", ".rar", ".bz2", ".xz")
@@ -141,8 +141,8 @@ def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
             result.skipped.append(
                 Skipped(name, f"{info.file_size} bytes, over the limit of {limits.max_entry_bytes} per image")
             )
-        elif names.name_problem(name):
-            result.skipped.append(Skipped(name, f"not a usable name: {names.name_problem(name)}"))
+        elif name_problem(name):
+            result.skipped.append(Skipped(name, f"not a usable name: {name_problem(name)}"))
         else:
             inner = name[len(label_root) :].split("/")  # labels count from inside a zipped folder
             result.entries.append(Entry(name, inner[-2] if len(inner) > 1 else None, info))
@@ -267,15 +267,15 @@ def write_images_zip(
             "send 'name' or 'label', not both: the label is the folder in the name (e.g. shoes/red-1.jpg)"
         )
     if label is not None:
-        names.check_label(label)
+        check_label(label)
     folder = f"{label}/" if label else ""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
         rows = []
         for filename, data in images:
             if name is not None:
-                entry = names.check_name(name)
+                entry = check_name(name)
             else:
-                entry = folder + names.check_name(posixpath.basename(filename.replace("\\", "/")), "filename")
+                entry = folder + check_name(posixpath.basename(filename.replace("\\", "/")), "filename")
             if entry in zf.namelist():
                 raise InvalidParameterError(f"two images are named {entry!r}; give them different file names")
             zf.writestr(entry, data)

@@ -18,20 +18,19 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from service.core import names
 from service.core.errors import InvalidParameterError
+from service.core.names import label_problem
 
 MAX_WHERE_CHARS = 4096
 MAX_FIELDS = 50
 MAX_VALUES = 100  # per list, and labels per query
 MAX_NAME_CHARS = 200  # a field name
-MAX_COLUMNS = 16  # columns kept per loaded version (least recently used dropped first)
+MAX_COLUMN_BYTES = 256 * 1024 * 1024  # a segment's filter columns, at most (per process)
 RANGE_KEYS = ("min", "max")
 
 FieldPath = tuple[str, ...]  # ("label",) or ("metadata", field)
@@ -47,10 +46,10 @@ class Rows(Protocol):
 
 @dataclass(frozen=True)
 class AnyOf:
-    """The value at `path` is one of `values` (each in canonical JSON, see `canonical`)."""
+    """The value at `path` is one of `values` (each as its `value_key`)."""
 
     path: FieldPath
-    values: frozenset[str]
+    values: frozenset[Key]
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,15 @@ def canonical(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+Key = str | tuple[str]
+
+
+def value_key(value: Any) -> Key:
+    """What a value is compared by: a string as itself (most metadata is text: no JSON encoding per
+    row), anything else as its canonical JSON in a tuple (so the string "1" never equals 1)."""
+    return value if type(value) is str else (canonical(value),)
 
 
 def _problem(name: str, message: str) -> InvalidParameterError:
@@ -111,10 +119,10 @@ def parse_filter(labels: list[str] | None, where: str | dict[str, Any] | None) -
         if len(labels) > MAX_VALUES:
             raise _problem("label", f"at most {MAX_VALUES} labels, got {len(labels)}")
         for label in labels:
-            problem = names.label_problem(label) if isinstance(label, str) else "a label is a string"
+            problem = label_problem(label) if isinstance(label, str) else "a label is a string"
             if problem:
                 raise _problem("label", problem)
-        conditions.append(AnyOf(("label",), frozenset(canonical(label) for label in labels)))
+        conditions.append(AnyOf(("label",), frozenset(value_key(label) for label in labels)))
     if where is not None:
         conditions.extend(_parse_where(where))
     return Filter(tuple(conditions)) if conditions else None
@@ -150,10 +158,10 @@ def _condition(name: str, value: Any) -> AnyOf | Range:
             raise _problem("where", f"{name!r}: at most {MAX_VALUES} values, got {len(value)}")
         if not all(_is_scalar(v) for v in value):
             raise _problem("where", f"{name!r}: list values must be strings, numbers, booleans or null")
-        return AnyOf(path, frozenset(canonical(v) for v in value))
+        return AnyOf(path, frozenset(value_key(v) for v in value))
     if not _is_scalar(value):  # pragma: no cover - JSON has no other types
         raise _problem("where", f"{name!r}: unsupported value")
-    return AnyOf(path, frozenset((canonical(value),)))
+    return AnyOf(path, frozenset((value_key(value),)))
 
 
 def _range(name: str, path: FieldPath, value: dict[str, Any]) -> Range:
@@ -197,76 +205,108 @@ def _as_number(value: Any) -> float:
 
 @dataclass(frozen=True)
 class Codes:
-    """A column of value codes (-1: missing) and each value's code, keyed by canonical JSON."""
+    """One field's column: each row's value code (-1: missing), each code's value as a number (NaN:
+    not one) and each value's code, keyed by `value_key`."""
 
     codes: np.ndarray
-    vocabulary: dict[str, int]
+    vocabulary: dict[Key, int]
+    numbers: np.ndarray
+
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.numbers.nbytes + 120 * len(self.vocabulary)  # a dict entry, roughly
 
 
 class ColumnCache:
-    """One loaded version's filter columns, built on first use; safe to share between threads."""
+    """A segment's filter columns: every field's, built in one pass over the rows the first time a
+    filter needs any (so a query naming new fields costs nothing more), within `max_bytes`. A field
+    whose column did not fit is refused with a 422 rather than scanned per query. Thread-safe."""
 
-    def __init__(self, max_columns: int = MAX_COLUMNS) -> None:
-        self.max_columns = max_columns
-        self._columns: OrderedDict[tuple[str, FieldPath], Codes | np.ndarray] = OrderedDict()
+    def __init__(self, max_bytes: int = MAX_COLUMN_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._columns: dict[FieldPath, Codes] | None = None
+        self._over: set[FieldPath] = set()
         self._lock = threading.Lock()
 
-    def columns(self, keys: list[tuple[str, FieldPath]], items: Rows) -> list[Codes | np.ndarray]:
-        """The columns for `keys` (("codes" | "numbers", path)); the missing ones are built in one
-        pass over `items`."""
+    def column(self, path: FieldPath, items: Rows) -> Codes | None:
+        """The column of `path`; None when no row has the field."""
         with self._lock:
-            missing = [key for key in dict.fromkeys(keys) if key not in self._columns]
-            if missing:
-                self._columns.update(_build(missing, items))
-            found = []
-            for key in keys:
-                self._columns.move_to_end(key)
-                found.append(self._columns[key])
-            while len(self._columns) > max(self.max_columns, len(set(keys))):
-                self._columns.popitem(last=False)
-            return found
+            if self._columns is None:
+                self._columns, self._over = _build(items, self.max_bytes)
+        if path in self._over:
+            raise _problem(
+                "where",
+                f"{path[-1]!r}: this catalog has too many distinct fields and values to filter on all "
+                f"of them (over {self.max_bytes // (1024 * 1024)} MB of columns); filter on another field",
+            )
+        return self._columns.get(path)
 
     def __len__(self) -> int:
-        return len(self._columns)
+        return len(self._columns or {})
 
 
-def _build(keys: list[tuple[str, FieldPath]], items: Rows) -> dict[tuple[str, FieldPath], Codes | np.ndarray]:
+def _build(items: Rows, max_bytes: int) -> tuple[dict[FieldPath, Codes], set[FieldPath]]:
+    """Every field's column in one pass; the fields first seen once the budget is spent: over."""
     count = len(items)
-    codes = {key: np.full(count, -1, dtype=np.int32) for key in keys if key[0] == "codes"}
-    vocabularies: dict[tuple[str, FieldPath], dict[str, int]] = {key: {} for key in codes}
-    numbers = {key: np.full(count, np.nan) for key in keys if key[0] == "numbers"}
+    columns: dict[FieldPath, np.ndarray] = {}
+    vocabularies: dict[FieldPath, dict[Key, int]] = {}
+    raw: dict[FieldPath, list[Any]] = {}
+    over: set[FieldPath] = set()
+    spent = 0
     for row in range(count):
         item = items[row]
-        for key, column in codes.items():
-            value = _value(item, key[1])
-            if value is not _MISSING:
-                vocabulary = vocabularies[key]
-                column[row] = vocabulary.setdefault(canonical(value), len(vocabulary))
-        for key, column in numbers.items():
-            column[row] = _as_number(_value(item, key[1]))
-    built: dict[tuple[str, FieldPath], Codes | np.ndarray] = dict(numbers)
-    built.update({key: Codes(column, vocabularies[key]) for key, column in codes.items()})
-    return built
+        fields: list[tuple[FieldPath, Any]] = [(("label",), item.get("label", _MISSING))]
+        fields += [(("metadata", k), v) for k, v in (item.get("metadata") or {}).items()]
+        for path, value in fields:
+            if value is _MISSING or path in over:
+                continue
+            column = columns.get(path)
+            if column is None:
+                if spent + 4 * count > max_bytes:
+                    over.add(path)
+                    continue
+                column = columns[path] = np.full(count, -1, dtype=np.int32)
+                vocabularies[path], raw[path] = {}, []
+                spent += 4 * count
+            vocabulary = vocabularies[path]
+            key = value_key(value)
+            code = vocabulary.get(key)
+            if code is None:
+                if spent + 128 > max_bytes:  # this field's column does not fit: give its room back
+                    over.add(path)
+                    spent -= 4 * count + 128 * len(vocabulary)
+                    del columns[path], vocabularies[path], raw[path]
+                    continue
+                code = vocabulary[key] = len(vocabulary)
+                raw[path].append(value)
+                spent += 128
+            column[row] = code
+    built = {
+        path: Codes(column, vocabularies[path], np.array([_as_number(v) for v in raw[path]] + [math.nan]))
+        for path, column in columns.items()
+    }
+    return built, over
 
 
 def evaluate(flt: Filter, items: Rows, cache: ColumnCache) -> np.ndarray:
     """The rows the filter keeps: a new boolean array of len(items) (the caller may change it)."""
-    keys = [("codes" if isinstance(c, AnyOf) else "numbers", c.path) for c in flt.conditions]
     mask = np.ones(len(items), dtype=bool)
-    for condition, column in zip(flt.conditions, cache.columns(keys, items), strict=True):
+    for condition in flt.conditions:
+        column = cache.column(condition.path, items)
+        if column is None:  # no row has the field: nothing matches
+            mask[:] = False
+            continue
         if isinstance(condition, AnyOf):
-            assert isinstance(column, Codes)
             # A lookup table over the codes; its last entry (code -1: missing) stays False.
             table = np.zeros(len(column.vocabulary) + 1, dtype=bool)
             wanted = [column.vocabulary[v] for v in condition.values if v in column.vocabulary]
             table[wanted] = True
             mask &= table[column.codes]
         else:
-            assert isinstance(column, np.ndarray)
+            numbers = column.numbers[column.codes]  # code -1 reads the last entry: NaN
             if condition.low is not None:
-                mask &= column >= condition.low
+                mask &= numbers >= condition.low
             if condition.high is not None:
-                mask &= column <= condition.high
+                mask &= numbers <= condition.high
     return mask
 
 
@@ -275,7 +315,7 @@ def matches(flt: Filter, entry: dict[str, Any]) -> bool:
     for condition in flt.conditions:
         value = _value(entry, condition.path)
         if isinstance(condition, AnyOf):
-            if value is _MISSING or canonical(value) not in condition.values:
+            if value is _MISSING or value_key(value) not in condition.values:
                 return False
             continue
         number = _as_number(value) if value is not _MISSING else math.nan

@@ -33,9 +33,9 @@ def test_a_filter_parses_labels_equality_any_of_and_ranges() -> None:
     flt = parse_filter(["shoes", "boots"], '{"colour": ["red", 1.0], "size": 42, "price": {"max": 50}}')
     assert flt == Filter(
         (
-            AnyOf(("label",), frozenset({'"shoes"', '"boots"'})),
-            AnyOf(("metadata", "colour"), frozenset({'"red"', "1"})),
-            AnyOf(("metadata", "size"), frozenset({"42"})),
+            AnyOf(("label",), frozenset({"shoes", "boots"})),
+            AnyOf(("metadata", "colour"), frozenset({"red", ("1",)})),
+            AnyOf(("metadata", "size"), frozenset({("42",)})),
             Range(("metadata", "price"), None, 50.0),
         )
     )
@@ -64,6 +64,7 @@ def test_a_filter_parses_labels_equality_any_of_and_ranges() -> None:
         (json.dumps({"colour": list(range(101))}), "at most 100 values, got 101"),
         (json.dumps({"colour": "x" * 5000}), "at most 4096 characters"),
         ("[" * 3000, "nested too deeply"),
+        ('{"price": {"min": 1%s}}' % ("0" * 400), "beyond the range of a double"),
     ],
 )
 def test_a_malformed_where_names_the_problem(where: str, problem: str) -> None:
@@ -75,7 +76,15 @@ def test_a_malformed_where_names_the_problem(where: str, problem: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("labels", "problem"), [([""], "a label must be a string"), (["x"] * 101, "at most 100 labels")]
+    ("labels", "problem"),
+    [
+        ([""], "a label has 1 to 200 characters"),
+        (["x" * 201], "a label has 1 to 200 characters"),
+        (["a/b"], "a label is one folder name"),
+        (["ok\x00evil"], "no control characters"),
+        ([".hidden"], "does not start with '.'"),
+        (["x"] * 101, "at most 100 labels"),
+    ],
 )
 def test_a_malformed_label_names_the_problem(labels: list[str], problem: str) -> None:
     with pytest.raises(InvalidParameterError) as caught:
@@ -139,18 +148,33 @@ class CountingItems:
         return self.items[i]
 
 
-def test_columns_are_built_once_in_one_pass_and_bounded() -> None:
-    items, cache = CountingItems(ITEMS), ColumnCache(max_columns=3)
+def test_every_field_is_built_in_one_pass_and_cycling_fields_reads_nothing_again() -> None:
+    items, cache = CountingItems(ITEMS), ColumnCache()
     flt = parse_filter(["shoes"], {"colour": "red", "price": {"max": 50}})
     assert flt is not None
     first = evaluate(flt, items, cache)
-    assert items.reads == len(ITEMS) and len(cache) == 3  # three columns, one pass
+    assert items.reads == len(ITEMS) and len(cache) == 4  # label, colour, price, size: one pass
     first[:] = False  # the caller owns the mask it got
     assert evaluate(flt, items, cache).tolist() == [True, False, False, False, False, False]
-    assert items.reads == len(ITEMS)  # nothing read again
-    other = parse_filter(None, {"size": 1})
-    assert other is not None and evaluate(other, items, cache).sum() == 2
-    assert len(cache) == 3  # the least recently used column was dropped
+    for where in ({"size": 1}, {"nowhere": 1}, {"colour": ["blue"]}, {"price": {"min": 60}}):
+        other = parse_filter(None, where)
+        assert other is not None
+        evaluate(other, items, cache)
+    assert items.reads == len(ITEMS)  # new fields on every query: nothing read again
+
+
+def test_a_field_past_the_columns_memory_budget_is_refused_not_scanned() -> None:
+    rows = [{"label": "shoes", "metadata": {"sku": f"s{i}"}} for i in range(20)]
+    label_column = 4 * len(rows) + 128  # its codes and its one value
+    items = CountingItems(rows)
+    cache = ColumnCache(max_bytes=label_column + 4 * len(rows) + 128 * 5)  # five skus' room
+    shoes = parse_filter(["shoes"], None)
+    assert shoes is not None and evaluate(shoes, items, cache).sum() == 20
+    sku = parse_filter(None, {"sku": "s1"})
+    assert sku is not None
+    with pytest.raises(InvalidParameterError, match="'sku': this catalog has too many"):
+        evaluate(sku, items, cache)
+    assert items.reads == len(rows)
 
 
 # --- masked search on an index --------------------------------------------------------------------
@@ -365,7 +389,7 @@ def test_a_filter_nothing_matches_gives_no_results(shop: FlaskClient) -> None:
         (where({"price": {"min": 9, "max": 1}}), "where", "min 9 is greater than max 1"),
         (where({"colour": []}), "where", "empty list"),
         (where({"price": {"from": 1}}), "where", "unknown range key"),
-        ("label=", "label", "a label must be a string"),
+        ("label=", "label", "a label has 1 to 200 characters"),
     ],
 )
 def test_a_malformed_filter_is_422_naming_the_problem(

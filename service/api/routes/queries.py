@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from flask import Response, jsonify, redirect, request, send_file, url_for
@@ -114,25 +115,33 @@ def similar(
 @requires("image")
 @blp.arguments(ImageArgsSchema, location="query", as_kwargs=True)
 @blp.doc(responses=IMAGE_RESPONSES)
-def item_image(name: str, item_id: int, version: str | None = None, **_: Any) -> BaseResponse:
+def item_image(
+    name: str, item_id: int, version: str | None = None, expires: int | None = None, **_: Any
+) -> BaseResponse:
     """The original bytes of an item's (first) image"""
-    return _image(name, item_id, 0, version)
+    return _image(name, item_id, 0, version, expires)
 
 
 @blp.route("/<endpoint:name>/items/<int:item_id>/images/<int:photo>")
 @requires("image")
 @blp.arguments(ImageArgsSchema, location="query", as_kwargs=True)
 @blp.doc(responses=IMAGE_RESPONSES)
-def item_photo(name: str, item_id: int, photo: int, version: str | None = None, **_: Any) -> BaseResponse:
+def item_photo(
+    name: str, item_id: int, photo: int, version: str | None = None, expires: int | None = None, **_: Any
+) -> BaseResponse:
     """One of an item's photos (0 is its first; items grouped by the metadata's `item` have several)"""
-    return _image(name, item_id, photo, version)
+    return _image(name, item_id, photo, version, expires)
 
 
-def _image(name: str, item_id: int, photo: int, version: str | None) -> BaseResponse:
+def _image(name: str, item_id: int, photo: int, version: str | None, expires: int | None) -> BaseResponse:
     source = svc().item_image(name, item_id, photo, version)
     if source.path is not None:
-        # A versioned URL always names the same bytes; an unversioned one follows the swaps.
-        response = send_file(source.path, mimetype=source.mimetype, max_age=86400 if source.versioned else 0)
+        # A versioned URL always names the same bytes; an unversioned one follows the swaps. A signed
+        # URL is cached no longer than its signature lasts.
+        max_age = 86400 if source.versioned else 0
+        if expires is not None:
+            max_age = max(0, min(max_age, expires - int(time.time())))
+        response = send_file(source.path, mimetype=source.mimetype, max_age=max_age)
         if tokens().query:  # protected images: never in a shared cache
             response.cache_control.public = False
             response.cache_control.private = True
