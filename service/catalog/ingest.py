@@ -9,6 +9,7 @@ import posixpath
 import stat
 import sys
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class ZipLimits:
     max_uncompressed_bytes: int
     max_entry_bytes: int = 1 << 62  # per image
     max_ratio: float = 100.0  # expanded / compressed, per entry: more is a zip bomb
+    max_photos_per_item: int = 50
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ZipLimits:
@@ -60,6 +62,7 @@ class ZipLimits:
             settings.max_zip_uncompressed_mb * mb,
             settings.max_image_mb * mb,
             settings.max_zip_ratio,
+            settings.max_photos_per_item,
         )
 
 
@@ -159,7 +162,35 @@ def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
         result.metadata, result.metadata_unmatched = _match_metadata(
             rows, [e.name for e in result.entries], root
         )
+        _check_items(result, limits.max_photos_per_item)
     return result
+
+
+def _check_items(plan: ZipPlan, max_photos: int) -> None:
+    """The metadata's `item` column groups photos into items: at most `max_photos` each, and never
+    under another image's own name (that would merge two items without a word)."""
+    def item_of(name: str) -> str | None:
+        item = plan.metadata.get(name, {}).get("item")
+        return None if item in (None, "") else str(item)
+
+    images = {entry.name for entry in plan.entries}
+    photos: Counter[str] = Counter()
+    for entry in plan.entries:
+        item = item_of(entry.name)
+        if item is None:
+            continue
+        # Another image's name is an item only if that image says so itself.
+        if item in images and item != entry.name and item_of(item) != item:
+            raise TrainingError(
+                f"{entry.name}: its item {item!r} is the name of an image of another item; "
+                "give the image the same item, or name the item apart"
+            )
+        photos[item] += 1
+    for item, count in photos.most_common(1):
+        if count > max_photos:
+            raise TrainingError(
+                f"item {item!r} has {count} photos, over the limit of {max_photos} (MAX_PHOTOS_PER_ITEM)"
+            )
 
 
 def _clutter(name: str) -> bool:

@@ -105,6 +105,8 @@ class Settings:
     max_zip_entries: int = 100_000
     max_zip_uncompressed_mb: int = 20_480
     max_zip_ratio: float = 100.0  # expanded / compressed size of one entry: more is a zip bomb
+    # Photos one item (the metadata file's `item` column) may have: `similar` searches with each.
+    max_photos_per_item: int = 50
     # Image formats accepted for training and queries (of JPEG, PNG, WEBP, BMP, GIF).
     image_formats: str = "JPEG,PNG,WEBP,BMP,GIF"
     # A running job whose status has not moved for this long is reported failed (its worker died).

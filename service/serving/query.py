@@ -112,15 +112,23 @@ def search_images(
     return [matches(loaded, search(loaded.view, v, k, mask), image_url) for v in vectors]
 
 
+# The most photos of one item `similar` searches with (an item may have up to MAX_PHOTOS_PER_ITEM).
+SIMILAR_PHOTOS = 8
+
+
 def similar_items(
     loaded: LoadedVersion, item_id: int, k: int, image_url: ImageUrlFn, flt: filters.Filter | None = None
 ) -> list[dict[str, Any]]:
-    """The top-k items most like an indexed item (all its photos: an item ranks by its best match
-    to any of them), the item itself excluded; with a filter, only items it keeps."""
+    """The top-k items most like an indexed item (its photos: an item ranks by its best match to any
+    of them; at most SIMILAR_PHOTOS of them, spread over its photos, so the work is bounded), the
+    item itself excluded; with a filter, only items it keeps."""
     found = loaded.view.item_rows(item_id)
     if found is None:
         raise ItemNotFoundError(f"no item {item_id} in {loaded.endpoint} version {loaded.version}")
-    vectors = np.asarray(loaded.view.segments[found.segment].vectors[found.rows], dtype=np.float32)
+    rows = found.rows
+    if len(rows) > SIMILAR_PHOTOS:
+        rows = rows[np.linspace(0, len(rows) - 1, SIMILAR_PHOTOS).round().astype(int)]
+    vectors = np.asarray(loaded.view.segments[found.segment].vectors[rows], dtype=np.float32)
     mask: MaskFn | None = None if flt is None else filter_mask(flt)
     best: dict[tuple[int, int], Hit] = {}
     for vector in vectors:
