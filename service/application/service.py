@@ -46,7 +46,7 @@ from service.serving.registry import LoadedVersion, Registry, ServedEndpoint
 from service.storage import KeyNotFoundError, Storage, encoder_mirror, gc, versions
 from service.storage.blobs import BlobCache
 from service.storage.manifest import Manifest
-from service.training import changes, compaction
+from service.training import changes, compaction, steps
 from service.training.results import ChangeResult, ProgressFn, TrainResult
 from service.training.train import train
 
@@ -382,8 +382,15 @@ class Service:
         return VersionList(name, current, listed)
 
     def rollback(self, name: str, version: str) -> VersionList:
-        """Point CURRENT back at `version`; this instance's workers serve it from the next request."""
+        """Point CURRENT back at `version`; this instance's workers serve it from the next request.
+        Its files are checked first (fetched into this instance's cache): a damaged version is a 409."""
         self.endpoint(name)
+        try:
+            target: Manifest | None = versions.read_manifest(self.storage, name, version)
+        except KeyNotFoundError:
+            target = None  # versions.rollback says why
+        if target is not None:
+            steps.verify_carried(name, target, self.blobs, everything=True)
         versions.rollback(self.storage, name, version)
         versions.note_published(self.settings.cache_dir, name, version)
         return self.versions_of(name)

@@ -169,6 +169,7 @@ def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
 def _check_items(plan: ZipPlan, max_photos: int) -> None:
     """The metadata's `item` column groups photos into items: at most `max_photos` each, and never
     under another image's own name (that would merge two items without a word)."""
+
     def item_of(name: str) -> str | None:
         item = plan.metadata.get(name, {}).get("item")
         return None if item in (None, "") else str(item)

@@ -143,6 +143,16 @@ class BlobCache:
             self._checked[target] = _Seen(ref.size, target.stat().st_mtime_ns)
         return target
 
+    def held(self, endpoint: str, ref: BlobRef, label: str = "") -> Path | None:
+        """`ref`'s file if this instance holds it (a local store, or this cache), checked; None if it
+        would have to be downloaded. IntegrityError when the bytes held do not match."""
+        local = self.storage.local_path(ref.key_in(endpoint))
+        path = local if local is not None else self._target(endpoint, ref)
+        if not path.exists():
+            return None
+        self._verify(path, ref, f"{label} ({ref.key_in(endpoint)})" if label else ref.key_in(endpoint))
+        return path
+
     def _verify(self, path: Path, ref: BlobRef, key: str) -> None:
         stat = path.stat() if path.exists() else None
         if stat is None:

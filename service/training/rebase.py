@@ -63,6 +63,8 @@ def _build_and_publish(
             if attempt + 1 < MAX_REBASES:  # pruned while we read it: a newer version is current
                 continue
             raise
+        if base is not None:
+            steps.verify_carried(spec.name, base.manifest, cache)  # what the change carries over
         if base is not None and base.manifest.format == 1 and not getattr(change, "migrates", False):
             _migrate_first(storage, spec, settings, cache, served, held)  # a change never writes format 1
             continue

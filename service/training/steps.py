@@ -20,11 +20,11 @@ from service.catalog import images, ingest
 from service.catalog.rows import Catalog
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec, HeadConfig
-from service.core.errors import BadImageError
+from service.core.errors import BadImageError, ConflictError, IntegrityError
 from service.encoders import convert
 from service.storage import Storage, encoder_mirror, gc, versions
 from service.storage.blobs import BlobCache
-from service.storage.manifest import BlobRef
+from service.storage.manifest import BlobRef, Manifest
 from service.training import finetune
 from service.training.embedding import mirror_thumbs
 from service.training.results import Progress, ProgressFn
@@ -129,3 +129,20 @@ def published(storage: Storage, settings: Settings, endpoint: str, version: str)
         gc.collect_pruned(storage, endpoint, pruned)
     except Exception as exc:
         log.warning("could not delete old versions of %s: %s", endpoint, exc)
+
+
+def verify_carried(endpoint: str, manifest: Manifest, cache: BlobCache, everything: bool = False) -> None:
+    """The files `manifest` references (its images aside) match their sha256, or a 409 naming the
+    first that does not: a change carries them into its version, a rollback serves them. Files this
+    instance does not hold are fetched (and checked) with `everything`, else left to whoever
+    downloads them (a change must not cost a download of the whole catalog)."""
+    for ref in manifest.blobs():
+        try:
+            if everything:
+                cache.path(endpoint, ref, "a file of the version")
+            else:
+                cache.held(endpoint, ref, "a file of the version")
+        except IntegrityError as exc:
+            raise ConflictError(
+                f"{endpoint} version {manifest.version} is damaged: {exc.message}; nothing was changed"
+            ) from None
