@@ -122,9 +122,12 @@ def test_queries_are_open_unless_a_query_token_is_set(
     # Image URLs carry a signature, so a browser can show them without the header.
     url = answer.get_json()["results"][0]["image_url"]
     assert "sig=" in url and "expires=" in url
+    params = parse_qs(urlparse(url).query)
     with client.get(url) as image:
         assert image.status_code == 200 and image.mimetype == "image/jpeg"
-    params = parse_qs(urlparse(url).query)
+        # Cached no longer than the signature lasts (not the day a versioned URL gets).
+        lasts = int(params["expires"][0]) - int(time.time())
+        assert image.cache_control.private and 0 < image.cache_control.max_age <= lasts
     tampered = url.replace(params["sig"][0], "0" * len(params["sig"][0]))
     assert client.get(tampered).status_code == 401
     item = answer.get_json()["results"][0]["id"]

@@ -1,0 +1,267 @@
+"""Hardening, third pass: the item routes, filters, rollback and the answers' small print; each
+defect an attacker found, as a request that must now get a clear answer and change nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from service.serving import filters, query
+from service.storage import versions
+from service.training.changes import merge_patch
+from tests.helpers import assert_error, make_zip, photo_jpeg, submit, upload, wait_job
+
+PHOTOS = ("coffee", "moon", "rocket", "astronaut")
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app(keep_versions=20)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    client = app.test_client()
+    files = {f"photos/{n}.jpg": photo_jpeg(n) for n in PHOTOS}
+    submit(client, "/food/train", {"file": upload(make_zip(files)), "fine_tune": "never"})
+    return client
+
+
+def current(client: FlaskClient) -> str:
+    return client.get("/food").get_json()["version"]
+
+
+def id_of(client: FlaskClient, name: str) -> int:
+    body = client.post("/food/infer?k=1", data=photo_jpeg(name), content_type="image/jpeg").get_json()
+    return int(body["results"][0]["id"])
+
+
+# --- 2. a chunked body over a small route's limit ------------------------------------------------
+
+
+def test_a_chunked_json_body_over_the_limit_is_a_413_not_a_misread(client: FlaskClient) -> None:
+    body = json.dumps({"version": "x" * (2 * 1024 * 1024)}).encode()  # the limit is 1 MB
+    response = client.post(
+        "/food/rollback",
+        input_stream=io.BytesIO(body),
+        headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert_error(response, 413)
+
+
+# --- 5. photos per item, and the work of `similar` -----------------------------------------------
+
+
+def grouped_zip(photos: int, item: str = "lamp") -> bytes:
+    names = [f"photos/{item}-{i}.jpg" for i in range(photos)]
+    rows = "\n".join(json.dumps({"filename": n, "item": item}) for n in names)
+    return make_zip({**{n: photo_jpeg(PHOTOS[i % 4], (64 + i, 64)) for i, n in enumerate(names)},
+                     "metadata.jsonl": rows.encode()})  # fmt: skip
+
+
+def test_an_item_with_more_photos_than_allowed_fails_its_job_naming_it(
+    make_app: Callable[..., Flask],
+) -> None:
+    client = make_app(max_photos_per_item=3).test_client()
+    answer = client.post("/food/train", data={"file": upload(grouped_zip(4))})
+    job = wait_job(client, answer.get_json()["status_url"])
+    assert job["status"] == "failed" and "'lamp' has 4 photos" in job["error"]
+    assert "MAX_PHOTOS_PER_ITEM" in job["error"]
+
+
+def test_similar_searches_with_a_bounded_number_of_an_items_photos(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_app().test_client()
+    submit(client, "/food/train", {"file": upload(grouped_zip(20)), "fine_tune": "never"})
+    item = id_of(client, "coffee")
+    searches = []
+    real = query.search
+    monkeypatch.setattr(query, "search", lambda *a, **kw: searches.append(1) or real(*a, **kw))
+    assert client.get(f"/food/items/{item}/similar?k=3").status_code == 200
+    assert len(searches) == query.SIMILAR_PHOTOS < 20
+
+
+def test_an_item_named_after_an_image_of_another_item_is_refused(make_app: Callable[..., Flask]) -> None:
+    client = make_app().test_client()
+    rows = json.dumps({"filename": "photos/b.jpg", "item": "photos/a.jpg"}).encode()
+    zip_bytes = make_zip({"photos/a.jpg": photo_jpeg("moon"), "photos/b.jpg": photo_jpeg("coffee"),
+                          "metadata.jsonl": rows})  # fmt: skip
+    job = wait_job(
+        client, client.post("/food/train", data={"file": upload(zip_bytes)}).get_json()["status_url"]
+    )
+    assert job["status"] == "failed" and "is the name of an image of another item" in job["error"]
+
+
+def test_labels_count_items_not_photos(make_app: Callable[..., Flask]) -> None:
+    client = make_app().test_client()
+    submit(client, "/food/train", {"file": upload(grouped_zip(3)), "fine_tune": "never"})
+    assert client.get("/food").get_json()["labels"] == {"photos": 1}
+
+
+# --- 6. numbers beyond a double -------------------------------------------------------------------
+
+HUGE = int("9" * 400)
+
+
+def test_a_huge_integer_is_a_422_in_filters_and_in_metadata(client: FlaskClient) -> None:
+    where = json.dumps({"price": {"min": HUGE}})
+    before = current(client)
+    answer = client.post(f"/food/infer?where={where}", data=photo_jpeg("moon"), content_type="image/jpeg")
+    assert_error(answer, 422, "beyond the range of a double")
+    item = id_of(client, "moon")
+    assert_error(client.get(f"/food/items/{item}/similar?where={where}"), 422, "beyond the range")
+    patch = client.patch(f"/food/items/{item}", data=f'{{"metadata": {{"price": {HUGE}}}}}',
+                         content_type="application/json")  # fmt: skip
+    assert_error(patch, 422, "beyond the range of a double")
+    assert current(client) == before
+
+
+def test_a_huge_integer_already_stored_never_breaks_a_range_filter() -> None:
+    flt = filters.parse_filter(None, {"price": {"min": 1}})
+    assert flt is not None
+    rows = [{"label": "a", "metadata": {"price": HUGE}}, {"label": "a", "metadata": {"price": 5}}]
+    assert filters.evaluate(flt, rows, filters.ColumnCache()).tolist() == [False, True]
+    assert not filters.matches(flt, rows[0])
+
+
+# --- 7, 8. damaged files: no rollback to them, no change carrying them ------------------------------
+
+
+def damage_encoder(app: Flask, version: str) -> None:
+    service = app.extensions["simsvc"]
+    manifest = versions.read_manifest(service.storage, "food", version)
+    assert manifest.encoder_model is not None
+    path = service.storage.local_path(manifest.encoder_model.key_in("food"))
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+
+
+def test_a_rollback_to_a_damaged_version_is_a_409_naming_the_file(app: Flask, client: FlaskClient) -> None:
+    first = current(client)
+    client.patch(f"/food/items/{id_of(client, 'moon')}", json={"label": "space"})
+    second = current(client)
+    damage_encoder(app, first)  # both versions share the blob: the current one too
+    answer = client.post("/food/rollback", json={"version": first})
+    assert_error(answer, 409, "does not match its sha256")
+    assert versions.read_current(app.extensions["simsvc"].storage, "food").version == second
+
+
+def test_a_change_on_a_damaged_version_publishes_nothing(app: Flask, client: FlaskClient) -> None:
+    before = current(client)
+    damage_encoder(app, before)
+    item = id_of(client, "moon")
+    assert_error(client.patch(f"/food/items/{item}", json={"label": "space"}), 409, "is damaged")
+    assert versions.read_current(app.extensions["simsvc"].storage, "food").version == before
+
+
+# --- 9. ids are integers --------------------------------------------------------------------------
+
+
+def test_a_batch_delete_with_a_float_id_is_a_422_and_deletes_nothing(client: FlaskClient) -> None:
+    before = current(client)
+    item = id_of(client, "moon")
+    for ids in ([item + 0.9], [float(item)], [True], [str(item)]):
+        assert_error(client.delete("/food/items", json={"ids": ids}), 422, "Not a valid integer")
+    assert current(client) == before
+
+
+# --- 10. PATCH is a JSON merge patch (RFC 7396) ----------------------------------------------------
+
+RFC_7396_EXAMPLES: list[tuple[Any, Any, Any]] = [
+    ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+    ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+    ({"a": "b"}, {"a": None}, {}),
+    ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
+    ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+    ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
+    ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+    ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+    (["a", "b"], ["c", "d"], ["c", "d"]),
+    ({"a": "b"}, ["c"], ["c"]),
+    ({"a": "foo"}, None, None),
+    ({"a": "foo"}, "bar", "bar"),
+    ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+    ([1, 2], {"a": "b", "c": None}, {"a": "b"}),
+    ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+]
+
+
+@pytest.mark.parametrize(("target", "patch", "result"), RFC_7396_EXAMPLES)
+def test_merge_patch_follows_rfc_7396_appendix_a(target: Any, patch: Any, result: Any) -> None:
+    assert merge_patch(target, patch) == result
+
+
+def test_patch_merges_nested_fields_removes_nulls_and_publishes_nothing_when_nothing_changes(
+    client: FlaskClient,
+) -> None:
+    item = id_of(client, "moon")
+
+    def metadata() -> dict[str, Any]:
+        body = client.post("/food/infer?k=1", data=photo_jpeg("moon"), content_type="image/jpeg").get_json()
+        return body["results"][0]["metadata"]
+
+    assert (
+        client.patch(f"/food/items/{item}", json={"metadata": {"dims": {"w": 1, "h": 2}}}).status_code == 200
+    )
+    client.patch(f"/food/items/{item}", json={"metadata": {"dims": {"w": 2}}})
+    assert metadata() == {"dims": {"w": 2, "h": 2}}  # h kept
+    client.patch(f"/food/items/{item}", json={"metadata": {"dims": {"h": None}, "x": None}})
+    assert metadata() == {"dims": {"w": 2}}  # removed, not stored as null
+    client.patch(f"/food/items/{item}", json={"metadata": None})
+    assert metadata() == {}
+    before = current(client)
+    for same in ({"metadata": None}, {"metadata": {}}, {"metadata": {"gone": None}}, {"label": "photos"}):
+        answer = client.patch(f"/food/items/{item}", json=same)
+        assert answer.status_code == 200 and answer.get_json()["version"] == before
+    assert current(client) == before and len(client.get("/food/versions").get_json()["versions"]) == 5
+
+
+# --- 11. one rule for labels and names ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("form", "field"),
+    [
+        ({"label": "a/b"}, "label"),
+        ({"label": "ok\0evil"}, "label"),
+        ({"label": "."}, "label"),
+        ({"label": ".hidden"}, "label"),
+        ({"label": "x" * 201}, "label"),
+        ({"name": "nul/x.png\0.exe"}, "name"),
+        ({"name": "../x.png"}, "name"),
+    ],
+)
+def test_a_label_or_name_outside_the_rule_is_a_422_naming_the_field(
+    client: FlaskClient, form: dict[str, str], field: str
+) -> None:
+    before = current(client)
+    answer = client.post("/food/items", data={"image": (io.BytesIO(photo_jpeg("moon")), "m.jpg"), **form})
+    assert assert_error(answer, 422)["errors"] == {field: answer.get_json()["errors"][field]}
+    assert current(client) == before
+
+
+@pytest.mark.parametrize("label", ["", "x" * 256, "a/b", ".", "tab\there"])
+def test_patch_refuses_a_label_filters_could_not_use(client: FlaskClient, label: str) -> None:
+    before = current(client)
+    answer = client.patch(f"/food/items/{id_of(client, 'moon')}", json={"label": label})
+    assert "label" in assert_error(answer, 422)["errors"]
+    assert current(client) == before
+
+
+# --- the small print ---------------------------------------------------------------------------------
+
+
+def test_metrics_name_their_charset_once(client: FlaskClient) -> None:
+    assert client.get("/metrics").headers["Content-Type"].count("charset") == 1
+
+
+def test_a_404_for_a_long_unknown_name_does_not_echo_it_whole(client: FlaskClient) -> None:
+    body = assert_error(client.get("/" + "x" * 200_000), 404)
+    assert len(json.dumps(body)) < 1000
