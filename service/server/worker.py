@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -75,21 +76,29 @@ HELD_BACK_RECHECK_S = 0.02
 
 # Slow clients: a thread serves a connection from its first byte, so a client that trickles its
 # headers (or body) holds a thread. Headers must arrive within HEADER_TIMEOUT_S of the request's
-# first byte; the body within BODY_TIMEOUT_S plus its length at BODY_MIN_RATE bytes a second
-# (a 100 KB image: 5.4 s; chunked bodies: 4 x BODY_TIMEOUT_S); then the connection is dropped (a
-# body that is too slow gets a 408 from the app). nginx, in front on Elastic Beanstalk, buffers
-# whole requests, so there these never trigger.
+# first byte. A body must keep pace: at any moment, the bytes received must be at least
+# BODY_MIN_RATE a second over the time since the body began, less a grace of BODY_TIMEOUT_S (so a
+# declared Content-Length buys no time: a client that trickles is cut after about the grace, one
+# that sends at the rate has as long as it needs). While more than half of a worker's threads are
+# reading bodies, new bodies get BODY_BUSY_TIMEOUT_S of grace instead: under a crowd of slow
+# clients, threads come free within a second for /health and queries. A body cut for being slow
+# gets a 408 from the app, or the connection is dropped. nginx, in front on Elastic Beanstalk,
+# buffers whole requests, so there these never trigger.
 HEADER_TIMEOUT_S = float(os.environ.get("GUNICORN_HEADER_TIMEOUT", "5"))
 BODY_TIMEOUT_S = float(os.environ.get("GUNICORN_BODY_TIMEOUT", "5"))
+BODY_BUSY_TIMEOUT_S = float(os.environ.get("GUNICORN_BODY_BUSY_TIMEOUT", "0.5"))
 BODY_MIN_RATE = float(os.environ.get("GUNICORN_BODY_MIN_RATE", str(256 * 1024)))
 
 
-def body_deadline(req: Any) -> float:
-    """Seconds a request body may take: a base, plus its length at the minimum rate."""
-    length = next((v for k, v in getattr(req, "headers", []) if k.upper() == "CONTENT-LENGTH"), None)
-    if length is None or not str(length).isdigit():
-        return 4 * BODY_TIMEOUT_S
-    return BODY_TIMEOUT_S + int(length) / BODY_MIN_RATE
+def has_body(req: Any) -> bool:
+    """Whether the request sends a body (a Content-Length over 0, or chunked)."""
+    for name, value in getattr(req, "headers", []):
+        upper = name.upper()
+        if upper == "CONTENT-LENGTH":
+            return str(value).strip() not in ("", "0")
+        if upper == "TRANSFER-ENCODING":
+            return True
+    return False
 
 
 class SlowHeadersError(NoMoreData):
@@ -97,24 +106,46 @@ class SlowHeadersError(NoMoreData):
 
 
 class _ReadDeadline:
-    """A client socket whose reads fail once the current request's time to arrive is up."""
+    """A client socket whose reads fail once the request falls behind: its headers not in within
+    their deadline, or its body behind the minimum rate by more than its grace."""
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self.deadline: float | None = None
         self.reading_body = False
+        self._body_since = 0.0
+        self._grace = 0.0
+        self._received = 0
 
     def __getattr__(self, name: str) -> Any:  # everything else: the socket itself
         return getattr(self._sock, name)
+
+    def headers_now(self) -> None:
+        self.deadline, self.reading_body = time.monotonic() + HEADER_TIMEOUT_S, False
+
+    def body_now(self, grace: float) -> None:
+        self._body_since, self._grace, self._received = time.monotonic(), grace, 0
+        self.reading_body = True
+        self.deadline = self._body_since + grace
+
+    def _too_slow(self) -> Exception:
+        if self.reading_body:
+            return TimeoutError("the request body arrived too slowly")
+        return SlowHeadersError(f"no complete request headers within {HEADER_TIMEOUT_S:g} s")
 
     def recv(self, size: int, *flags: int) -> bytes:
         if self.deadline is None:
             return self._sock.recv(size, *flags)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            if self.reading_body:
-                raise TimeoutError("the request body arrived too slowly")
-            raise SlowHeadersError(f"no complete request headers within {HEADER_TIMEOUT_S:g} s")
+            raise self._too_slow()
+        data = self._recv(size, remaining, *flags)
+        if self.reading_body:  # each byte in buys the time it takes at the minimum rate
+            self._received += len(data)
+            self.deadline = self._body_since + self._grace + self._received / BODY_MIN_RATE
+        return data
+
+    def _recv(self, size: int, remaining: float, *flags: int) -> bytes:
         if not flags:
             # Usually the bytes are there already: one non-blocking recv, and none of the four
             # fcntl calls that switching the socket's timeout costs (measured: bench/overhead.py).
@@ -127,9 +158,7 @@ class _ReadDeadline:
         try:
             return self._sock.recv(size, *flags)
         except TimeoutError:
-            if self.reading_body:
-                raise TimeoutError("the request body arrived too slowly") from None
-            raise SlowHeadersError(f"no complete request headers within {HEADER_TIMEOUT_S:g} s") from None
+            raise self._too_slow() from None
         finally:
             self._sock.settimeout(previous)
 
@@ -190,17 +219,27 @@ class BalancedThreadWorker(ThreadWorker):
 
     def handle(self, conn: Any) -> Any:
         if isinstance(conn.sock, _ReadDeadline):  # headers from now on
-            conn.sock.deadline, conn.sock.reading_body = time.monotonic() + HEADER_TIMEOUT_S, False
+            conn.sock.headers_now()
         return super().handle(conn)
 
+    _bodies = 0  # requests of this worker reading their bodies now
+    _bodies_lock = threading.Lock()
+
     def handle_request(self, req: Any, conn: Any) -> Any:
-        if isinstance(conn.sock, _ReadDeadline):  # the headers are in: the body's turn
-            conn.sock.deadline, conn.sock.reading_body = time.monotonic() + body_deadline(req), True
+        sock = conn.sock if isinstance(conn.sock, _ReadDeadline) else None
+        counted = sock is not None and has_body(req)
+        if sock is not None:  # the headers are in: the body's turn
+            with self._bodies_lock:
+                busy = self._bodies >= max(1, self.cfg.threads // 2)
+                self._bodies += counted
+            sock.body_now(BODY_BUSY_TIMEOUT_S if busy else BODY_TIMEOUT_S)
         try:
             return super().handle_request(req, conn)
         finally:
-            if isinstance(conn.sock, _ReadDeadline):
-                conn.sock.deadline = None
+            if sock is not None:
+                sock.deadline = None
+                with self._bodies_lock:
+                    self._bodies -= counted
 
     # Where connections landed unevenly anyway (a peer closing many at once looked busy a moment,
     # a client reconnected in a burst), keep-alive would keep them there for good. gthread answers

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -265,3 +266,54 @@ def test_metrics_name_their_charset_once(client: FlaskClient) -> None:
 def test_a_404_for_a_long_unknown_name_does_not_echo_it_whole(client: FlaskClient) -> None:
     body = assert_error(client.get("/" + "x" * 200_000), 404)
     assert len(json.dumps(body)) < 1000
+
+
+# --- 1. slow request bodies on bare gunicorn ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_health_and_queries_answer_while_40_clients_trickle_bodies(tmp_path: Path, models_dir: Path) -> None:
+    import socket
+    import threading
+    import time
+
+    import requests
+
+    from tests.helpers import procfile_server
+
+    env = {"WEB_CONCURRENCY": "2", "MODELS_DIR": str(models_dir), "WARM_ON_START": "0"}
+    with procfile_server(tmp_path, env) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        stop = threading.Event()
+
+        def trickle() -> None:  # headers at once, then a 20 MB body a byte every 0.2 s
+            while not stop.is_set():
+                try:
+                    with socket.create_connection((host, int(port)), timeout=5) as s:
+                        s.sendall(
+                            b"POST /food/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                            b"Content-Length: 20000000\r\n\r\n"
+                        )
+                        while not stop.is_set():
+                            s.send(b"x")
+                            time.sleep(0.2)
+                except OSError:
+                    continue  # cut off by the server: come back, as an attacker would
+
+        attackers = [threading.Thread(target=trickle, daemon=True) for _ in range(40)]
+        for thread in attackers:
+            thread.start()
+        try:
+            time.sleep(3)  # every thread of both workers is taken by now, without the fix
+            probes = []
+            for _ in range(8):
+                started = time.monotonic()
+                answer = requests.get(f"{server.url}/health", timeout=10)
+                probes.append((answer.status_code, time.monotonic() - started))
+            assert [code for code, _ in probes] == [200] * 8
+            assert sum(seconds < 3 for _, seconds in probes) >= 7, probes
+            query = requests.post(f"{server.url}/food/infer", data=photo_jpeg("moon"), timeout=10,
+                                  headers={"Content-Type": "image/jpeg"})  # fmt: skip
+            assert query.status_code in (200, 503)  # 503: food is not trained here; not stuck
+        finally:
+            stop.set()
