@@ -81,9 +81,16 @@ def build_service(settings: Settings) -> Service:
         light = kind == "compact" or (
             kind == "add" and not changes.needs_tensorflow(spec, storage, settings, fine_tune)
         )
-        if settings.train_in_child and not light:
-            return child.run_job(settings, spec, zip_path, on_progress, version, fine_tune, kind)
-        return child.work(settings, spec, zip_path, on_progress, version, fine_tune, kind, storage)
+        if not settings.train_in_child:
+            return child.work(settings, spec, zip_path, on_progress, version, fine_tune, kind, storage)
+        if light:
+            try:  # never loads TensorFlow here: the version may have changed since the check
+                return child.work(
+                    settings, spec, zip_path, on_progress, version, fine_tune, kind, storage, False
+                )
+            except changes.NeedsTensorFlow:
+                pass
+        return child.run_job(settings, spec, zip_path, on_progress, version, fine_tune, kind)
 
     bucket = storage.as_bucket()
 

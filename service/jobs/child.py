@@ -18,6 +18,7 @@ import os
 import pickle
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -118,15 +119,17 @@ def work(
     fine_tune: str,
     kind: str,
     storage: Any = None,
+    tensorflow: bool = True,
 ) -> Work:
-    """A job's work: train (replace the catalog) or add items; in whichever process runs it."""
+    """A job's work: train (replace the catalog) or add items; in whichever process runs it.
+    `tensorflow=False`: an add that would load TensorFlow raises changes.NeedsTensorFlow instead."""
     # The spec the worker validated at start-up, not the endpoint file as it is now.
     if storage is None:
         storage = open_storage(
             settings.storage_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
         )
     if kind == "add":
-        return changes.add_items(spec, zip_path, storage, settings, on_progress, fine_tune)
+        return changes.add_items(spec, zip_path, storage, settings, on_progress, fine_tune, tensorflow)
     if kind == "compact":
         return compaction.compact(spec, storage, settings, on_progress)
     return train(spec, zip_path, storage, settings, on_progress, version, fine_tune)
@@ -143,6 +146,11 @@ def _child(
     parent: int,
 ) -> None:
     _die_with(parent)
+    # TensorFlow's converter writes temporary SavedModels under TMPDIR: give it a folder the worker
+    # removes if this process is killed (remove_leftovers_of), and this process removes otherwise.
+    scratch = settings.cache_dir / "work" / f"{os.getpid()}-tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
     logs.configure(settings.log_level, settings.log_format)
     configure_threads(settings.tf_intra_op_threads, settings.tf_inter_op_threads)
     litert.configure_threads(settings.tf_intra_op_threads)
@@ -156,6 +164,7 @@ def _child(
         send("error", _portable(exc))
     finally:
         conn.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _die_with(parent: int) -> None:

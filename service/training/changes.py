@@ -82,8 +82,10 @@ def add_items(
     settings: Settings,
     on_progress: ProgressFn | None = None,
     fine_tune: str = "auto",
+    tensorflow: bool = True,
 ) -> ChangeResult:
     """Add the zip's images to the catalog; an item whose name exists already is replaced.
+    `tensorflow=False`: raise NeedsTensorFlow rather than load it (a web worker's own thread).
 
     Only images whose bytes no retained version holds go through the encoder. With a kept head, new
     images go through the version's own head; `fine_tune=always` trains the head again on every
@@ -93,6 +95,10 @@ def add_items(
     report(Progress("ingest", 0, 0))
     cache = steps.blob_cache(storage, settings)
     first = read_base(storage, spec.name, cache, spec.search_k)
+    if not tensorflow and (first is None or not _converted(first.manifest, settings, fine_tune)):
+        raise NeedsTensorFlow(
+            f"{spec.name}: this add needs TensorFlow (the version changed since it was queued)"
+        )
     encoder = _encoder(spec, storage, settings, cache, first, fine_tune, report)
     if first is not None:
         _check_encoder(first, encoder.fingerprint, spec)
@@ -113,6 +119,10 @@ def add_items(
         result = publish_with_rebase(storage, spec, settings, add, cache)
         report(Progress("publish", 1, 1))
     return result
+
+
+class NeedsTensorFlow(Exception):
+    """An add that would load TensorFlow where it must not: run it where it may (a job's child)."""
 
 
 def needs_tensorflow(spec: EndpointSpec, storage: Storage, settings: Settings, fine_tune: str) -> bool:
