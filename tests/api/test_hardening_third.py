@@ -317,3 +317,20 @@ def test_health_and_queries_answer_while_40_clients_trickle_bodies(tmp_path: Pat
             assert query.status_code in (200, 503)  # 503: food is not trained here; not stuck
         finally:
             stop.set()
+
+
+# --- smaller: TensorFlow stays out of web workers ---------------------------------------------------
+
+
+def test_an_add_in_a_web_workers_thread_never_loads_tensorflow(make_app: Callable[..., Flask]) -> None:
+    from service.training import changes
+
+    app = make_app(encoder_runtime="tensorflow")  # versions served by TensorFlow: an add needs it
+    client, service = app.test_client(), app.extensions["simsvc"]
+    trained = submit(client, "/food/train", {"file": upload(make_zip({"p/moon.jpg": photo_jpeg("moon")}))})
+    zip_path = service.settings.cache_dir / "add.zip"
+    zip_path.write_bytes(make_zip({"p/coffee.jpg": photo_jpeg("coffee")}))
+    spec = service.specs["food"]
+    with pytest.raises(changes.NeedsTensorFlow):
+        changes.add_items(spec, zip_path, service.storage, service.settings, tensorflow=False)
+    assert current(client) == trained["version"]

@@ -97,6 +97,9 @@ def test_a_worker_killed_mid_job_leaves_a_failed_job_and_no_leftovers(server: Se
     cache = Path(server.log.parent / "cache")
     for folder in (cache / "uploads", cache / "work"):
         assert not [p for p in folder.glob(f"{pid}-*")], list(folder.iterdir())
+    # ...and what its job's child left: TensorFlow's temporary files too (its TMPDIR is there).
+    left = [p for c in children for p in (cache / "work").glob(f"{c}-*")]
+    assert not left, left
 
 
 PUBLISH_SCRIPT = textwrap.dedent("""
