@@ -217,81 +217,87 @@ class Codes:
 
 
 class ColumnCache:
-    """A segment's filter columns: every field's, built in one pass over the rows the first time a
-    filter needs any (so a query naming new fields costs nothing more), within `max_bytes`. A field
-    whose column did not fit is refused with a 422 rather than scanned per query. Thread-safe."""
+    """A segment's filter columns, each built once (the missing ones of a query in one pass over the
+    rows) and kept for the version's life within `max_bytes`: a query naming fields already built
+    reads nothing, and cycling through fields costs one pass per field, ever. The first pass also
+    records which fields any row has, so a field no row has costs nothing. A field whose column
+    would pass the budget is a 422, never a pass per query. Thread-safe."""
 
     def __init__(self, max_bytes: int = MAX_COLUMN_BYTES) -> None:
         self.max_bytes = max_bytes
-        self._columns: dict[FieldPath, Codes] | None = None
-        self._over: set[FieldPath] = set()
+        self._columns: dict[FieldPath, Codes] = {}
+        self._present: set[FieldPath] | None = None  # every field some row has, once known
+        self._spent = 0
         self._lock = threading.Lock()
 
-    def column(self, path: FieldPath, items: Rows) -> Codes | None:
-        """The column of `path`; None when no row has the field."""
+    def columns(self, paths: list[FieldPath], items: Rows) -> list[Codes | None]:
+        """The column of each path (None: no row has that field)."""
         with self._lock:
-            if self._columns is None:
-                self._columns, self._over = _build(items, self.max_bytes)
-        if path in self._over:
-            raise _problem(
-                "where",
-                f"{path[-1]!r}: this catalog has too many distinct fields and values to filter on all "
-                f"of them (over {self.max_bytes // (1024 * 1024)} MB of columns); filter on another field",
-            )
-        return self._columns.get(path)
+            wanted = [
+                path
+                for path in dict.fromkeys(paths)
+                if path not in self._columns and (self._present is None or path in self._present)
+            ]
+            if wanted:
+                if self._spent + 4 * len(items) * len(wanted) > self.max_bytes:
+                    raise _problem(
+                        "where",
+                        f"{len(wanted)} more field(s) to filter on would pass this version's memory "
+                        f"for filter columns ({self.max_bytes // (1024 * 1024)} MB); filter on fields "
+                        "used before",
+                    )
+                built, present = _build(wanted, items, self._present is None)
+                if present is not None:
+                    self._present = present
+                self._columns.update(built)
+                self._spent += sum(column.nbytes() for column in built.values())
+            return [self._columns.get(path) for path in paths]
 
     def __len__(self) -> int:
-        return len(self._columns or {})
+        return len(self._columns)
 
 
-def _build(items: Rows, max_bytes: int) -> tuple[dict[FieldPath, Codes], set[FieldPath]]:
-    """Every field's column in one pass; the fields first seen once the budget is spent: over."""
+def _build(
+    paths: list[FieldPath], items: Rows, find_present: bool
+) -> tuple[dict[FieldPath, Codes], set[FieldPath] | None]:
+    """The columns of `paths` in one pass over the rows; with `find_present`, also every field some
+    row has."""
     count = len(items)
-    columns: dict[FieldPath, np.ndarray] = {}
-    vocabularies: dict[FieldPath, dict[Key, int]] = {}
-    raw: dict[FieldPath, list[Any]] = {}
-    over: set[FieldPath] = set()
-    spent = 0
+    codes = {path: np.full(count, -1, dtype=np.int32) for path in paths}
+    vocabularies: dict[FieldPath, dict[Key, int]] = {path: {} for path in paths}
+    raw: dict[FieldPath, list[Any]] = {path: [] for path in paths}
+    fields: set[str] = set()
+    labelled = False
     for row in range(count):
         item = items[row]
-        fields: list[tuple[FieldPath, Any]] = [(("label",), item.get("label", _MISSING))]
-        fields += [(("metadata", k), v) for k, v in (item.get("metadata") or {}).items()]
-        for path, value in fields:
-            if value is _MISSING or path in over:
+        metadata = item.get("metadata") or {}
+        if find_present:
+            fields.update(metadata)
+            labelled = labelled or "label" in item
+        for path in paths:
+            value = item.get("label", _MISSING) if path == ("label",) else metadata.get(path[1], _MISSING)
+            if value is _MISSING:
                 continue
-            column = columns.get(path)
-            if column is None:
-                if spent + 4 * count > max_bytes:
-                    over.add(path)
-                    continue
-                column = columns[path] = np.full(count, -1, dtype=np.int32)
-                vocabularies[path], raw[path] = {}, []
-                spent += 4 * count
-            vocabulary = vocabularies[path]
             key = value_key(value)
+            vocabulary = vocabularies[path]
             code = vocabulary.get(key)
             if code is None:
-                if spent + 128 > max_bytes:  # this field's column does not fit: give its room back
-                    over.add(path)
-                    spent -= 4 * count + 128 * len(vocabulary)
-                    del columns[path], vocabularies[path], raw[path]
-                    continue
                 code = vocabulary[key] = len(vocabulary)
                 raw[path].append(value)
-                spent += 128
-            column[row] = code
-    built = {
-        path: Codes(column, vocabularies[path], np.array([_as_number(v) for v in raw[path]] + [math.nan]))
-        for path, column in columns.items()
-    }
-    return built, over
+            codes[path][row] = code
+    numbers = {path: np.array([_as_number(v) for v in raw[path]] + [math.nan]) for path in paths}
+    built = {path: Codes(codes[path], vocabularies[path], numbers[path]) for path in paths}
+    present = None
+    if find_present:
+        present = {("metadata", name) for name in fields} | ({("label",)} if labelled else set())
+    return built, present
 
 
 def evaluate(flt: Filter, items: Rows, cache: ColumnCache) -> np.ndarray:
     """The rows the filter keeps: a new boolean array of len(items) (the caller may change it)."""
     mask = np.ones(len(items), dtype=bool)
-    for condition in flt.conditions:
-        column = cache.column(condition.path, items)
+    columns = cache.columns([condition.path for condition in flt.conditions], items)
+    for condition, column in zip(flt.conditions, columns, strict=True):
         if column is None:  # no row has the field: nothing matches
             mask[:] = False
             continue
