@@ -34,8 +34,8 @@ def test_a_filter_parses_labels_equality_any_of_and_ranges() -> None:
     assert flt == Filter(
         (
             AnyOf(("label",), frozenset({"shoes", "boots"})),
-            AnyOf(("metadata", "colour"), frozenset({"red", ("1",)})),
-            AnyOf(("metadata", "size"), frozenset({("42",)})),
+            AnyOf(("metadata", "colour"), frozenset({"red", ("n", 1)})),
+            AnyOf(("metadata", "size"), frozenset({("n", 42)})),
             Range(("metadata", "price"), None, 50.0),
         )
     )
