@@ -307,8 +307,6 @@ class Service:
     def edit_item(self, name: str, item_id: int, edit: dict[str, Any]) -> ChangeOutcome:
         """Change an item's label and/or metadata; the new version."""
         served = self.endpoint(name)
-        if not edit:
-            raise InvalidParameterError("send 'label' and/or 'metadata' to change")
         result = changes.edit_item(
             served.spec,
             self.storage,

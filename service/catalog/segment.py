@@ -292,6 +292,7 @@ class Segment:
             "keys",
             "_key_order",
             "_item_order",
+            "_columns",  # filter columns: built from the raw entries (edited rows are judged apart)
         ):
             if part in self.__dict__:
                 other.__dict__[part] = self.__dict__[part]

@@ -3,18 +3,28 @@ a filter. What breaks it is refused naming the field (never rewritten into somet
 
 from __future__ import annotations
 
+import unicodedata
+
 from service.core.errors import InvalidParameterError
 
 MAX_LABEL_CHARS = 200
 MAX_NAME_CHARS = 1024
 
 
+def _invisible(text: str) -> bool:
+    """Control, format (zero-width, bidirectional overrides) or line/paragraph separator characters:
+    text that would not show as what it is."""
+    return any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+
+
 def label_problem(label: str) -> str | None:
     """Why `label` cannot be a label (None when it can). A label is one folder's name in a zip."""
     if not 1 <= len(label) <= MAX_LABEL_CHARS:
         return f"a label has 1 to {MAX_LABEL_CHARS} characters"
-    if any(ord(c) < 32 or ord(c) == 127 for c in label):
-        return "a label holds no control characters"
+    if _invisible(label):
+        return "a label holds no control, format or separator characters"
+    if not label.strip():
+        return "a label is not blank"
     if "/" in label or "\\" in label:
         return "a label is one folder name: no '/' or '\\'"
     if label.startswith("."):
@@ -26,8 +36,8 @@ def name_problem(name: str) -> str | None:
     """Why `name` cannot be an item's name (None when it can): a path in a zip, `label/file.jpg`."""
     if not 1 <= len(name) <= MAX_NAME_CHARS:
         return f"a name has 1 to {MAX_NAME_CHARS} characters"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "a name holds no control characters"
+    if _invisible(name):
+        return "a name holds no control, format or separator characters"
     if "\\" in name or name.startswith("/"):
         return "a name is a relative path with '/' between its parts"
     parts = name.split("/")

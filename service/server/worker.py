@@ -113,6 +113,7 @@ class _ReadDeadline:
         self._sock = sock
         self.deadline: float | None = None
         self.reading_body = False
+        self.cut = False  # this request's body was cut off: the connection closes, never drains it
         self._body_since = 0.0
         self._grace = 0.0
         self._received = 0
@@ -124,12 +125,14 @@ class _ReadDeadline:
         self.deadline, self.reading_body = time.monotonic() + HEADER_TIMEOUT_S, False
 
     def body_now(self, grace: float) -> None:
+        self.cut = False
         self._body_since, self._grace, self._received = time.monotonic(), grace, 0
         self.reading_body = True
         self.deadline = self._body_since + grace
 
     def _too_slow(self) -> Exception:
         if self.reading_body:
+            self.cut = True
             return TimeoutError("the request body arrived too slowly")
         return SlowHeadersError(f"no complete request headers within {HEADER_TIMEOUT_S:g} s")
 
@@ -234,12 +237,15 @@ class BalancedThreadWorker(ThreadWorker):
                 self._bodies += counted
             sock.body_now(BODY_BUSY_TIMEOUT_S if busy else BODY_TIMEOUT_S)
         try:
-            return super().handle_request(req, conn)
+            keepalive = super().handle_request(req, conn)
         finally:
             if sock is not None:
                 sock.deadline = None
                 with self._bodies_lock:
                     self._bodies -= counted
+        # A body cut off is never drained for a next request on the connection (that would hold the
+        # thread while the slow client sends the rest): the connection closes.
+        return keepalive and not (sock is not None and sock.cut)
 
     # Where connections landed unevenly anyway (a peer closing many at once looked busy a moment,
     # a client reconnected in a burst), keep-alive would keep them there for good. gthread answers

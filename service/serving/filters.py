@@ -9,14 +9,16 @@
     label = ["shoes", "boots"]                the item's label is any of those
 
 Conditions on several fields all apply (and); an item without the field never matches. Evaluating
-a filter gives a boolean mask over the version's rows, from columns built on first use (one pass
-over the memory-mapped metadata per new field) and kept per loaded version.
+a filter gives a boolean mask over the version's rows, from columns built on first use (the fields
+a query names that are not built yet, in one pass over the memory-mapped metadata) and kept for
+the segment's life within a memory budget.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -222,8 +224,10 @@ class Codes:
     vocabulary: dict[Key, int]
     numbers: np.ndarray
 
+    vocabulary_bytes: int = 0  # the vocabulary's keys and entries, roughly (sys.getsizeof)
+
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.numbers.nbytes + 120 * len(self.vocabulary)  # a dict entry, roughly
+        return self.codes.nbytes + self.numbers.nbytes + self.vocabulary_bytes
 
 
 class ColumnCache:
@@ -250,13 +254,9 @@ class ColumnCache:
             ]
             if wanted:
                 if self._spent + 4 * len(items) * len(wanted) > self.max_bytes:
-                    raise _problem(
-                        "where",
-                        f"{len(wanted)} more field(s) to filter on would pass this version's memory "
-                        f"for filter columns ({self.max_bytes // (1024 * 1024)} MB); filter on fields "
-                        "used before",
-                    )
-                built, present = _build(wanted, items, self._present is None)
+                    raise _over_budget(len(wanted), self.max_bytes)
+                budget = self.max_bytes - self._spent
+                built, present = _build(wanted, items, self._present is None, budget)
                 if present is not None:
                     self._present = present
                 self._columns.update(built)
@@ -267,11 +267,20 @@ class ColumnCache:
         return len(self._columns)
 
 
+def _over_budget(fields: int, budget: int) -> InvalidParameterError:
+    return _problem(
+        "where",
+        f"{fields} more field(s) to filter on would pass this version's memory for filter columns "
+        f"({budget // (1024 * 1024)} MB left); filter on fields used before",
+    )
+
+
 def _build(
-    paths: list[FieldPath], items: Rows, find_present: bool
+    paths: list[FieldPath], items: Rows, find_present: bool, budget: int
 ) -> tuple[dict[FieldPath, Codes], set[FieldPath] | None]:
     """The columns of `paths` in one pass over the rows; with `find_present`, also every field some
-    row has."""
+    row has. A 422 as soon as they would hold more than `budget` bytes (distinct values count by
+    their size: long unique strings fill it fast)."""
     count = len(items)
     names = [None if path == ("label",) else path[1] for path in paths]
     columns: list[list[int]] = [[] for _ in paths]
@@ -279,28 +288,36 @@ def _build(
     raw: list[list[Any]] = [[] for _ in paths]
     fields: set[str] = set()
     labelled = False
+    spent = 4 * count * len(paths)
+    vocabulary_bytes = [0] * len(paths)
     for row in range(count):
         item = items[row]
         metadata = item.get("metadata") or {}
         if find_present:
             fields.update(metadata)
             labelled = labelled or "label" in item
-        for name, column, vocabulary, values in zip(names, columns, vocabularies, raw, strict=True):
+        for i, name in enumerate(names):
             value = item.get("label", _MISSING) if name is None else metadata.get(name, _MISSING)
             if value is _MISSING:
-                column.append(-1)
+                columns[i].append(-1)
                 continue
             key = value_key(value)
-            code = vocabulary.get(key)
+            code = vocabularies[i].get(key)
             if code is None:
-                code = vocabulary[key] = len(vocabulary)
-                values.append(value)
-            column.append(code)
+                code = vocabularies[i][key] = len(vocabularies[i])
+                raw[i].append(value)
+                size = sys.getsizeof(key) + 100  # the key, and its dict and list entries
+                vocabulary_bytes[i] += size
+                spent += size
+                if spent > budget:
+                    raise _over_budget(len(paths), budget)
+            columns[i].append(code)
     built = {
         path: Codes(
             np.array(columns[i], dtype=np.int32),
             vocabularies[i],
             np.array([_as_number(v) for v in raw[i]] + [math.nan]),
+            vocabulary_bytes[i],
         )
         for i, path in enumerate(paths)
     }

@@ -9,6 +9,7 @@ retention, rollback) and builds it again if another change won the race.
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -541,6 +542,10 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return merged
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
 class Unchanged(Exception):
     """An edit that would change nothing: no version is published."""
 
@@ -566,7 +571,8 @@ class EditItem:
         for row in found.rows:
             entry = segment.entry(int(row))
             edited = self.edited(entry)
-            changed |= edited != {"label": entry.get("label"), "metadata": entry.get("metadata") or {}}
+            before = {"label": entry.get("label"), "metadata": entry.get("metadata") or {}}
+            changed |= _json(edited) != _json(before)  # as JSON: true is not 1 (Python says it is)
             overlay[int(row)] = edited
         if not changed:
             raise Unchanged(base)

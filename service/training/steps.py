@@ -132,11 +132,13 @@ def published(storage: Storage, settings: Settings, endpoint: str, version: str)
 
 
 def verify_carried(endpoint: str, manifest: Manifest, cache: BlobCache, everything: bool = False) -> None:
-    """The files `manifest` references (its images aside) match their sha256, or a 409 naming the
-    first that does not: a change carries them into its version, a rollback serves them. Files this
-    instance does not hold are fetched (and checked) with `everything`, else left to whoever
-    downloads them (a change must not cost a download of the whole catalog)."""
-    for ref in manifest.blobs():
+    """The files of `manifest` a version is served with match their sha256, or a 409 naming the
+    first that does not. A change checks the model files it carries (the converted encoder, the
+    head: small, and what a damaged cache copy would break everywhere) among those this instance
+    holds; a rollback (`everything`) fetches and checks every file. Segment files are checked by
+    each instance that serves them."""
+    refs = list(manifest.blobs()) if everything else [*_model_files(manifest)]
+    for ref in refs:
         try:
             if everything:
                 cache.path(endpoint, ref, "a file of the version")
@@ -146,3 +148,8 @@ def verify_carried(endpoint: str, manifest: Manifest, cache: BlobCache, everythi
             raise ConflictError(
                 f"{endpoint} version {manifest.version} is damaged: {exc.message}; nothing was changed"
             ) from None
+
+
+def _model_files(manifest: Manifest) -> list[BlobRef]:
+    files = [manifest.encoder_model] if manifest.encoder_model is not None else []
+    return files + (list(manifest.head.files.values()) if manifest.head is not None else [])

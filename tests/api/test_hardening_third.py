@@ -232,6 +232,9 @@ def test_patch_merges_nested_fields_removes_nulls_and_publishes_nothing_when_not
     [
         ({"label": "a/b"}, "label"),
         ({"label": "ok\0evil"}, "label"),
+        ({"label": "shoes\u202e"}, "label"),  # a right-to-left override
+        ({"label": "sh\u200boes"}, "label"),  # a zero-width space
+        ({"label": " "}, "label"),
         ({"label": "."}, "label"),
         ({"label": ".hidden"}, "label"),
         ({"label": "x" * 201}, "label"),
@@ -272,7 +275,9 @@ def test_a_404_for_a_long_unknown_name_does_not_echo_it_whole(client: FlaskClien
 
 
 @pytest.mark.slow
-def test_health_and_queries_answer_while_40_clients_trickle_bodies(tmp_path: Path, models_dir: Path) -> None:
+def test_health_and_queries_answer_while_40_clients_trickle_bodies(
+    tmp_path: Path, models_dir: Path
+) -> None:
     import socket
     import threading
     import time
@@ -286,35 +291,39 @@ def test_health_and_queries_answer_while_40_clients_trickle_bodies(tmp_path: Pat
         host, port = server.url.removeprefix("http://").split(":")
         stop = threading.Event()
 
-        def trickle() -> None:  # headers at once, then a 20 MB body a byte every 0.2 s
+        def client(head: bytes, piece: bytes) -> None:
             while not stop.is_set():
                 try:
                     with socket.create_connection((host, int(port)), timeout=5) as s:
-                        s.sendall(
-                            b"POST /food/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-                            b"Content-Length: 20000000\r\n\r\n"
-                        )
+                        s.sendall(head)
                         while not stop.is_set():
-                            s.send(b"x")
-                            time.sleep(0.2)
+                            s.sendall(piece)
+                            time.sleep(0.25)
                 except OSError:
                     continue  # cut off by the server: come back, as an attacker would
 
-        attackers = [threading.Thread(target=trickle, daemon=True) for _ in range(40)]
+        trickle = (  # a 20 MB body declared, a byte at a time
+            b"POST /food/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 20000000\r\n\r\n",
+            b"x",
+        )
+        attackers = [threading.Thread(target=client, args=trickle, daemon=True) for _ in range(40)]
         for thread in attackers:
             thread.start()
         try:
-            time.sleep(3)  # every thread of both workers is taken by now, without the fix
+            time.sleep(4)  # every thread of both workers is taken by now, without the fix
             probes = []
             for _ in range(8):
                 started = time.monotonic()
-                answer = requests.get(f"{server.url}/health", timeout=10)
-                probes.append((answer.status_code, time.monotonic() - started))
-            assert [code for code, _ in probes] == [200] * 8
-            assert sum(seconds < 3 for _, seconds in probes) >= 7, probes
+                try:
+                    code = requests.get(f"{server.url}/health", timeout=10).status_code
+                except requests.RequestException:
+                    code = None
+                probes.append((code, round(time.monotonic() - started, 2)))
+            assert sum(code == 200 and seconds < 3 for code, seconds in probes) >= 7, probes
             query = requests.post(f"{server.url}/food/infer", data=photo_jpeg("moon"), timeout=10,
                                   headers={"Content-Type": "image/jpeg"})  # fmt: skip
-            assert query.status_code in (200, 503)  # 503: food is not trained here; not stuck
+            assert query.status_code in (200, 503), query.text  # 503: food is not trained here
         finally:
             stop.set()
 

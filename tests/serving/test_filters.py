@@ -81,7 +81,7 @@ def test_a_malformed_where_names_the_problem(where: str, problem: str) -> None:
         ([""], "a label has 1 to 200 characters"),
         (["x" * 201], "a label has 1 to 200 characters"),
         (["a/b"], "a label is one folder name"),
-        (["ok\x00evil"], "no control characters"),
+        (["ok\x00evil"], "no control, format or separator characters"),
         ([".hidden"], "does not start with '.'"),
         (["x"] * 101, "at most 100 labels"),
     ],
@@ -167,10 +167,20 @@ def test_columns_are_built_once_per_field_and_cycling_fields_stops_reading() -> 
     assert items.reads == 2 * len(ITEMS) and len(cache) == 4
 
 
+def test_long_distinct_values_count_against_the_budget_while_a_column_builds() -> None:
+    rows = [{"label": "x", "metadata": {"note": f"{i:05d}" + "z" * 10_000}} for i in range(50)]
+    cache = ColumnCache(max_bytes=100_000)  # ten such values
+    note = parse_filter(None, {"note": "z"})
+    assert note is not None
+    with pytest.raises(InvalidParameterError, match="would pass this version's memory"):
+        evaluate(note, rows, cache)
+    assert len(cache) == 0
+
+
 def test_a_field_past_the_columns_memory_budget_is_refused_not_scanned() -> None:
     rows = [{"label": "shoes", "metadata": {"sku": f"s{i}"}} for i in range(20)]
     items = CountingItems(rows)
-    cache = ColumnCache(max_bytes=4 * len(rows) + 120 + 10)  # the label column and its one value
+    cache = ColumnCache(max_bytes=4 * len(rows) + 200)  # the label column and its one value
     shoes = parse_filter(["shoes"], None)
     assert shoes is not None and evaluate(shoes, items, cache).sum() == 20
     sku = parse_filter(None, {"sku": "s1"})
