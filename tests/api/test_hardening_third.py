@@ -275,9 +275,7 @@ def test_a_404_for_a_long_unknown_name_does_not_echo_it_whole(client: FlaskClien
 
 
 @pytest.mark.slow
-def test_health_and_queries_answer_while_40_clients_trickle_bodies(
-    tmp_path: Path, models_dir: Path
-) -> None:
+def test_health_and_queries_answer_while_40_clients_trickle_bodies(tmp_path: Path, models_dir: Path) -> None:
     import socket
     import threading
     import time
@@ -343,3 +341,33 @@ def test_an_add_in_a_web_workers_thread_never_loads_tensorflow(make_app: Callabl
     with pytest.raises(changes.NeedsTensorFlow):
         changes.add_items(spec, zip_path, service.storage, service.settings, tensorflow=False)
     assert current(client) == trained["version"]
+
+
+def test_patch_from_1_to_true_is_a_change(client: FlaskClient) -> None:
+    item = id_of(client, "moon")
+    client.patch(f"/food/items/{item}", json={"metadata": {"in_stock": 1}})
+    before = current(client)
+    answer = client.patch(f"/food/items/{item}", json={"metadata": {"in_stock": True}})
+    assert answer.get_json()["version"] != before
+    where = json.dumps({"in_stock": True})
+    found = client.post(f"/food/infer?k=1&where={where}", data=photo_jpeg("moon"), content_type="image/jpeg")
+    assert [r["id"] for r in found.get_json()["results"]] == [item]
+
+
+def test_filter_columns_outlive_a_change_to_another_item(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builds = []
+    real = filters._build
+    monkeypatch.setattr(filters, "_build", lambda *a: builds.append(1) or real(*a))
+    where = json.dumps({"colour": "red"})
+
+    def ask() -> None:
+        answer = client.post(f"/food/infer?where={where}", data=photo_jpeg("moon"), content_type="image/jpeg")
+        assert answer.status_code == 200
+
+    ask()
+    assert len(builds) == 1
+    client.patch(f"/food/items/{id_of(client, 'coffee')}", json={"label": "drinks"})
+    ask()
+    assert len(builds) == 1  # the segment's columns came along to the new version
