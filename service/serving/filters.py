@@ -321,9 +321,11 @@ def _build(
         )
         for i, path in enumerate(paths)
     }
-    present = None
+    present: set[FieldPath] | None = None
     if find_present:
-        present = {("metadata", name) for name in fields} | ({("label",)} if labelled else set())
+        present = {("metadata", name) for name in fields}
+        if labelled:
+            present.add(("label",))
     return built, present
 
 
