@@ -48,7 +48,12 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie answers signals but is dead: a job's child whose worker was killed stays one where
+    # nothing reaps orphans (a container without an init).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def build_service(settings: Settings) -> Service:
