@@ -144,8 +144,8 @@ def plan(zf: zipfile.ZipFile, limits: ZipLimits) -> ZipPlan:
             result.skipped.append(
                 Skipped(name, f"{info.file_size} bytes, over the limit of {limits.max_entry_bytes} per image")
             )
-        elif name_problem(name):
-            result.skipped.append(Skipped(name, f"not a usable name: {name_problem(name)}"))
+        elif problem := name_problem(name):
+            result.skipped.append(Skipped(name, f"not a usable name: {problem}"))
         else:
             inner = name[len(label_root) :].split("/")  # labels count from inside a zipped folder
             result.entries.append(Entry(name, inner[-2] if len(inner) > 1 else None, info))

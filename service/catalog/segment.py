@@ -105,6 +105,11 @@ def write_deleted(mask: np.ndarray, path: Path) -> Path | None:
     return path
 
 
+def editable(entry: dict[str, Any]) -> dict[str, Any]:
+    """What an overlay holds for a row, and what an edit changes: its label and metadata."""
+    return {"label": entry.get("label"), "metadata": entry.get("metadata") or {}}
+
+
 def write_overlay(edits: dict[int, dict[str, Any]], path: Path) -> Path | None:
     """Edited rows' label and metadata (None when there are none)."""
     if not edits:

@@ -44,6 +44,11 @@ class ConflictError(ServiceError):
     status = 409
 
 
+def shorten(text: str, limit: int = 60) -> str:
+    """`text` for a message: cut after `limit` characters (a client's input is never echoed whole)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class NotFoundError(ServiceError):
     status = 404
 
@@ -52,8 +57,7 @@ class EndpointNotFoundError(NotFoundError):
     def __init__(self, name: str, known: list[str]) -> None:
         # Not listing the known names: with QUERY_TOKEN set, GET /endpoints needs a token. A name
         # is at most 64 characters: one longer is cut, not echoed whole.
-        shown = name if len(name) <= 64 else name[:64] + "..."
-        super().__init__(f"No endpoint named {shown!r} (GET /endpoints lists them).")
+        super().__init__(f"No endpoint named {shorten(name, 64)!r} (GET /endpoints lists them).")
 
 
 class JobNotFoundError(NotFoundError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from service.core.errors import InvalidParameterError
+from service.core.errors import InvalidParameterError, shorten
 
 MAX_LABEL_CHARS = 200
 MAX_NAME_CHARS = 1024
@@ -43,14 +43,13 @@ def name_problem(name: str) -> str | None:
     parts = name.split("/")
     if any(part in ("", ".", "..") or part.startswith(".") for part in parts):
         return "a name's parts are not empty and do not start with '.'"
-    if len(parts) > 1 and label_problem(parts[-2]):
-        return f"its folder is its label: {label_problem(parts[-2])}"
+    if len(parts) > 1 and (folder := label_problem(parts[-2])):
+        return f"its folder is its label: {folder}"
     return None
 
 
 def _refuse(field: str, value: str, problem: str) -> InvalidParameterError:
-    shown = value if len(value) <= 60 else value[:60] + "..."
-    return InvalidParameterError(f"invalid {field} {shown!r}: {problem}", errors={field: [problem]})
+    return InvalidParameterError(f"invalid {field} {shorten(value)!r}: {problem}", errors={field: [problem]})
 
 
 def check_label(label: str, field: str = "label") -> str:

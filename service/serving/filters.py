@@ -25,13 +25,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.core.errors import InvalidParameterError
+from service.core.errors import InvalidParameterError, shorten
 from service.core.names import label_problem
 
 MAX_WHERE_CHARS = 4096
 MAX_FIELDS = 50
 MAX_VALUES = 100  # per list, and labels per query
-MAX_NAME_CHARS = 200  # a field name
+MAX_FIELD_CHARS = 200  # a field name
 MAX_COLUMN_BYTES = 256 * 1024 * 1024  # a segment's filter columns, at most (per process)
 RANGE_KEYS = ("min", "max")
 
@@ -111,11 +111,6 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | bool | int | float)
 
@@ -158,8 +153,8 @@ def _parse_where(where: str | dict[str, Any]) -> list[AnyOf | Range]:
 
 
 def _condition(name: str, value: Any) -> AnyOf | Range:
-    if not name or len(name) > MAX_NAME_CHARS:
-        raise _problem("where", f"a field name must have 1 to {MAX_NAME_CHARS} characters")
+    if not name or len(name) > MAX_FIELD_CHARS:
+        raise _problem("where", f"a field name must have 1 to {MAX_FIELD_CHARS} characters")
     path = ("metadata", name)
     if isinstance(value, dict):
         return _range(name, path, value)
@@ -184,7 +179,8 @@ def _range(name: str, path: FieldPath, value: dict[str, Any]) -> Range:
         raise _problem("where", f"{name!r}: a range needs 'min' and/or 'max'")
     for key in RANGE_KEYS:
         if key in value and not _is_number(value[key]):
-            raise _problem("where", f"{name!r}: {key} must be a number, got {_shown(value[key])}")
+            got = shorten(json.dumps(value[key]))
+            raise _problem("where", f"{name!r}: {key} must be a number, got {got}")
         if key in value and not _finite(value[key]):
             raise _problem("where", f"{name!r}: {key} is beyond the range of a double (about 1.8e308)")
     low, high = value.get("min"), value.get("max")

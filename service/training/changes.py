@@ -21,7 +21,7 @@ import numpy as np
 from service.catalog import ingest
 from service.catalog.head import Head
 from service.catalog.rows import Catalog
-from service.catalog.segment import to_catalog
+from service.catalog.segment import editable, to_catalog
 from service.catalog.view import Found
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
@@ -525,7 +525,7 @@ def edit_item(
         )
     except Unchanged as same:
         count = same.base.manifest.count
-        return ChangeResult(same.base.version, "edit", [item_id], count, {"changed": False})
+        return ChangeResult(same.base.version, "edit", [item_id], count)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -569,9 +569,8 @@ class EditItem:
         overlay = dict(segment.overlay)
         changed = False
         for row in found.rows:
-            entry = segment.entry(int(row))
-            edited = self.edited(entry)
-            before = {"label": entry.get("label"), "metadata": entry.get("metadata") or {}}
+            before = editable(segment.entry(int(row)))
+            edited = self.edited(before)
             changed |= _json(edited) != _json(before)  # as JSON: true is not 1 (Python says it is)
             overlay[int(row)] = edited
         if not changed:
@@ -586,9 +585,8 @@ class EditItem:
         )
         return Built(manifest, base.known(), ChangeResult("", "edit", [self.item_id], manifest.count))
 
-    def edited(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """The row's {"label", "metadata"} with the patch applied."""
-        document = {"label": entry.get("label"), "metadata": entry.get("metadata") or {}}
+    def edited(self, document: dict[str, Any]) -> dict[str, Any]:
+        """A row's {"label", "metadata"} (`editable`) with the patch applied."""
         patch = {}
         if self.label is not UNSET:
             patch["label"] = self.label

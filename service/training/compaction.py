@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from service.catalog.rows import Catalog
-from service.catalog.segment import Segment, to_catalog
+from service.catalog.segment import Segment, editable, to_catalog
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import ConflictError
@@ -203,9 +203,7 @@ class Merge:
                 if position == len(live) or live[position] != row or dead[row]:
                     continue  # a row the merge left out, or deleted since
                 if overlay.get(row) != baked.get(row):  # edited (or an edit undone) since
-                    entry = segment.entry(row)
-                    metadata = entry.get("metadata") or {}
-                    edits[start + position] = {"label": entry.get("label"), "metadata": metadata}
+                    edits[start + position] = editable(segment.entry(row))
         return replace(
             self.merged,
             deleted=stager.deleted(deleted),

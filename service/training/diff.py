@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from service.catalog.segment import editable
 from service.catalog.view import Found, View
 
 Placement = tuple[str, tuple[int, ...]]  # (segment id, its rows)
@@ -68,8 +69,7 @@ def _same_photos(before: View, old: tuple[int, Placement], after: View, new: tup
 
 
 def _labels(view: View, where: tuple[int, Placement]) -> dict[str, Any]:
-    entry = view.segments[where[0]].entry(where[1][1][0])
-    return {"label": entry.get("label"), "metadata": entry.get("metadata") or {}}
+    return editable(view.segments[where[0]].entry(where[1][1][0]))
 
 
 def _edited_rows(before: View, after: View) -> set[tuple[str, int]]:
