@@ -102,10 +102,12 @@ class JobSchema(Schema):
         },
     )
     status = fields.String(
-        required=True, validate=validate.OneOf(["queued", "running", "succeeded", "failed"])
+        required=True,
+        validate=validate.OneOf(["queued", "running", "succeeded", "failed", "cancelled"]),
     )
     stage = fields.String(
-        allow_none=True, metadata={"description": "ingest, convert, embed, fine-tune, index, publish"}
+        allow_none=True,
+        metadata={"description": "ingest, convert, plan, embed, reduce, gather, fine-tune, index, publish"},
     )
     done = fields.Integer(required=True)
     total = fields.Integer(required=True)
@@ -116,6 +118,15 @@ class JobSchema(Schema):
     fine_tune = fields.String()
     source = fields.String(allow_none=True, metadata={"description": "s3:// URI of the zip, when in S3"})
     attempts = fields.Integer(metadata={"description": "Deliveries by the job queue so far"})
+    shards = fields.Dict(
+        metadata={
+            "description": "A job split over the worker tier: shards total and done, each shard's "
+            "images (sizes) and when it was planned (started)"
+        }
+    )
+    rate = fields.Float(
+        allow_none=True, metadata={"description": "Images embedded per second, over every worker"}
+    )
     evaluation = fields.Dict(
         metadata={
             "description": "Hold-out precision@1, precision@10 and mAP@10 of the frozen backbone and "
@@ -250,6 +261,9 @@ class UploadSchema(Schema):
 class WorkerMessageSchema(Schema):
     job_id = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-f]{16}$"))
     endpoint = fields.String()
+    shard = fields.Integer(
+        validate=validate.Range(0, 1_000_000), metadata={"description": "One shard of a sharded job"}
+    )
 
 
 class WorkerResultSchema(Schema):

@@ -278,9 +278,15 @@ class Service:
                 versions.note_published(self.settings.cache_dir, name, job.version)
         return replace(job, runner=None)  # host:pid is for the logs, not for clients
 
-    def run_delivered_job(self, job_id: str, receive_count: int) -> WorkerOutcome:
-        """Run a job the queue delivered (worker tier); `finished` False asks for a redelivery."""
-        finished = self.jobs.run_delivered(job_id, receive_count, self.settings.job_max_attempts)
+    def cancel_job(self, name: str, job_id: str) -> Job:
+        """Cancel a queued or running job (a 409 once it has finished)."""
+        self.endpoint(name)
+        return replace(self.jobs.cancel(name, job_id), runner=None)
+
+    def run_delivered_job(self, job_id: str, receive_count: int, shard: int | None = None) -> WorkerOutcome:
+        """Run a job (or one of its shards) the queue delivered (worker tier); `finished` False asks
+        for a redelivery."""
+        finished = self.jobs.run_delivered(job_id, receive_count, self.settings.job_max_attempts, shard)
         job = self.jobs.store.load(None, job_id)
         if not finished:
             raise JobRetryError(f"job {job.id}: {job.error}")

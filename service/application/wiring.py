@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from service.application.service import Service
 from service.core import logs
 from service.core.config import Settings, parse_token_settings
-from service.core.endpoint import load_endpoints
+from service.core.endpoint import EndpointSpec, load_endpoints
 from service.core.errors import ForbiddenError
 from service.encoders import batching, litert
 from service.encoders.tfruntime import configure_threads
 from service.jobs import child
+from service.jobs.fanout import Fanout
 from service.jobs.queue import SqsQueue
 from service.jobs.runner import JobRunner, JobStore
 from service.serving.registry import Registry
@@ -118,6 +121,14 @@ def build_service(settings: Settings) -> Service:
         if started:
             started[0].after_change(endpoint, result)
 
+    def isolate(fn: Callable[..., Any], spec: EndpointSpec, report: ProgressFn, *args: Any) -> Any:
+        if not settings.train_in_child:
+            return fn(settings, spec, *args)
+        return child.run_in_child(settings, spec, report, fn, *args)
+
+    fan = None
+    if queue is not None and bucket is not None and settings.service_role == "worker":
+        fan = Fanout(storage, settings, specs, queue, isolate)
     jobs = JobRunner(
         JobStore(storage),
         run_training,
@@ -127,6 +138,7 @@ def build_service(settings: Settings) -> Service:
         queue=queue,
         stale_after_s=settings.job_stale_s,
         on_success=after_job,
+        fanout=fan,
     )
     _remove_leftovers(settings.cache_dir)
     cache = BlobCache(storage, settings.cache_dir)

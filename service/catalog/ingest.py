@@ -12,7 +12,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from service.core.config import Settings
 from service.core.errors import InvalidParameterError, NotAZipError, PayloadTooLargeError, TrainingError
@@ -70,8 +70,8 @@ class ZipLimits:
 AGGREGATE_RATIO_FLOOR = 10_000_000
 
 
-def open_zip(path: Path) -> zipfile.ZipFile:
-    """Open an uploaded zip, or raise NotAZipError (422) for anything else."""
+def open_zip(path: Path | IO[bytes]) -> zipfile.ZipFile:
+    """Open an uploaded zip (a path, or a seekable file), or raise NotAZipError (422) for anything else."""
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:

@@ -57,6 +57,9 @@ class Settings:
     service_role: str = "web"
     # An SQS queue URL: the web tier queues training jobs there for the worker tier.
     job_queue_url: str = ""
+    # On the worker tier, a train or add of more images than this is split into shards of this
+    # many images, one SQS message each, embedded by every worker instance (docs/CAPACITY.md).
+    shard_images: int = 5000
     sqs_endpoint_url: str = ""  # like S3_ENDPOINT_URL, for SQS (boto3's AWS_ENDPOINT_URL_SQS works too)
     # Attempts per job before it is marked failed (match the queue's maxReceiveCount).
     job_max_attempts: int = 3

@@ -150,6 +150,15 @@ class TrainingError(ServiceError):
         self.skipped = skipped or []  # files left out before the job gave up
 
 
+class JobCancelledError(ServiceError):
+    """A job stopped because it was cancelled (DELETE /<endpoint>/jobs/<id>); nothing was published."""
+
+    status = 409
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was cancelled; nothing was published")
+
+
 class JobRetryError(ServiceError):
     """A delivered job failed in a way worth another attempt (the queue will redeliver it)."""
 

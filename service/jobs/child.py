@@ -54,11 +54,21 @@ def run_job(
     kind: str,
 ) -> Work:
     """Run `work` (below) in a child process; the same result or exception as running it here."""
+    return run_in_child(settings, spec, on_progress, work, zip_path, on_progress, version, fine_tune, kind)
+
+
+def run_in_child(
+    settings: Settings, spec: EndpointSpec, on_progress: ProgressFn, fn: Callable[..., Any], *args: Any
+) -> Any:
+    """`fn(settings, spec, *args)` in a child process (`fn`: a module-level function; an argument
+    equal to `on_progress` is replaced there by a function sending progress back over the pipe).
+    An exception raised by `on_progress` here (a cancellation) kills the child and propagates."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
+    portable = tuple(_PROGRESS if a is on_progress else a for a in args)
     child = context.Process(
         target=_child,
-        args=(settings, spec, str(zip_path), version, fine_tune, kind, sender, os.getpid()),
+        args=(settings, spec, fn, portable, sender, os.getpid()),
         name=f"job-{spec.name}",
         daemon=True,  # goes when this worker goes
     )
@@ -81,6 +91,9 @@ def run_job(
                 on_progress(payload)
             else:
                 outcome = (tag, payload)
+    except BaseException:
+        child.kill()  # stopped here (a cancellation): nothing more of its work may land
+        raise
     finally:
         receiver.close()
         child.join(timeout=30)
@@ -135,13 +148,14 @@ def work(
     return train(spec, zip_path, storage, settings, on_progress, version, fine_tune)
 
 
+_PROGRESS = "<progress>"  # stands for the progress callback among a child's arguments
+
+
 def _child(
     settings: Settings,
     spec: EndpointSpec,
-    zip_path: str,
-    version: str,
-    fine_tune: str,
-    kind: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
     conn: Connection,
     parent: int,
 ) -> None:
@@ -156,7 +170,8 @@ def _child(
     litert.configure_threads(settings.tf_intra_op_threads)
     send: Callable[[str, Any], None] = lambda tag, payload: conn.send((tag, payload))  # noqa: E731
     try:
-        result = work(settings, spec, Path(zip_path), lambda p: send("progress", p), version, fine_tune, kind)
+        report: ProgressFn = lambda p: send("progress", p)  # noqa: E731
+        result = fn(settings, spec, *(report if isinstance(a, str) and a == _PROGRESS else a for a in args))
         send("result", result)
     except BaseException as exc:  # every failure goes back to the job runner, as it would in a thread
         if not isinstance(exc, ServiceError):  # a bug: its traceback stays in this process's log

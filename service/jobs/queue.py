@@ -27,3 +27,21 @@ class SqsQueue:
             self.client.send_message(QueueUrl=self.url, MessageBody=json.dumps(message))
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not queue the training job on {self.url}: {exc}") from exc
+
+    def send_many(self, messages: list[dict[str, Any]]) -> None:
+        """Send messages ten at a time (SQS's batch limit); any message refused fails the call."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        for start in range(0, len(messages), 10):
+            batch = [
+                {"Id": str(i), "MessageBody": json.dumps(m)}
+                for i, m in enumerate(messages[start : start + 10])
+            ]
+            try:
+                answer = self.client.send_message_batch(QueueUrl=self.url, Entries=batch)
+            except (BotoCoreError, ClientError) as exc:
+                raise StorageError(f"could not queue the job's shards on {self.url}: {exc}") from exc
+            if answer.get("Failed"):
+                raise StorageError(
+                    f"SQS refused {len(answer['Failed'])} shard messages: {answer['Failed'][0]}"
+                )

@@ -31,15 +31,20 @@ from typing import Any, Protocol
 
 from service.core import metrics
 from service.core.errors import (
+    ConflictError,
     EncoderUnavailableError,
     IntegrityError,
+    JobCancelledError,
     JobNotFoundError,
     JobRetryError,
     ServiceError,
     StorageError,
     TrainingError,
 )
+from service.jobs import fanout
+from service.jobs.fanout import Fanout
 from service.storage import KeyNotFoundError, Storage, versions
+from service.training import sharded
 from service.training.results import ChangeResult, Progress, TrainResult
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,7 @@ class Job:
     id: str
     endpoint: str
     kind: str = "train"  # train: replace the catalog; add: add or replace items (POST /items)
-    status: str = "queued"  # queued | running | succeeded | failed
+    status: str = "queued"  # queued | running | succeeded | failed | cancelled
     stage: str | None = None
     done: int = 0
     total: int = 0
@@ -74,6 +79,8 @@ class Job:
     source: str | None = None  # s3:// URI of the zip, for jobs that run elsewhere
     attempts: int = 0
     runner: str | None = None  # host:pid of the process running it
+    shards: dict[str, Any] = field(default_factory=dict)  # a sharded job's shards (fanout.describe)
+    rate: float | None = None  # images embedded per second, over every worker (a sharded job)
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
 
@@ -112,6 +119,19 @@ class Queue(Protocol):
     def send(self, message: dict[str, Any]) -> None: ...
 
 
+FINISHED = ("succeeded", "failed", "cancelled")
+# work(on_progress) -> the result: what a job runs instead of a train (a sharded job's reducer)
+Work = Callable[[Callable[[Progress], None]], TrainResult | ChangeResult]
+
+
+def cancel_key(job_id: str) -> str:
+    return f"jobs/{job_id}.cancel"
+
+
+class _Done(Exception):
+    """The outcome is set: leave the try block."""
+
+
 def _transient(exc: BaseException) -> bool:
     """Whether another attempt could succeed: the store or the encoder's source was unreachable,
     or something unexpected happened (a full disk, a killed process). Bad input never is."""
@@ -138,6 +158,7 @@ class JobRunner:
         stage_upload: Callable[[str, Path], str] | None = None,
         queue: Queue | None = None,
         on_success: Callable[[str, TrainResult | ChangeResult], None] | None = None,
+        fanout: Fanout | None = None,
         progress_interval_s: float = 0.5,
         final_save_retry_s: float = 600,
         stale_after_s: float = 600,
@@ -149,6 +170,7 @@ class JobRunner:
         self.stage_upload = stage_upload
         self.queue = queue
         self.on_success = on_success  # e.g. queue a compaction the change made due
+        self.fanout = fanout  # the worker tier's shards (a queue and an S3 store)
         self.progress_interval_s = progress_interval_s
         self.final_save_retry_s = final_save_retry_s
         self.stale_after_s = stale_after_s
@@ -208,6 +230,8 @@ class JobRunner:
             if job is not None and job.endpoint == endpoint:
                 return Job(**job.to_dict())
         job = self.store.load(endpoint, job_id)
+        if job.shards and job.status == "running" and job.stage == "embed":
+            self._shard_progress(job)
         if self.queue is None and self._silent(job):
             # Its process died (killed, out of memory, instance gone): say so, and record it.
             # (With a queue, SQS redelivers the job or dead-letters it; the worker decides.)
@@ -219,6 +243,42 @@ class JobRunner:
             except Exception as exc:
                 log.warning("could not record stale job %s: %s", job.id, exc)
         return job
+
+    def _shard_progress(self, job: Job) -> None:
+        """A sharded job's progress, summed over the workers embedding its shards."""
+        try:
+            done = sharded.done_shards(self.store.storage, job.id)
+            summary = sharded.summary(
+                self.store.storage, job.id, job.shards["sizes"], done, job.shards["started"]
+            )
+        except Exception as exc:  # progress is best effort
+            log.warning("could not read the progress of job %s: %s", job.id, exc)
+            return
+        job.shards = {**job.shards, "done": summary["shards"]["done"]}
+        job.done, job.total = summary["images"]["done"], summary["images"]["total"]
+        job.rate = summary["rate"]
+
+    def cancel(self, endpoint: str, job_id: str) -> Job:
+        """Cancel a job: a queued one never runs; a running one stops at its next progress report
+        (a shard at its next batch) and publishes nothing; one that is publishing finishes."""
+        job = self.status(endpoint, job_id)
+        if job.status in FINISHED:
+            raise ConflictError(f"job {job_id} has {job.status} already; there is nothing to cancel")
+        self.store.storage.write(cancel_key(job_id), b"")
+        with self._lock:
+            live = self.live.get(job_id)
+            if live is not None and live.status == "queued":
+                live.status, live.error = "cancelled", "cancelled before it started"
+        if job.status == "queued" or (job.shards and job.stage == "embed"):
+            job.status, job.error = "cancelled", "cancelled; nothing was published"
+            self.store.save(job)
+        return job
+
+    def _cancelled(self, job: Job) -> bool:
+        try:
+            return self.store.storage.exists(cancel_key(job.id))
+        except Exception:
+            return False  # the store is down: the job finds out at its next report
 
     def _silent(self, job: Job) -> bool:
         """Queued or running, with no heartbeat for `stale_after_s`: its process is gone."""
@@ -236,25 +296,45 @@ class JobRunner:
     # --- running them --------------------------------------------------------------------------
 
     def _run_local(self, job: Job, zip_path: Path | None) -> None:
+        if job.status == "cancelled":  # while it waited in this process's queue
+            if zip_path is not None:
+                zip_path.unlink(missing_ok=True)
+            self._store_final(job)
+            return
         try:
             self._execute(job, zip_path)
         finally:
             self._store_final(job)
 
-    def run_delivered(self, job_id: str, attempt: int, max_attempts: int) -> bool:
-        """Run a job delivered by the queue (worker tier). True when it is finished, succeeded or
-        failed for good; False when this attempt failed in a way worth retrying."""
+    def run_delivered(self, job_id: str, attempt: int, max_attempts: int, shard: int | None = None) -> bool:
+        """Run a job (or one of its shards) delivered by the queue (worker tier). True when the
+        message is done with (finished, succeeded or failed for good); False when this attempt
+        failed in a way worth retrying."""
         job = self.store.load(None, job_id)
-        if job.status in ("succeeded", "failed"):
+        if job.status in FINISHED:
             return True  # a redelivered message of a finished job: nothing to do
+        if self._cancelled(job):
+            self._mark_cancelled(job)
+            return True
+        if shard is not None:
+            return self._run_shard(job, shard, attempt, max_attempts)
+        if job.shards and self.fanout is not None:  # planned already: queue its shards again
+            shard_plan = sharded.ShardPlan.read(self.store.storage, job.id)
+            if shard_plan is not None:
+                self.fanout.send(shard_plan)
+            return True
         if job.status == "running" and not self._silent(job):
             # Still running somewhere (its heartbeat is fresh): never train one job twice at once.
             raise JobRetryError(f"job {job.id} is still running on {job.runner}")
         job.attempts = attempt
         with self._lock:
             self.live[job.id] = job
+        handed = False
         try:
-            retry = self._execute(job, None)
+            retry = self._execute(job, None, plan=self.fanout is not None)
+            handed = job.status == "running" and bool(job.shards)
+            if handed:
+                return True  # the message is done: the shards' messages carry the job on
             if retry and attempt < max_attempts:
                 job.status, job.stage = "queued", None
                 job.error = f"attempt {attempt} of {max_attempts} failed, will retry: {job.error}"
@@ -263,10 +343,16 @@ class JobRunner:
                 job.error = f"gave up after {attempt} attempts: {job.error}"
             return not retry
         finally:
-            self._store_final(job)
+            if handed:
+                with self._lock:
+                    self.live.pop(job.id, None)
+            else:
+                self._store_final(job)
 
-    def _execute(self, job: Job, zip_path: Path | None) -> bool:
-        """Run the training and record the outcome on `job`; True if a retry might succeed."""
+    def _execute(self, job: Job, zip_path: Path | None, plan: bool = False, work: Work | None = None) -> bool:
+        """Run the training and record the outcome on `job`; True if a retry might succeed.
+        `plan`: first try to split it into shards for the worker tier (the shards go on from there);
+        `work`: run this instead (a sharded job's reducer)."""
         job.status, job.error, job.runner = "running", None, _runner()
         job_started = time.monotonic()
         self._save(job)
@@ -287,11 +373,26 @@ class JobRunner:
                 job.stage, job.done, job.total = p.stage, p.done, p.total
             if changed_stage or time.monotonic() - last_save >= self.progress_interval_s:
                 last_save = time.monotonic()
+                # Once it publishes, a job finishes: a cancel could land on either side of CURRENT.
+                if p.stage != "publish" and self._cancelled(job):
+                    raise JobCancelledError(job.id)
                 self._save(job)
 
         retry = False
         fetched: Path | None = None
         try:
+            if work is not None:
+                result = work(on_progress)
+                outcome = self._outcome(result)
+                raise _Done
+            if plan and job.source is not None and self.fanout is not None:
+                planned = self.fanout.plan(
+                    job.id, job.endpoint, job.kind, job.source, job.version, job.fine_tune, on_progress
+                )
+                if planned is not None:  # handed to the shards once stored (below)
+                    outcome = {"status": "running", "stage": "embed", "done": 0, "total": planned.images}
+                    outcome["shards"] = fanout.describe(planned)
+                    raise _Done
             if zip_path is None and job.kind != "compact":  # a compaction reads the store only
                 if job.source is None or self.fetch is None:
                     raise TrainingError("the job has no zip to train from")
@@ -308,15 +409,11 @@ class JobRunner:
                 job.fine_tune,
                 job.kind,
             )
-            outcome: dict[str, Any] = {
-                "status": "succeeded",
-                "version": result.version,
-                "evaluation": result.evaluation,
-                "runtime": result.runtime,
-                "counts": result.counts,
-                "skipped": [{"name": s.name, "reason": s.reason} for s in result.skipped],
-            }
-            self._succeeded(job.endpoint, result)
+            outcome = self._outcome(result)
+        except _Done:
+            pass
+        except JobCancelledError as exc:
+            outcome = {"status": "cancelled", "error": exc.message}
         except TrainingError as exc:
             outcome = {
                 "status": "failed",
@@ -345,10 +442,110 @@ class JobRunner:
         with self._lock:
             for name, value in outcome.items():
                 setattr(job, name, value)
+        if outcome["status"] == "running":  # planned into shards: the record first, then the shards
+            return self._hand_over(job)
+        if outcome["status"] == "succeeded":
+            self._succeeded(job.endpoint, result)
         metrics.JOBS.labels(job.kind, outcome["status"]).inc()
         metrics.JOB_SECONDS.labels(job.kind).observe(time.monotonic() - job_started)
         log.info("job %s for %s %s %s", job.id, job.endpoint, job.status, job.error or job.version)
         return retry
+
+    def _hand_over(self, job: Job) -> bool:
+        """Store a planned job's record, then queue its shards (whose reducer may finish the job
+        before this returns: nothing here writes the record after the shards are sent)."""
+        assert self.fanout is not None
+        shard_plan = sharded.ShardPlan.read(self.store.storage, job.id)
+        try:
+            if shard_plan is None:
+                raise StorageError(f"the plan of job {job.id} is not in the store")
+            self.store.save(job)
+            self.fanout.send(shard_plan)
+        except Exception as exc:
+            job.status, job.error = "queued", f"could not queue the job's shards: {exc}"
+            return True
+        log.info("job %s for %s: %d shards queued", job.id, job.endpoint, len(shard_plan.ranges))
+        return False
+
+    @staticmethod
+    def _outcome(result: TrainResult | ChangeResult) -> dict[str, Any]:
+        return {
+            "status": "succeeded",
+            "version": result.version,
+            "evaluation": result.evaluation,
+            "runtime": result.runtime,
+            "counts": result.counts,
+            "skipped": [{"name": s.name, "reason": s.reason} for s in result.skipped],
+        }
+
+    # --- shards (the worker tier) ----------------------------------------------------------------
+
+    def _run_shard(self, job: Job, shard: int, attempt: int, max_attempts: int) -> bool:
+        """Embed one shard; the last one stored starts the reducer. True: the message is done."""
+        assert self.fanout is not None
+        shard_plan = sharded.ShardPlan.read(self.store.storage, job.id)
+        if shard_plan is None or not 0 <= shard < len(shard_plan.ranges):
+            log.warning("job %s has no shard %s: message dropped", job.id, shard)
+            return True
+        try:
+            self.fanout.embed(shard_plan, shard)
+        except JobCancelledError:
+            self._mark_cancelled(job)
+            return True
+        except Exception as exc:
+            retry = _transient(exc) or isinstance(exc, OSError)
+            error = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+            if retry and attempt < max_attempts:
+                log.warning(
+                    "job %s shard %d attempt %d failed, will retry: %s", job.id, shard, attempt, error
+                )
+                return False
+            if not isinstance(exc, ServiceError):
+                log.error("job %s shard %d failed", job.id, shard, exc_info=exc)
+            how = f"after {attempt} attempts" if retry else "for good"
+            job.status, job.stage = "failed", None
+            job.error = f"shard {shard} ({shard_plan.members(shard)}) failed {how}: {error}"
+            self._store_final(job)
+            self.fanout.finish(shard_plan)
+            return not retry  # a retryable failure on its last attempt: to the dead-letter queue
+        if len(sharded.done_shards(self.store.storage, job.id)) < len(shard_plan.ranges):
+            return True
+        return self._reduce(job, shard_plan, attempt, max_attempts)
+
+    def _reduce(self, job: Job, shard_plan: sharded.ShardPlan, attempt: int, max_attempts: int) -> bool:
+        """Run the job's reducer if this delivery claims it: exactly one per job (a conditional
+        write), or the one that takes over from a reducer whose heartbeat stopped."""
+        assert self.fanout is not None
+        storage = self.store.storage
+        if not sharded.claim_reducer(storage, job.id, _runner()):
+            job = self.store.load(None, job.id)
+            if job.status in FINISHED or job.stage != "reduce" or not self._silent(job):
+                return True  # another worker reduces (or did)
+            tag = storage.tag(f"{sharded.job_prefix(job.id)}reducer")
+            if tag is None or not sharded.claim_reducer(storage, job.id, _runner(), tag):
+                return True
+        job.attempts = attempt
+        with self._lock:
+            self.live[job.id] = job
+        try:
+            job.stage = "reduce"
+            retry = self._execute(job, None, work=lambda report: self.fanout.reduce(shard_plan, report))  # type: ignore[union-attr]
+            if retry and attempt < max_attempts:
+                storage.delete(f"{sharded.job_prefix(job.id)}reducer")  # the next delivery reduces
+                job.status, job.stage = "running", "reduce"
+                job.error = f"the reducer's attempt {attempt} failed, will retry: {job.error}"
+                return False
+            self.fanout.finish(shard_plan)
+            return not retry
+        finally:
+            self._store_final(job)
+
+    def _mark_cancelled(self, job: Job) -> None:
+        job.status, job.error = "cancelled", job.error or "cancelled; nothing was published"
+        self._store_final(job)
+        shard_plan = sharded.ShardPlan.read(self.store.storage, job.id) if self.fanout else None
+        if shard_plan is not None and self.fanout is not None:
+            self.fanout.finish(shard_plan)
 
     def _succeeded(self, endpoint: str, result: TrainResult | ChangeResult) -> None:
         if self.on_success is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import builtins
 from pathlib import Path
+from typing import BinaryIO
 
 from service.core.errors import NotFoundError, StorageError
 
@@ -117,6 +118,11 @@ class SharedBucket(abc.ABC):
     @abc.abstractmethod
     def signed_upload_url(self, key: str, expires_s: int) -> str:
         """A pre-signed PUT for `key`, so a large zip goes straight to the bucket."""
+
+    @abc.abstractmethod
+    def open_object(self, bucket_key: str, etag: str | None = None) -> BinaryIO:
+        """A seekable file over ranged reads of an object (a zip read member by member); every
+        read fails with StorageError once the object is no longer `etag` (default: as opened)."""
 
 
 def check_key(key: str) -> str:

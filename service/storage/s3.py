@@ -11,11 +11,12 @@ import builtins
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from service.core.errors import StorageError
 from service.storage.aws import LazyClient
 from service.storage.base import KeyNotFoundError, SharedBucket, Storage, check_key
+from service.storage.ranged import RangedFile
 
 MB = 1024 * 1024
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
@@ -209,3 +210,7 @@ class S3Storage(Storage, SharedBucket):
             if content_type:
                 params["ResponseContentType"] = content_type
             return str(self.client.generate_presigned_url(method, Params=params, ExpiresIn=expires_s))
+
+    def open_object(self, bucket_key: str, etag: str | None = None) -> BinaryIO:
+        """A seekable file over ranged GETs of an object (`etag`: fail if it is no longer that)."""
+        return cast(BinaryIO, RangedFile(self.client, self.bucket, bucket_key, etag))

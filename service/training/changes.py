@@ -9,6 +9,7 @@ retention, rollback) and builds it again if another change won the race.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zipfile
 from collections import Counter
@@ -38,6 +39,7 @@ from service.training.cache import VectorCache
 from service.training.migration import Migration
 from service.training.rebase import publish_with_rebase
 from service.training.results import ChangeResult, Progress, ProgressFn, quiet
+from service.training.sharded import Gathered
 from service.training.stage import Stager
 
 UNSET: Any = object()
@@ -78,15 +80,17 @@ def migrate(
 
 def add_items(
     spec: EndpointSpec,
-    zip_path: Path,
+    zip_path: Path | None,
     storage: Storage,
     settings: Settings,
     on_progress: ProgressFn | None = None,
     fine_tune: str = "auto",
     tensorflow: bool = True,
+    gathered: Gathered | None = None,
 ) -> ChangeResult:
     """Add the zip's images to the catalog; an item whose name exists already is replaced.
     `tensorflow=False`: raise NeedsTensorFlow rather than load it (a web worker's own thread).
+    `gathered`: a sharded add's embedded images (the worker tier embedded them; `zip_path` unused).
 
     Only images whose bytes no retained version holds go through the encoder. With a kept head, new
     images go through the version's own head; `fine_tune=always` trains the head again on every
@@ -100,22 +104,32 @@ def add_items(
         raise NeedsTensorFlow(
             f"{spec.name}: this add needs TensorFlow (the version changed since it was queued)"
         )
-    encoder = _encoder(spec, storage, settings, cache, first, fine_tune, report)
+    encoder = (
+        gathered.encoder if gathered else _encoder(spec, storage, settings, cache, first, fine_tune, report)
+    )
     if first is not None:
         _check_encoder(first, encoder.fingerprint, spec)
-    with steps.work_folder(settings, spec.name, "add") as tmp, ingest.open_zip(zip_path) as zf:
+    with (
+        steps.work_folder(settings, spec.name, "add") as tmp,
+        contextlib.nullcontext() if gathered else ingest.open_zip(Path(str(zip_path))) as zf,
+    ):
         add = AddItems(
             spec,
             storage,
             settings,
             cache,
             encoder,
-            steps.plan_zip(zf, settings),
+            gathered.plan if gathered else steps.plan_zip(zf, settings),  # type: ignore[arg-type]
             Path(tmp),
             fine_tune,
             report,
         )
-        add.embed(zf, first)
+        if gathered is not None:
+            add.embedded = gathered.embedded
+            add.check_accepted()
+        else:
+            assert zf is not None
+            add.embed(zf, first)
         report(Progress("publish", 0, 1))
         result = publish_with_rebase(storage, spec, settings, add, cache)
         report(Progress("publish", 1, 1))
@@ -201,6 +215,9 @@ class AddItems:
             self.report,
             cache,
         )
+        self.check_accepted()
+
+    def check_accepted(self) -> None:
         if not self.embedded.accepted:
             raise TrainingError(
                 f"the zip holds no usable image ({len(self.skipped)} files skipped)", self.skipped
@@ -224,8 +241,9 @@ class AddItems:
             merge.reserver(self.storage, self.spec.name),
         )
         replaced = {} if base is None else _replaced(base, new)
-        for accepted in self.embedded.accepted:
-            stager.image(self.embed_dir / accepted.image, accepted.sha256)
+        if not self.embedded.stored:  # a sharded add's workers stored the originals already
+            for accepted in self.embedded.accepted:
+                stager.image(self.embed_dir / accepted.image, accepted.sha256)
         if self.retrain:
             segments, head, evaluation = self._rebuild(base, new, replaced, stager)
         else:

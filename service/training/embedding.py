@@ -52,10 +52,14 @@ class Embedded:
     cache: VectorCache = field(default_factory=VectorCache)
     first: dict[str, int] = field(default_factory=dict)  # digest -> its first accepted image
     refused: dict[str, str] = field(default_factory=dict)  # digest -> why its first copy was skipped
+    # Gathered from a sharded job's shards: `vectors` holds every accepted image's outputs, of which
+    # `reused` came from the vector cache; their originals are in the store already (`stored`).
+    reused: int = 0
+    stored: bool = False
 
     @property
     def embedded(self) -> int:
-        return sum(len(v) for v in self.vectors)
+        return sum(len(v) for v in self.vectors) - self.reused
 
 
 Encoder = encoders.Embedder  # TensorFlow's (through a conversion check) or a version's converted one

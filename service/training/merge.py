@@ -30,7 +30,7 @@ def to_rows(
     """The accepted images as catalog rows: cached vectors where the cache had them, item ids kept
     for names the version built on holds (`id_of`), new ids for the others from `reserve` (at
     least `floor`, that version's next id)."""
-    backbone, thumbs, mirrored = _vectors(embedded, thumb_dim)
+    backbone, thumbs, mirrored = vectors_of(embedded, thumb_dim)
     fields_of = [dict(plan.metadata.get(a.entry.name, {})) for a in embedded.accepted]
     # The metadata file's `item` column groups photos into one item; without it, the image is one.
     grouped = [f.pop("item", None) for f in fields_of]
@@ -63,7 +63,7 @@ def to_rows(
     )
 
 
-def _vectors(embedded: Embedded, thumb_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def vectors_of(embedded: Embedded, thumb_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Backbone vectors, thumbnails and (when every row has them) mirrored vectors, row for row:
     from this job's forward passes, or from the vector cache."""
     n = len(embedded.accepted)

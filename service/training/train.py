@@ -4,6 +4,7 @@ changes published while the train ran are applied to its result rather than lost
 
 from __future__ import annotations
 
+import contextlib
 import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from service.catalog.segment import to_catalog
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import ConflictError, TrainingError
-from service.encoders import convert
+from service.encoders import convert, litert
 from service.storage import Storage, blobs, versions
 from service.storage.blobs import BlobCache
 from service.storage.manifest import BlobRef, Manifest
@@ -27,6 +28,7 @@ from service.training.base import Base, read_base
 from service.training.cache import VectorCache
 from service.training.diff import diff
 from service.training.results import Progress, ProgressFn, TrainResult, quiet
+from service.training.sharded import Gathered
 from service.training.stage import Stager
 
 # A train rebuilt this many times in a row (each time a change was published meanwhile) gives up.
@@ -45,7 +47,8 @@ class _Run:
     fine_tune: str
     report: ProgressFn
     zip_name: str
-    encoder: convert.Verified | None = None
+    encoder: convert.Verified | litert.LiteEncoder | None = None
+    gathered: Gathered | None = None  # a sharded train: the shards' outputs stand for the embed step
     plan: ingest.ZipPlan | None = None
     embedded: embedding.Embedded = field(default_factory=embedding.Embedded)
     outcome: finetune.Outcome | None = None
@@ -59,14 +62,16 @@ class _Run:
 
 def train(
     spec: EndpointSpec,
-    zip_path: Path,
+    zip_path: Path | None,
     storage: Storage,
     settings: Settings,
     on_progress: ProgressFn | None = None,
     version: str | None = None,
     fine_tune: str = "auto",
+    gathered: Gathered | None = None,
 ) -> TrainResult:
-    """Embed every image in the zip, fine-tune a head if the labels allow, index, and publish."""
+    """Embed every image in the zip, fine-tune a head if the labels allow, index, and publish.
+    `gathered`: a sharded train's embedded images (the worker tier embedded them; `zip_path` unused)."""
     run = _Run(
         spec,
         storage,
@@ -75,18 +80,23 @@ def train(
         version or versions.new_version_id(),
         fine_tune,
         on_progress or quiet,
-        zip_path.name,
+        gathered.zip_name if gathered else Path(str(zip_path)).name,
+        gathered=gathered,
     )
     run.report(Progress("ingest", 0, 0))
     with (
         blobs.lease(storage, spec.name) as held,
         steps.work_folder(settings, spec.name) as tmp,
-        ingest.open_zip(zip_path) as zf,
+        contextlib.nullcontext() if gathered else ingest.open_zip(Path(str(zip_path))) as zf,
     ):
-        run.plan = steps.plan_zip(zf, settings)
-        run.encoder = steps.converted_encoder(
-            steps.load_encoder(spec, settings, storage), settings, run.report
-        )
+        if gathered is not None:
+            run.plan, run.encoder = gathered.plan, gathered.encoder
+        else:
+            assert zf is not None
+            run.plan = steps.plan_zip(zf, settings)
+            run.encoder = steps.converted_encoder(
+                steps.load_encoder(spec, settings, storage), settings, run.report
+            )
         base = read_base(storage, spec.name, run.cache, spec.search_k)
         _embed(run, zf, Path(tmp))
         catalog = merge.to_rows(
@@ -122,25 +132,29 @@ def _id_of(base: Base | None) -> merge.IdOf:
     return id_of
 
 
-def _embed(run: _Run, zf: zipfile.ZipFile, folder: Path) -> None:
+def _embed(run: _Run, zf: zipfile.ZipFile | None, folder: Path) -> None:
     """Embed the zip's images; the retained versions' vectors stand in for images they hold."""
     assert run.plan is not None and run.encoder is not None
     run.wants_head = finetune.plan(run.fine_tune, [e.label for e in run.plan.entries], run.spec.head)
-    cache = VectorCache.of_versions(
-        run.storage, run.spec.name, run.cache, run.encoder.fingerprint, run.thumb_dim
-    )
-    head_config = run.spec.head if run.wants_head else None
-    run.embedded = embedding.embed(
-        zf,
-        run.plan,
-        folder,
-        run.encoder,
-        run.settings,
-        head_config,
-        run.spec.head.thumbnail,
-        run.report,
-        cache,
-    )
+    if run.gathered is not None:
+        run.embedded = run.gathered.embedded
+    else:
+        assert zf is not None
+        cache = VectorCache.of_versions(
+            run.storage, run.spec.name, run.cache, run.encoder.fingerprint, run.thumb_dim
+        )
+        head_config = run.spec.head if run.wants_head else None
+        run.embedded = embedding.embed(
+            zf,
+            run.plan,
+            folder,
+            run.encoder,
+            run.settings,
+            head_config,
+            run.spec.head.thumbnail,
+            run.report,
+            cache,
+        )
     if not run.embedded.accepted:
         skipped = _skipped(run)
         raise TrainingError(
@@ -205,13 +219,20 @@ def _stage(run: _Run, catalog: Catalog, base: Base | None, stager: Stager) -> Ma
     """The version's files: its images, one segment of every row, the head, the converted encoder."""
     assert run.encoder is not None and run.outcome is not None
     images_dir = stager.folder.parent / "images"
-    for accepted in run.embedded.accepted:
-        stager.image(images_dir / Path(accepted.image).name, accepted.sha256)
+    if not run.embedded.stored:  # a sharded train's workers stored the originals already
+        for accepted in run.embedded.accepted:
+            stager.image(images_dir / Path(accepted.image).name, accepted.sha256)
     run.report(Progress("index", 0, catalog.count))
     segment = stager.segment(catalog, run.spec.n_trees, head=run.outcome.head is not None)
     head = stager.head(run.outcome.head) if run.outcome.head is not None else None
-    job_images = [images_dir / Path(a.image).name for a in run.embedded.accepted]
-    runtime, model = steps.stage_converted(run.encoder, stager, run.settings, job_images)
+    runtime: dict[str, Any]
+    model: BlobRef | None
+    if run.gathered is not None:  # the converted encoder every shard embedded with, in the store
+        runtime, model = run.gathered.runtime, run.gathered.model
+    else:
+        assert isinstance(run.encoder, convert.Verified)
+        job_images = [images_dir / Path(a.image).name for a in run.embedded.accepted]
+        runtime, model = steps.stage_converted(run.encoder, stager, run.settings, job_images)
     return _manifest(run, catalog, segment, head, runtime, model, base)
 
 
@@ -232,7 +253,7 @@ def _manifest(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         lineage=run.version,
         base=base.version if base else None,
-        encoder={**run.encoder.describe(), "handle": run.spec.encoder.source},
+        encoder={**_describe(run), "handle": run.spec.encoder.source},
         runtime=runtime,
         dim=int(catalog.vectors.shape[1]),
         **steps.index_manifest(run.spec),
@@ -252,6 +273,11 @@ def _manifest(
         },
         source_zip=run.zip_name,
     )
+
+
+def _describe(run: _Run) -> dict[str, Any]:
+    assert run.encoder is not None
+    return dict(run.gathered.describe) if run.gathered is not None else run.encoder.describe()
 
 
 def _first_rows(catalog: Catalog) -> list[dict[str, Any]]:

@@ -116,3 +116,12 @@ def create_upload(name: str) -> UploadTicket:
 def job_status(name: str, job_id: str) -> Job:
     """A training job's status and progress"""
     return svc().job_status(name, job_id)
+
+
+@blp.route("/<endpoint:name>/jobs/<job_id>", methods=["DELETE"])
+@requires("write")
+@blp.response(202, JobSchema)
+@blp.doc(responses=error_responses(404, 409))
+def cancel_job(name: str, job_id: str) -> Job:
+    """Cancel a job: queued, it never runs; running, it stops at its next batch and publishes nothing"""
+    return svc().cancel_job(name, job_id)

@@ -50,4 +50,4 @@ def worker_job(message: dict[str, Any]) -> WorkerOutcome:
     count = request.headers.get("X-Aws-Sqsd-Receive-Count", "1").strip() or "1"
     if not (count.isascii() and count.isdigit()) or not 1 <= int(count) <= 10_000:
         raise InvalidParameterError("X-Aws-Sqsd-Receive-Count must be a positive whole number")
-    return svc().run_delivered_job(message["job_id"], int(count))
+    return svc().run_delivered_job(message["job_id"], int(count), message.get("shard"))

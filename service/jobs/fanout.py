@@ -1,0 +1,160 @@
+"""The worker tier's part in sharded jobs: plan a delivered job into shard messages on the job
+queue, embed the shards delivered, and run the one reducer once the last shard is stored.
+
+Elastic Beanstalk's SQS daemon is the scheduler: a shard is a message, a worker killed mid-shard
+lets its message come back after the visibility timeout, a shard that keeps failing goes to the
+dead-letter queue after MaxRetries. Planning and reducing need TensorFlow (conversion, the head)
+and run in a job child process; embedding a shard runs on the version's converted encoder and
+needs none, so it runs in the worker's own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from service.core.config import Settings
+from service.core.endpoint import EndpointSpec
+from service.storage import Storage, blobs, open_storage
+from service.training import changes, sharded
+from service.training.results import ChangeResult, Progress, ProgressFn, TrainResult
+from service.training.sharded import ShardPlan
+from service.training.train import train
+
+log = logging.getLogger(__name__)
+
+Result = TrainResult | ChangeResult
+# run(fn, spec, on_progress, *args): fn(settings, spec, *args) where TensorFlow may load (a child)
+Isolate = Callable[..., Any]
+
+
+class Sender(Protocol):
+    def send_many(self, messages: list[dict[str, Any]]) -> None: ...
+
+
+def job_lease_key(endpoint: str, job: str, expires: float) -> str:
+    """A lease that keeps garbage collection off the blobs a sharded job's workers upload until its
+    reducer publishes (or JOB_MAX_S passes): no single process holds the job from start to end."""
+    return f"{endpoint}/{blobs.LEASES}{expires:.3f}-job-{job}"
+
+
+class Fanout:
+    """Plans, shards and reducers of one worker process, over the store and the job queue."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        settings: Settings,
+        specs: dict[str, EndpointSpec],
+        queue: Sender,
+        isolate: Isolate,
+    ) -> None:
+        self.storage, self.settings, self.specs = storage, settings, specs
+        self.queue = queue
+        self.isolate = isolate
+
+    def plan(self, job_id: str, endpoint: str, kind: str, source: str, version: str | None,
+             fine_tune: str, report: ProgressFn) -> ShardPlan | None:  # fmt: skip
+        """The job's shards (planned once), or None: it runs on one worker."""
+        bucket = self.storage.as_bucket()
+        key = bucket.bucket_key(source) if bucket is not None else None
+        if key is None or kind not in sharded.KINDS:
+            return None
+        found = ShardPlan.read(self.storage, job_id)
+        if found is not None:
+            return found
+        spec = self.specs[endpoint]
+        planned: ShardPlan | None = self.isolate(
+            plan_work, spec, report, job_id, kind, key, version, fine_tune, report
+        )
+        if planned is not None:
+            expires = planned.created + self.settings.job_max_s
+            self.storage.write(job_lease_key(endpoint, job_id, expires), b"")
+        return planned
+
+    def send(self, shard_plan: ShardPlan) -> None:
+        """One message per shard on the job queue (again on a redelivered job: shards are idempotent)."""
+        self.queue.send_many(
+            [
+                {"job_id": shard_plan.job, "endpoint": shard_plan.endpoint, "shard": i}
+                for i in range(len(shard_plan.ranges))
+            ]
+        )
+
+    def embed(self, shard_plan: ShardPlan, shard: int) -> bool:
+        """Embed one shard here (no TensorFlow); False if its result was stored already."""
+        start, end = shard_plan.ranges[shard]
+        report = sharded.progress_reporter(self.storage, shard_plan.job, shard, end - start)
+        spec = self.specs[shard_plan.endpoint]
+        return sharded.embed_shard(spec, self.storage, self.settings, shard_plan, shard, report)
+
+    def reduce(self, shard_plan: ShardPlan, report: ProgressFn) -> Result:
+        """Fine-tune, index and publish from every shard's result (in a child: the head needs
+        TensorFlow)."""
+        spec = self.specs[shard_plan.endpoint]
+        result: Result = self.isolate(reduce_work, spec, report, shard_plan.job, report)
+        return result
+
+    def finish(self, shard_plan: ShardPlan) -> None:
+        """Drop a finished job's work files and its lease (best effort: a sweep may remove them)."""
+        try:
+            self.storage.delete_prefix(sharded.job_prefix(shard_plan.job))
+            expires = shard_plan.created + self.settings.job_max_s
+            self.storage.delete(job_lease_key(shard_plan.endpoint, shard_plan.job, expires))
+        except Exception as exc:
+            log.warning("could not clean up after job %s: %s", shard_plan.job, exc)
+
+
+def _storage(settings: Settings) -> Storage:
+    return open_storage(
+        settings.storage_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+    )
+
+
+def plan_work(settings: Settings, spec: EndpointSpec, job_id: str, kind: str, source: str,
+              version: str | None, fine_tune: str, report: ProgressFn) -> ShardPlan | None:  # fmt: skip
+    """Where TensorFlow may load: plan the job (module level: a child process runs it)."""
+    storage = _storage(settings)
+    return sharded.plan(spec, storage, settings, job_id, kind, source, version, fine_tune, report)
+
+
+def reduce_work(settings: Settings, spec: EndpointSpec, job_id: str, report: ProgressFn) -> Result:
+    """Where TensorFlow may load: gather the shards and run the job's remaining steps."""
+    storage = _storage(settings)
+    shard_plan = ShardPlan.read(storage, job_id)
+    if shard_plan is None:
+        raise RuntimeError(f"job {job_id} has no plan in the store")
+    report(Progress("gather", 0, len(shard_plan.ranges)))
+    gathered = sharded.gather(spec, storage, settings, shard_plan)
+    report(Progress("gather", len(shard_plan.ranges), len(shard_plan.ranges)))
+    if shard_plan.kind == "add":
+        return changes.add_items(
+            spec,
+            None,
+            storage,
+            settings,
+            report,
+            shard_plan.fine_tune,
+            True,
+            gathered,
+        )
+    return train(
+        spec,
+        None,
+        storage,
+        settings,
+        report,
+        shard_plan.version,
+        shard_plan.fine_tune,
+        gathered,
+    )
+
+
+def describe(shard_plan: ShardPlan) -> dict[str, Any]:
+    """What a job's status says of its shards (their sizes sum its images)."""
+    return {
+        "total": len(shard_plan.ranges),
+        "sizes": [end - start for start, end in shard_plan.ranges],
+        "started": shard_plan.created,
+    }

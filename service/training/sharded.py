@@ -1,0 +1,396 @@
+"""A train or add split over the worker tier: a plan of shards (ranges of a zip's images), each
+shard embedded by whichever worker takes it, and the shards' outputs gathered for one reducer.
+
+The zip stays in S3 and is read with ranged GETs (`SharedBucket.open_object`): every worker reads
+its central directory and its own members only. Every shard embeds with the same converted encoder
+(the plan names its blob), so the vectors are those a single-instance job would have made; a
+shard's result is one object keyed by job and shard, written once: a second delivery of the
+same shard costs a re-embed at most and changes nothing. Store layout of a job's work:
+
+    jobs/<job>/plan.json           the plan (written once, by the first delivery of the job)
+    jobs/<job>/shards/<i>.npz      shard i's vectors, thumbnails, images and skipped files
+    jobs/<job>/progress/<i>.json   shard i's progress (images done, when), for the job's status
+    jobs/<job>/reducer             the reducer's claim (If-None-Match: exactly one reducer)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.catalog import images, ingest
+from service.core.config import Settings
+from service.core.endpoint import EndpointSpec
+from service.core.errors import BadImageError, JobCancelledError, StorageError, TrainingError
+from service.encoders import convert, litert
+from service.storage import KeyNotFoundError, Storage, blobs
+from service.storage.blobs import ref_of
+from service.storage.manifest import BlobRef
+from service.training import finetune, steps
+from service.training.base import read_base
+from service.training.cache import VectorCache
+from service.training.embedding import Accepted, Embedded, embed
+from service.training.merge import vectors_of
+from service.training.results import Progress, ProgressFn
+
+KINDS = ("train", "add")
+
+
+def job_prefix(job: str) -> str:
+    return f"jobs/{job}/"
+
+
+def result_key(job: str, shard: int) -> str:
+    return f"jobs/{job}/shards/{shard:05d}.npz"
+
+
+def progress_key(job: str, shard: int) -> str:
+    return f"jobs/{job}/progress/{shard:05d}.json"
+
+
+@dataclass
+class ShardPlan:
+    """What every shard worker and the reducer of one job agree on."""
+
+    job: str
+    endpoint: str
+    kind: str  # train | add
+    version: str | None
+    fine_tune: str
+    source: str  # the zip's key in the bucket
+    etag: str  # the zip as planned: a zip replaced meanwhile fails every read
+    images: int  # the zip's candidate images (its planned entries)
+    ranges: list[list[int]]  # per shard: [start, end) of the planned entries
+    names: list[list[str]]  # per shard: its first and last member (what an error names)
+    model: dict[str, Any]  # the converted encoder's blob (sha256, size)
+    encoder: dict[str, Any]  # the encoder as the manifest describes it
+    runtime: dict[str, Any]  # the manifest's runtime entry
+    mirror: bool  # embed mirrored copies too (a head will train with augmentation)
+    created: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> str:
+        return f"jobs/{self.job}/plan.json"
+
+    @property
+    def model_ref(self) -> BlobRef:
+        return BlobRef(str(self.model["sha256"]), int(self.model["size"]))
+
+    def members(self, shard: int) -> str:
+        """The shard's members, as an error names them."""
+        (start, end), (first, last) = self.ranges[shard], self.names[shard]
+        return f"{end - start} images, {first} to {last}"
+
+    def dumps(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self)).encode()
+
+    @classmethod
+    def read(cls, storage: Storage, job: str) -> ShardPlan | None:
+        try:
+            data = json.loads(storage.read(f"jobs/{job}/plan.json"))
+        except KeyNotFoundError:
+            return None
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+@contextlib.contextmanager
+def open_zip(storage: Storage, source: str, etag: str | None = None) -> Iterator[zipfile.ZipFile]:
+    """The zip at `source` in the bucket, read member by member with ranged GETs."""
+    bucket = storage.as_bucket()
+    if bucket is None:
+        raise StorageError("a sharded job needs an S3 store")
+    with bucket.open_object(source, etag) as raw, ingest.open_zip(raw) as zf:
+        yield zf
+
+
+def plan(
+    spec: EndpointSpec,
+    storage: Storage,
+    settings: Settings,
+    job: str,
+    kind: str,
+    source: str,
+    version: str | None,
+    fine_tune: str,
+    report: ProgressFn,
+) -> ShardPlan | None:
+    """Split the job into shards of SHARD_IMAGES images, or None when it runs on one worker: a
+    small zip, or no converted encoder to share (TensorFlow embeds on the instance that loads it).
+    A plan already stored (a redelivered job message) is returned as it is."""
+    found = ShardPlan.read(storage, job)
+    if found is not None or kind not in KINDS or storage.as_bucket() is None:
+        return found
+    report(Progress("plan", 0, 1))
+    bucket = storage.as_bucket()
+    assert bucket is not None
+    with bucket.open_object(source) as raw, ingest.open_zip(raw) as zf:
+        etag = str(getattr(raw, "etag", ""))
+        planned = steps.plan_zip(zf, settings)
+        count = len(planned.entries)
+        if count <= settings.shard_images:
+            return None
+        encoder = _encoder(spec, storage, settings, kind, fine_tune, zf, planned, report)
+    if encoder is None:
+        return None
+    model, describe, runtime, mirror = encoder
+    size = settings.shard_images
+    ranges = [[s, min(s + size, count)] for s in range(0, count, size)]
+    shard_plan = ShardPlan(
+        job=job,
+        endpoint=spec.name,
+        kind=kind,
+        version=version,
+        fine_tune=fine_tune,
+        source=source,
+        etag=etag,
+        images=count,
+        ranges=ranges,
+        names=[[planned.entries[a].name, planned.entries[b - 1].name] for a, b in ranges],
+        model={"sha256": model.sha256, "size": model.size},
+        encoder=describe,
+        runtime=runtime,
+        mirror=mirror,
+    )
+    # Write once: two deliveries of one job message planning at once agree on the first plan.
+    if not storage.write_if(shard_plan.key, shard_plan.dumps(), None):
+        return ShardPlan.read(storage, job)
+    report(Progress("plan", 1, 1))
+    return shard_plan
+
+
+def _encoder(
+    spec: EndpointSpec,
+    storage: Storage,
+    settings: Settings,
+    kind: str,
+    fine_tune: str,
+    zf: zipfile.ZipFile,
+    planned: ingest.ZipPlan,
+    report: ProgressFn,
+) -> tuple[BlobRef, dict[str, Any], dict[str, Any], bool] | None:
+    """(the converted encoder's blob, its description, the runtime entry, mirror?) every shard
+    uses; None when the job has no converted encoder to share."""
+    if kind == "add":
+        base = read_base(storage, spec.name, steps.blob_cache(storage, settings), spec.search_k)
+        manifest = base.manifest if base is not None else None
+        if (
+            manifest is None
+            or manifest.encoder_model is None
+            or fine_tune == "always"
+            or settings.encoder_runtime != "litert"
+            or manifest.runtime.get("name") != litert.RUNTIME
+        ):
+            return None
+        mirror = all("mirrored" in s.files for s in manifest.segments)
+        return manifest.encoder_model, dict(manifest.encoder), dict(manifest.runtime), mirror
+    verified = steps.converted_encoder(steps.load_encoder(spec, settings, storage), settings, report)
+    _check(verified, zf, planned, settings)  # the single-instance job checks its first images too
+    path = convert.model_path(verified, settings.cache_dir)
+    if verified.converted is None or path is None:
+        return None
+    ref = ref_of(path)
+    blobs.upload_missing(storage, spec.name, [(path, ref)], set())
+    wants_head = finetune.plan(fine_tune, [e.label for e in planned.entries], spec.head)
+    return ref, verified.describe(), verified.runtime, wants_head and spec.head.augment
+
+
+def _check(verified: convert.Verified, zf: zipfile.ZipFile, planned: ingest.ZipPlan, s: Settings) -> None:
+    inputs: list[np.ndarray] = []
+    for entry in planned.entries[: 4 * convert.CHECK_IMAGES]:
+        if len(inputs) == convert.CHECK_IMAGES:
+            break
+        try:
+            data = ingest.read_entry(zf, entry)
+            inputs.append(images.prepare(data, verified.input_size, s.max_image_pixels, s.allowed_formats)[0])
+        except (BadImageError, TrainingError):
+            continue
+    if inputs:
+        verified.check(np.stack(inputs))
+
+
+# --- one shard --------------------------------------------------------------------------------------
+
+
+def embed_shard(
+    spec: EndpointSpec,
+    storage: Storage,
+    settings: Settings,
+    shard_plan: ShardPlan,
+    shard: int,
+    report: ProgressFn,
+) -> bool:
+    """Embed shard `shard` and store its result; False if it was stored already (nothing done).
+    The originals of its images go to the store as blobs (written once, by content)."""
+    key = result_key(shard_plan.job, shard)
+    if storage.exists(key):
+        return False
+    cache = steps.blob_cache(storage, settings)
+    model = cache.path(spec.name, shard_plan.model_ref, litert.MODEL_FILE)
+    encoder = litert.load(model, shard_plan.model_ref.sha256, shard_plan.encoder)
+    thumb_dim = 3 * spec.head.thumbnail**2
+    with (
+        open_zip(storage, shard_plan.source, shard_plan.etag) as zf,
+        steps.work_folder(settings, spec.name, "shard") as tmp,
+    ):
+        planned = _same_plan(zf, settings, shard_plan)
+        start, end = shard_plan.ranges[shard]
+        part = dataclasses.replace(planned, entries=planned.entries[start:end], skipped=[])
+        vectors = VectorCache.of_versions(storage, spec.name, cache, encoder.fingerprint, thumb_dim)
+        head = spec.head if shard_plan.mirror else None
+        out = embed(zf, part, Path(tmp), encoder, settings, head, spec.head.thumbnail, report, vectors)
+        # The shard's originals, except those a retained version holds (their vectors were reused).
+        held = {a.sha256 for a in out.accepted if a.cached is not None}
+        originals = {a.sha256: Path(tmp) / a.image for a in out.accepted}
+        blobs.upload_missing(
+            storage, spec.name, [(p, BlobRef(sha, p.stat().st_size)) for sha, p in originals.items()], held
+        )
+        storage.write(key, _result(out, start, planned.entries, thumb_dim))
+    return True
+
+
+def _same_plan(zf: zipfile.ZipFile, settings: Settings, shard_plan: ShardPlan) -> ingest.ZipPlan:
+    planned = steps.plan_zip(zf, settings)
+    if len(planned.entries) != shard_plan.images:  # the zip limits changed between instances
+        raise TrainingError(
+            f"this worker plans {len(planned.entries)} images in the zip, the job's plan "
+            f"{shard_plan.images}: every worker of a job must run the same settings"
+        )
+    return planned
+
+
+def _result(out: Embedded, start: int, entries: list[ingest.Entry], thumb_dim: int) -> bytes:
+    """A shard's outputs as one .npz: every accepted image's vectors in order, and what was skipped."""
+    index = {id(e): i for i, e in enumerate(entries)}
+    backbone, thumbs, mirrored = vectors_of(out, thumb_dim) if out.accepted else (None, None, None)
+    meta = {
+        "accepted": [
+            [index[id(a.entry)], a.image, a.sha256, a.cached is not None or a.same_as is not None]
+            for a in out.accepted
+        ],
+        "skipped": [[s.name, s.reason] for s in out.skipped],
+        "start": start,
+    }
+    arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+    if backbone is not None and thumbs is not None:
+        arrays["backbone"], arrays["thumbs"] = backbone, thumbs
+        if mirrored is not None:
+            arrays["mirrored"] = mirrored
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+# --- what the reducer starts from -------------------------------------------------------------------
+
+
+@dataclass
+class Gathered:
+    """Every shard's outputs, as the job's embed step would have left them on one instance."""
+
+    plan: ingest.ZipPlan
+    embedded: Embedded
+    encoder: litert.LiteEncoder
+    describe: dict[str, Any]
+    runtime: dict[str, Any]
+    model: BlobRef
+    zip_name: str
+
+
+def done_shards(storage: Storage, job: str) -> set[int]:
+    return {int(Path(k).stem) for k in storage.list(f"jobs/{job}/shards/") if k.endswith(".npz")}
+
+
+def claim_reducer(storage: Storage, job: str, runner: str, previous: str | None = None) -> bool:
+    """Claim the reducer of `job`: True for exactly one caller (If-None-Match on one key), or for
+    the one that replaces a dead reducer's claim (`previous`: that claim's tag)."""
+    stamp = json.dumps({"runner": runner, "at": time.time()}).encode()
+    return storage.write_if(f"jobs/{job}/reducer", stamp, previous)
+
+
+def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan: ShardPlan) -> Gathered:
+    """Read the plan's zip directory and every shard's result into one Embedded, in entry order."""
+    with open_zip(storage, shard_plan.source, shard_plan.etag) as zf:
+        planned = _same_plan(zf, settings, shard_plan)
+    out = Embedded(stored=True)
+    mirrored: list[np.ndarray] = []
+    for shard in range(len(shard_plan.ranges)):
+        with np.load(io.BytesIO(storage.read(result_key(shard_plan.job, shard)))) as part:
+            meta = json.loads(part["meta"].tobytes())
+            for i, image, sha256, reused in meta["accepted"]:
+                out.accepted.append(Accepted(planned.entries[i], image, sha256, None))
+                out.reused += int(reused)
+            out.skipped.extend(ingest.Skipped(name, reason) for name, reason in meta["skipped"])
+            if "backbone" in part:
+                out.vectors.append(part["backbone"])
+                out.thumbs.append(part["thumbs"])
+                if "mirrored" in part:
+                    mirrored.append(part["mirrored"])
+    if len(mirrored) == len(out.vectors):
+        out.mirrored = mirrored
+    cache = steps.blob_cache(storage, settings)
+    ref = shard_plan.model_ref
+    encoder = litert.load(cache.path(spec.name, ref, litert.MODEL_FILE), ref.sha256, shard_plan.encoder)
+    return Gathered(
+        planned,
+        out,
+        encoder,
+        dict(shard_plan.encoder),
+        dict(shard_plan.runtime),
+        ref,
+        Path(shard_plan.source).name,
+    )
+
+
+# --- progress and cancellation ------------------------------------------------------------------------
+
+
+def cancelled(storage: Storage, job: str) -> bool:
+    return storage.exists(f"jobs/{job}.cancel")
+
+
+def progress_reporter(
+    storage: Storage, job: str, shard: int, total: int, every_s: float = 1.0
+) -> Callable[[Progress], None]:
+    """Record a shard's progress (at most every `every_s`) and stop it, at its next batch, once
+    the job is cancelled (JobCancelledError)."""
+    started = time.time()
+    last = [0.0]
+
+    def report(p: Progress) -> None:
+        now = time.time()
+        if p.stage != "embed" or (now - last[0] < every_s and p.done < p.total):
+            return
+        last[0] = now
+        if cancelled(storage, job):
+            raise JobCancelledError(job)
+        record = {"done": p.done, "total": total, "started": started, "updated": now}
+        with contextlib.suppress(Exception):  # progress is best effort
+            storage.write(progress_key(job, shard), json.dumps(record).encode())
+
+    return report
+
+
+def summary(storage: Storage, job: str, sizes: list[int], done: set[int], started: float) -> dict[str, Any]:
+    """Shards done/total, images embedded/total and the rate since the job was planned, summed over
+    every worker of the job (the shards at work report their own progress)."""
+    images_done = sum(sizes[i] for i in done if i < len(sizes))
+    running = [k for k in storage.list(f"jobs/{job}/progress/") if int(Path(k).stem) not in done]
+    for key in running[:64]:  # one per worker at work: a bounded number of reads
+        with contextlib.suppress(Exception):  # finished or deleted meanwhile
+            images_done += int(json.loads(storage.read(key))["done"])
+    elapsed = time.time() - started
+    return {
+        "shards": {"done": len(done), "total": len(sizes)},
+        "images": {"done": images_done, "total": sum(sizes)},
+        "rate": round(images_done / elapsed, 1) if elapsed > 0 else None,
+    }
