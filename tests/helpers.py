@@ -18,14 +18,16 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import requests
+from flask import Flask
 from flask.testing import FlaskClient
 
 from bench import demo
@@ -142,7 +144,7 @@ def wait_job(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(status_url, headers=headers).get_json()
-        if job["status"] in ("succeeded", "failed"):
+        if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(0.1)
     raise AssertionError(f"job did not finish in {timeout}s: {job}")
@@ -325,3 +327,80 @@ def procfile_server(tmp: Path, env: dict[str, str], app_dir: Path = ROOT) -> Ite
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+SQSD_HEADERS = {"User-Agent": "aws-sqsd/3.0.4", "Content-Type": "application/json"}
+
+
+class Tier:
+    """A web app and a worker app on one S3 bucket and SQS queue (with a dead-letter queue)."""
+
+    def __init__(
+        self,
+        server: S3Server,
+        make_app: Callable[..., Flask],
+        tmp_path: Path,
+        attempts: int,
+        **worker_config: Any,
+    ) -> None:
+        self.sqs = boto3.client("sqs", endpoint_url=server.url)
+        name = f"jobs-{os.urandom(4).hex()}"
+        dlq = self.sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+        dlq_arn = self.sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        self.queue = self.sqs.create_queue(
+            QueueName=name,
+            Attributes={
+                "RedrivePolicy": f'{{"deadLetterTargetArn": "{dlq_arn}", "maxReceiveCount": "{attempts}"}}'
+            },
+        )["QueueUrl"]
+        self.dlq = dlq
+        self.store = store = {"storage_uri": f"s3://{server.bucket()}/simsvc", "s3_endpoint_url": server.url}
+        self.web = make_app(
+            **store, job_queue_url=self.queue, sqs_endpoint_url=server.url, cache_dir=tmp_path / "web-cache"
+        ).test_client()
+        self.worker = make_app(
+            **store,
+            service_role="worker",
+            job_queue_url=self.queue,  # a worker queues the shards of a job it splits
+            sqs_endpoint_url=server.url,
+            job_max_attempts=attempts,
+            warm_on_start=False,
+            cache_dir=tmp_path / "worker-cache",
+            **worker_config,
+        ).test_client()
+
+    def deliver_all(self, limit: int = 1000) -> list[Any]:
+        """Deliver messages until the queue is empty (a sharded job queues its shards)."""
+        answers = []
+        while len(answers) < limit and (answer := self.deliver()) is not None:
+            answers.append(answer)
+        return answers
+
+    def deliver(self) -> requests.Response | None:
+        """Receive one message and POST it to the worker as the SQS daemon does; delete it on 200."""
+        got = self.sqs.receive_message(
+            QueueUrl=self.queue,
+            MaxNumberOfMessages=1,
+            WaitTimeSeconds=1,
+            VisibilityTimeout=0,
+            AttributeNames=["ApproximateReceiveCount"],
+        )
+        messages = got.get("Messages", [])
+        if not messages:
+            return None
+        message = messages[0]
+        response = self.worker.post(
+            "/worker/jobs",
+            data=message["Body"],
+            environ_base={"REMOTE_ADDR": "127.0.0.1"},
+            headers={
+                **SQSD_HEADERS,
+                "X-Aws-Sqsd-Msgid": message["MessageId"],
+                "X-Aws-Sqsd-Receive-Count": message["Attributes"]["ApproximateReceiveCount"],
+            },
+        )
+        if response.status_code == 200:
+            self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=message["ReceiptHandle"])
+        return response

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 import requests
@@ -23,8 +22,10 @@ from bench import demo
 from service.core.config import ROOT
 from service.core.errors import EncoderUnavailableError
 from tests.helpers import (
+    SQSD_HEADERS,
     ModelServer,
     S3Server,
+    Tier,
     cli,
     make_zip,
     procfile_server,
@@ -32,8 +33,6 @@ from tests.helpers import (
     wait_job,
     wait_serving,
 )
-
-SQSD_HEADERS = {"User-Agent": "aws-sqsd/3.0.4", "Content-Type": "application/json"}
 
 
 def test_the_template_passes_cfn_lint() -> None:
@@ -117,71 +116,6 @@ def test_the_procfile_command_serves_from_the_unpacked_bundle(
 
 
 # --- the worker tier ---------------------------------------------------------------------------------
-
-
-class Tier:
-    """A web app and a worker app on one S3 bucket and SQS queue (with a dead-letter queue)."""
-
-    def __init__(
-        self,
-        server: S3Server,
-        make_app: Callable[..., Flask],
-        tmp_path: Path,
-        attempts: int,
-        **worker_config: Any,
-    ) -> None:
-        self.sqs = boto3.client("sqs", endpoint_url=server.url)
-        name = f"jobs-{os.urandom(4).hex()}"
-        dlq = self.sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
-        dlq_arn = self.sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"][
-            "QueueArn"
-        ]
-        self.queue = self.sqs.create_queue(
-            QueueName=name,
-            Attributes={
-                "RedrivePolicy": f'{{"deadLetterTargetArn": "{dlq_arn}", "maxReceiveCount": "{attempts}"}}'
-            },
-        )["QueueUrl"]
-        self.dlq = dlq
-        store = {"storage_uri": f"s3://{server.bucket()}/simsvc", "s3_endpoint_url": server.url}
-        self.web = make_app(
-            **store, job_queue_url=self.queue, sqs_endpoint_url=server.url, cache_dir=tmp_path / "web-cache"
-        ).test_client()
-        self.worker = make_app(
-            **store,
-            service_role="worker",
-            job_max_attempts=attempts,
-            warm_on_start=False,
-            cache_dir=tmp_path / "worker-cache",
-            **worker_config,
-        ).test_client()
-
-    def deliver(self) -> requests.Response | None:
-        """Receive one message and POST it to the worker as the SQS daemon does; delete it on 200."""
-        got = self.sqs.receive_message(
-            QueueUrl=self.queue,
-            MaxNumberOfMessages=1,
-            WaitTimeSeconds=1,
-            VisibilityTimeout=0,
-            AttributeNames=["ApproximateReceiveCount"],
-        )
-        messages = got.get("Messages", [])
-        if not messages:
-            return None
-        message = messages[0]
-        response = self.worker.post(
-            "/worker/jobs",
-            data=message["Body"],
-            environ_base={"REMOTE_ADDR": "127.0.0.1"},
-            headers={
-                **SQSD_HEADERS,
-                "X-Aws-Sqsd-Msgid": message["MessageId"],
-                "X-Aws-Sqsd-Receive-Count": message["Attributes"]["ApproximateReceiveCount"],
-            },
-        )
-        if response.status_code == 200:
-            self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=message["ReceiptHandle"])
-        return response
 
 
 @pytest.fixture
