@@ -360,16 +360,17 @@ class Tier:
         self.web = make_app(
             **store, job_queue_url=self.queue, sqs_endpoint_url=server.url, cache_dir=tmp_path / "web-cache"
         ).test_client()
-        self.worker = make_app(
+        self.make_worker = lambda name: make_app(
             **store,
             service_role="worker",
             job_queue_url=self.queue,  # a worker queues the shards of a job it splits
             sqs_endpoint_url=server.url,
             job_max_attempts=attempts,
             warm_on_start=False,
-            cache_dir=tmp_path / "worker-cache",
+            cache_dir=tmp_path / name,
             **worker_config,
         ).test_client()
+        self.worker = self.make_worker("worker-cache")
 
     def deliver_all(self, limit: int = 1000) -> list[Any]:
         """Deliver messages until the queue is empty (a sharded job queues its shards)."""
@@ -378,20 +379,24 @@ class Tier:
             answers.append(answer)
         return answers
 
-    def deliver(self) -> requests.Response | None:
-        """Receive one message and POST it to the worker as the SQS daemon does; delete it on 200."""
+    def receive(self, visibility_s: int = 0) -> dict[str, Any] | None:
         got = self.sqs.receive_message(
             QueueUrl=self.queue,
             MaxNumberOfMessages=1,
             WaitTimeSeconds=1,
-            VisibilityTimeout=0,
+            VisibilityTimeout=visibility_s,
             AttributeNames=["ApproximateReceiveCount"],
         )
         messages = got.get("Messages", [])
-        if not messages:
+        return messages[0] if messages else None
+
+    def deliver(self, message: dict[str, Any] | None = None, worker: Any = None) -> requests.Response | None:
+        """Receive one message (or take `message`) and POST it to the worker as the SQS daemon
+        does; delete it on 200."""
+        message = message or self.receive()
+        if message is None:
             return None
-        message = messages[0]
-        response = self.worker.post(
+        response = (worker or self.worker).post(
             "/worker/jobs",
             data=message["Body"],
             environ_base={"REMOTE_ADDR": "127.0.0.1"},
@@ -404,3 +409,53 @@ class Tier:
         if response.status_code == 200:
             self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=message["ReceiptHandle"])
         return response
+
+
+class Sqsd:
+    """A stand-in for Elastic Beanstalk's SQS daemon: threads receive messages and POST each to a
+    worker's /worker/jobs with the daemon's headers; a 200 deletes the message, anything else (a
+    dropped connection too) leaves it to SQS, which delivers it again after the visibility timeout
+    and dead-letters it after maxReceiveCount."""
+
+    def __init__(self, sqs: Any, queue: str, url: str, threads: int = 2, visibility_s: int = 5) -> None:
+        self.sqs, self.queue, self.url = sqs, queue, url
+        self.visibility_s = visibility_s
+        self.posted: list[tuple[dict[str, Any], int]] = []  # (message, status; 0: no answer)
+        self._stop = False
+        self._pool = ThreadPoolExecutor(threads)
+        self._loops = [self._pool.submit(self._loop) for _ in range(threads)]
+
+    def _loop(self) -> None:
+        while not self._stop:
+            got = self.sqs.receive_message(
+                QueueUrl=self.queue,
+                MaxNumberOfMessages=1,
+                WaitTimeSeconds=1,
+                VisibilityTimeout=self.visibility_s,
+                AttributeNames=["ApproximateReceiveCount"],
+            )
+            for message in got.get("Messages", []):
+                status = 0
+                try:
+                    status = requests.post(
+                        f"{self.url}/worker/jobs",
+                        data=message["Body"],
+                        headers={
+                            **SQSD_HEADERS,
+                            "X-Aws-Sqsd-Msgid": message["MessageId"],
+                            "X-Aws-Sqsd-Queue": self.queue.rsplit("/", 1)[-1],
+                            "X-Aws-Sqsd-Receive-Count": message["Attributes"]["ApproximateReceiveCount"],
+                        },
+                        timeout=300,
+                    ).status_code
+                except requests.RequestException:
+                    pass  # the worker died: the message comes back after its visibility timeout
+                self.posted.append((json.loads(message["Body"]), status))
+                if status == 200:
+                    self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=message["ReceiptHandle"])
+
+    def stop(self) -> None:
+        self._stop = True
+        for loop in self._loops:
+            loop.result(timeout=330)
+        self._pool.shutdown()

@@ -524,6 +524,7 @@ class JobRunner:
             tag = storage.tag(f"{sharded.job_prefix(job.id)}reducer")
             if tag is None or not sharded.claim_reducer(storage, job.id, _runner(), tag):
                 return True
+        log.info("job %s: all %d shards stored, reducer claimed", job.id, len(shard_plan.ranges))
         job.attempts = attempt
         with self._lock:
             self.live[job.id] = job

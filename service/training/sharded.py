@@ -19,6 +19,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
+import socket
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -365,6 +367,7 @@ def progress_reporter(
     the job is cancelled (JobCancelledError)."""
     started = time.time()
     last = [0.0]
+    runner = f"{socket.gethostname()}:{os.getpid()}"  # the process at work on it (for the logs)
 
     def report(p: Progress) -> None:
         now = time.time()
@@ -373,7 +376,7 @@ def progress_reporter(
         last[0] = now
         if cancelled(storage, job):
             raise JobCancelledError(job)
-        record = {"done": p.done, "total": total, "started": started, "updated": now}
+        record = {"done": p.done, "total": total, "started": started, "updated": now, "runner": runner}
         with contextlib.suppress(Exception):  # progress is best effort
             storage.write(progress_key(job, shard), json.dumps(record).encode())
 

@@ -3,7 +3,9 @@ and SQS over real HTTP; the worker apps take messages the way Elastic Beanstalk'
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,9 @@ import numpy as np
 import pytest
 from flask import Flask
 
-from service.storage import open_storage
+from service.storage import open_storage, versions
 from service.storage.blobs import BlobCache
+from service.training import sharded
 from service.training.base import read_base
 from tests.helpers import S3Server, Tier, upload, wait_serving
 
@@ -59,3 +62,101 @@ def test_a_sharded_train_publishes_the_catalogue_one_worker_would(
     storage = open_storage(sharded.store["storage_uri"], endpoint_url=s3_server.url)
     assert storage.list(f"jobs/{many['id']}/") == []
     assert [k for k in storage.list("food/leases/")] == []
+
+
+def shard_messages(tier: Tier, count: int) -> list[dict[str, Any]]:
+    """Receive `count` shard messages and hold them (invisible for a minute), in shard order."""
+    held = []
+    while len(held) < count:
+        message = tier.receive(visibility_s=60)
+        assert message is not None, f"only {len(held)} of {count} shard messages were queued"
+        held.append(message)
+    return sorted(held, key=lambda m: json.loads(m["Body"])["shard"])
+
+
+def test_progress_a_duplicate_delivery_and_the_last_two_shards_at_once(
+    s3_server: S3Server,
+    make_app: Callable[..., Flask],
+    tmp_path: Path,
+    photos_zip: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7)
+    response = tier.web.post("/food/train", data={"file": upload(photos_zip), "fine_tune": "never"})
+    status_url = response.get_json()["status_url"]
+    assert tier.deliver().status_code == 200  # the job message: planned, 5 shard messages queued
+    planned = tier.web.get(status_url).get_json()
+    assert planned["status"] == "running" and planned["stage"] == "embed"
+    assert planned["shards"]["total"] == 5 and planned["shards"]["sizes"] == [7, 7, 7, 7, 2]
+    assert (planned["done"], planned["total"]) == (0, 30)
+
+    messages = shard_messages(tier, 5)
+    for message in messages[:3]:
+        assert tier.deliver(message).status_code == 200
+    assert tier.deliver(messages[2]).status_code == 200  # delivered twice: nothing changes
+    status = tier.web.get(status_url).get_json()
+    assert status["shards"]["done"] == 3 and (status["done"], status["total"]) == (21, 30)
+    assert status["rate"] > 0
+
+    # The last two shards finish together on two instances: one reducer, one version.
+    other = tier.make_worker("second-instance")
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(tier.deliver, messages[3:], [tier.worker, other]))
+    assert [a.status_code for a in answers] == [200, 200]
+    job = tier.web.get(status_url).get_json()
+    assert job["status"] == "succeeded" and job["counts"]["images"] == 30, job
+    assert tier.deliver(messages[4]).status_code == 200  # a late duplicate of the last shard
+    claims = [r for r in caplog.records if "reducer claimed" in r.getMessage()]
+    assert len(claims) == 1
+    storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
+    assert versions.list_versions(storage, "food") == [job["version"]]
+    assert len({i for i, _, _ in catalogue(tier, "food", tmp_path / "c").values()}) == 30  # no duplicates
+
+
+def test_a_poison_shard_is_dead_lettered_and_fails_the_job(
+    s3_server: S3Server,
+    make_app: Callable[..., Flask],
+    tmp_path: Path,
+    photos_zip: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = sharded.embed_shard
+
+    def poisoned(spec: Any, storage: Any, settings: Any, plan: Any, shard: int, report: Any) -> bool:
+        if shard == 2:  # stands for input that crashes the encoder every time
+            raise RuntimeError("the encoder crashed")
+        return real(spec, storage, settings, plan, shard, report)
+
+    monkeypatch.setattr(sharded, "embed_shard", poisoned)
+    tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7)
+    response = tier.web.post("/food/train", data={"file": upload(photos_zip), "fine_tune": "never"})
+    answers = tier.deliver_all()
+    assert sorted(a.status_code for a in answers).count(503) == 2  # shard 2, twice
+    job = tier.web.get(response.get_json()["status_url"]).get_json()
+    assert job["status"] == "failed"
+    assert job["error"].startswith("shard 2 (7 images, ") and "after 2 attempts" in job["error"]
+    assert "RuntimeError: the encoder crashed" in job["error"]
+    dead = tier.sqs.receive_message(QueueUrl=tier.dlq, WaitTimeSeconds=1).get("Messages", [])
+    assert len(dead) == 1 and json.loads(dead[0]["Body"])["shard"] == 2
+    storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
+    assert versions.read_current(storage, "food").version is None  # nothing published
+    assert storage.list(f"jobs/{job['id']}/") == []
+
+
+def test_a_cancelled_sharded_job_drops_its_shards_and_publishes_nothing(
+    s3_server: S3Server, make_app: Callable[..., Flask], tmp_path: Path, photos_zip: Path
+) -> None:
+    tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7)
+    response = tier.web.post("/food/train", data={"file": upload(photos_zip), "fine_tune": "never"})
+    status_url = response.get_json()["status_url"]
+    assert tier.deliver().status_code == 200  # planned
+    assert tier.deliver().status_code == 200  # one shard embedded
+    cancelled = tier.web.delete(status_url)
+    assert cancelled.status_code == 202 and cancelled.get_json()["status"] == "cancelled"
+    answers = tier.deliver_all()
+    assert len(answers) == 4 and all(a.status_code == 200 for a in answers)
+    assert tier.web.get(status_url).get_json()["status"] == "cancelled"
+    storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
+    assert versions.read_current(storage, "food").version is None
+    assert tier.web.delete(status_url).status_code == 409  # finished: nothing to cancel
+    assert tier.web.delete("/food/jobs/0123456789abcdef").status_code == 404
