@@ -4,6 +4,10 @@ and SQS over real HTTP; the worker apps take messages the way Elastic Beanstalk'
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,12 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 from flask import Flask
+from PIL import Image
 
+from bench import demo
 from service.storage import open_storage, versions
 from service.storage.blobs import BlobCache
 from service.training import sharded
 from service.training.base import read_base
-from tests.helpers import S3Server, Tier, upload, wait_serving
+from tests.helpers import S3Server, Sqsd, Tier, procfile_server, upload, wait_job, wait_serving
 
 
 def catalogue(tier: Tier, endpoint: str, tmp: Path) -> dict[str, tuple[int, np.ndarray, str]]:
@@ -29,7 +35,11 @@ def catalogue(tier: Tier, endpoint: str, tmp: Path) -> dict[str, tuple[int, np.n
     for segment in base.view.segments:
         for row in range(segment.rows):
             entry = segment.entries[row]
-            out[segment.names[row]] = (int(segment.items[row]), np.array(segment.vectors[row]), entry["label"])
+            out[segment.names[row]] = (
+                int(segment.items[row]),
+                np.array(segment.vectors[row]),
+                entry["label"],
+            )
     return out
 
 
@@ -160,3 +170,68 @@ def test_a_cancelled_sharded_job_drops_its_shards_and_publishes_nothing(
     assert versions.read_current(storage, "food").version is None
     assert tier.web.delete(status_url).status_code == 409  # finished: nothing to cancel
     assert tier.web.delete("/food/jobs/0123456789abcdef").status_code == 404
+
+
+def noise_zip(path: Path, count: int) -> Path:
+    """`count` distinct small photos in two label folders."""
+    rng = np.random.default_rng(7)
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(count):
+            pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            zf.writestr(f"{'ab'[i % 2]}/img-{i:04d}.jpg", demo.jpeg(Image.fromarray(pixels)))
+    return path
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_loses_nothing(
+    s3_server: S3Server, make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    """Two gunicorn worker processes (the Procfile's, worker profile) fed by the SQS daemon's
+    stand-in; the one embedding a shard is killed: SQS delivers the shard again after its
+    visibility timeout, and the job publishes every image once."""
+    tier = Tier(s3_server, make_app, tmp_path, attempts=3, shard_images=100)
+    env = {
+        "SERVICE_ROLE": "worker",
+        "STORAGE_URI": tier.store["storage_uri"],
+        "S3_ENDPOINT_URL": s3_server.url,
+        "JOB_QUEUE_URL": tier.queue,
+        "SQS_ENDPOINT_URL": s3_server.url,
+        "SHARD_IMAGES": "100",
+        "WEB_CONCURRENCY": "2",
+        "TF_INTRA_OP_THREADS": "1",
+        "WARM_ON_START": "false",
+    }
+    storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
+    with procfile_server(tmp_path, env) as server:
+        sqsd = Sqsd(tier.sqs, tier.queue, server.url, threads=2, visibility_s=4)
+        try:
+            zip_path = noise_zip(tmp_path / "noise.zip", 600)
+            response = tier.web.post("/food/train", data={"file": upload(zip_path), "fine_tune": "never"})
+            assert response.status_code == 202, response.get_json()
+            job_id = response.get_json()["job_id"]
+            killed = None
+            deadline = time.monotonic() + 120
+            while killed is None and time.monotonic() < deadline:
+                for key in storage.list(f"jobs/{job_id}/progress/"):
+                    shard = int(Path(key).stem)
+                    record = json.loads(storage.read(key))
+                    if record["done"] < record["total"] and not storage.exists(
+                        sharded.result_key(job_id, shard)
+                    ):
+                        os.kill(int(record["runner"].rsplit(":", 1)[1]), signal.SIGKILL)
+                        killed = shard
+                        break
+                time.sleep(0.02)
+            assert killed is not None, "no shard was caught at work"
+            job = wait_job(tier.web, response.get_json()["status_url"], timeout=240)
+        finally:
+            sqsd.stop()
+        log = server.log.read_text()
+    assert job["status"] == "succeeded", (job, log[-3000:])
+    assert job["counts"]["images"] == 600 and job["shards"]["total"] == 6
+    # The killed shard was posted again (no answer the first time), and embedded once in the end.
+    posts = [status for message, status in sqsd.posted if message.get("shard") == killed]
+    assert 0 in posts and posts[-1] == 200, sqsd.posted
+    assert log.count("reducer claimed") == 1
+    items = catalogue(tier, "food", tmp_path / "c")
+    assert len(items) == 600 and len({i for i, _, _ in items.values()}) == 600
