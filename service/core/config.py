@@ -187,6 +187,8 @@ class Settings:
             )
         if self.keep_versions < 1:
             raise ValueError(f"KEEP_VERSIONS must be at least 1, got {self.keep_versions}")
+        if self.shard_images < 1:
+            raise ValueError(f"SHARD_IMAGES must be at least 1, got {self.shard_images}")
         return self
 
     @property

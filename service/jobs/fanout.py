@@ -61,14 +61,11 @@ class Fanout:
         key = bucket.bucket_key(source) if bucket is not None else None
         if key is None or kind not in sharded.KINDS:
             return None
-        found = ShardPlan.read(self.storage, job_id)
-        if found is not None:
-            return found
-        spec = self.specs[endpoint]
-        planned: ShardPlan | None = self.isolate(
-            plan_work, spec, report, job_id, kind, key, version, fine_tune, report
-        )
-        if planned is not None:
+        planned = ShardPlan.read(self.storage, job_id)
+        if planned is None:
+            spec = self.specs[endpoint]
+            planned = self.isolate(plan_work, spec, report, job_id, kind, key, version, fine_tune, report)
+        if planned is not None:  # (again, for a redelivered job: the same key)
             expires = planned.created + self.settings.job_max_s
             self.storage.write(job_lease_key(endpoint, job_id, expires), b"")
         return planned

@@ -508,6 +508,9 @@ class JobRunner:
             self._store_final(job)
             self.fanout.finish(shard_plan)
             return not retry  # a retryable failure on its last attempt: to the dead-letter queue
+        if self.store.load(None, job.id).status in FINISHED:  # failed or cancelled meanwhile
+            self.fanout.finish(shard_plan)  # what this shard wrote goes too
+            return True
         if len(sharded.done_shards(self.store.storage, job.id)) < len(shard_plan.ranges):
             return True
         return self._reduce(job, shard_plan, attempt, max_attempts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from service.core.errors import StorageError
+from service.core.errors import StorageError, TrainingError
 
 READ_AHEAD = 1024 * 1024  # bytes per GET beyond what was asked: a few images of a typical zip
 
@@ -40,8 +40,8 @@ class RangedFile(io.RawIOBase):
             return fn(**kwargs)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("412", "PreconditionFailed"):
-                raise StorageError(
+            if code in ("412", "PreconditionFailed"):  # bad input for good: no retry helps
+                raise TrainingError(
                     f"s3://{self.bucket}/{self.key} changed while it was being read (its ETag is no "
                     f"longer {kwargs.get('IfMatch')}); upload it again and start a new job"
                 ) from None

@@ -35,11 +35,10 @@ from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import BadImageError, JobCancelledError, StorageError, TrainingError
 from service.encoders import convert, litert
-from service.storage import KeyNotFoundError, Storage, blobs
+from service.storage import KeyNotFoundError, Storage, blobs, versions
 from service.storage.blobs import ref_of
 from service.storage.manifest import BlobRef
 from service.training import finetune, steps
-from service.training.base import read_base
 from service.training.cache import VectorCache
 from service.training.embedding import Accepted, Embedded, embed
 from service.training.merge import vectors_of
@@ -182,9 +181,9 @@ def _encoder(
 ) -> tuple[BlobRef, dict[str, Any], dict[str, Any], bool] | None:
     """(the converted encoder's blob, its description, the runtime entry, mirror?) every shard
     uses; None when the job has no converted encoder to share."""
-    if kind == "add":
-        base = read_base(storage, spec.name, steps.blob_cache(storage, settings), spec.search_k)
-        manifest = base.manifest if base is not None else None
+    if kind == "add":  # the current version's converted encoder embeds the new images
+        current = versions.read_current(storage, spec.name).version
+        manifest = versions.read_manifest(storage, spec.name, current) if current else None
         if (
             manifest is None
             or manifest.encoder_model is None

@@ -55,6 +55,7 @@ def test_the_aws_profile_needs_a_storage_uri_and_uses_the_encoder_mirror() -> No
         ({"MAX_IMAGE_MB": "lots"}, "MAX_IMAGE_MB must be an integer"),
         ({"WARM_ON_START": "maybe"}, "WARM_ON_START must be true or false"),
         ({"ENCODER_MODE": "magic"}, "ENCODER_MODE must be one of"),
+        ({"SHARD_IMAGES": "0"}, "SHARD_IMAGES must be at least 1"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_name(environ: dict[str, str], message: str) -> None:

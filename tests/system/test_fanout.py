@@ -19,8 +19,10 @@ from flask import Flask
 from PIL import Image
 
 from bench import demo
+from service.core.errors import TrainingError
 from service.storage import open_storage, versions
 from service.storage.blobs import BlobCache
+from service.storage.ranged import RangedFile
 from service.training import sharded
 from service.training.base import read_base
 from tests.helpers import S3Server, Sqsd, Tier, procfile_server, upload, wait_job, wait_serving
@@ -235,3 +237,58 @@ def test_a_worker_killed_mid_shard_loses_nothing(
     assert log.count("reducer claimed") == 1
     items = catalogue(tier, "food", tmp_path / "c")
     assert len(items) == 600 and len({i for i, _, _ in items.values()}) == 600
+
+
+def test_a_sharded_add_extends_the_catalogue_with_new_ids(
+    s3_server: S3Server, make_app: Callable[..., Flask], tmp_path: Path, photos_zip: Path
+) -> None:
+    tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7)
+    first = train_on(tier, photos_zip)
+    assert first["status"] == "succeeded"
+    response = tier.web.post("/food/items", data={"file": upload(noise_zip(tmp_path / "more.zip", 16))})
+    assert response.status_code == 202
+    answers = tier.deliver_all()
+    assert len(answers) == 1 + 3 and all(a.status_code == 200 for a in answers)  # planned, 3 shards
+    job = tier.web.get(response.get_json()["status_url"]).get_json()
+    assert job["status"] == "succeeded" and job["shards"]["total"] == 3, job
+    items = catalogue(tier, "food", tmp_path / "c")
+    assert len(items) == 46 and len({i for i, _, _ in items.values()}) == 46
+    old = catalogue(tier, "food", tmp_path / "d")
+    assert {n: v[0] for n, v in old.items() if not n.startswith(("a/", "b/"))} == {
+        n: v[0] for n, v in items.items() if not n.startswith(("a/", "b/"))
+    }  # the trained items keep their ids
+    assert min(items[n][0] for n in items if n.startswith(("a/", "b/"))) >= 30
+
+
+def test_a_zip_replaced_while_its_shards_run_fails_the_job_for_good(
+    s3_server: S3Server, make_app: Callable[..., Flask], tmp_path: Path, photos_zip: Path
+) -> None:
+    tier = Tier(s3_server, make_app, tmp_path, attempts=3, shard_images=7)
+    response = tier.web.post("/food/train", data={"file": upload(photos_zip), "fine_tune": "never"})
+    job = tier.web.get(response.get_json()["status_url"]).get_json()
+    assert tier.deliver().status_code == 200  # planned on the zip as uploaded
+    bucket, key = job["source"].removeprefix("s3://").split("/", 1)
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"PK another upload")
+    answers = tier.deliver_all()
+    assert all(a.status_code == 200 for a in answers)  # bad input: not retried, not dead-lettered
+    failed = tier.web.get(response.get_json()["status_url"]).get_json()
+    assert failed["status"] == "failed" and "changed while it was being read" in failed["error"]
+    assert failed["error"].startswith("shard ")
+
+
+def test_a_ranged_zip_reads_members_not_the_whole_file(s3_server: S3Server, tmp_path: Path) -> None:
+    """zipfile over ranged GETs: the directory and the members asked for, a few requests."""
+    path = noise_zip(tmp_path / "big.zip", 400)  # ~1.3 MB of JPEGs
+    client = s3_server.client()
+    bucket = s3_server.bucket()
+    client.put_object(Bucket=bucket, Key="big.zip", Body=path.read_bytes())
+    with RangedFile(client, bucket, "big.zip", read_ahead=64 * 1024) as raw, zipfile.ZipFile(raw) as zf:  # type: ignore[arg-type]
+        names = zf.namelist()
+        assert len(names) == 400
+        with zipfile.ZipFile(path) as local:
+            for name in names[100:110]:
+                assert zf.read(name) == local.read(name)
+        assert raw.requests <= 6  # HEAD, the directory, one read-ahead for ten members
+        client.put_object(Bucket=bucket, Key="big.zip", Body=b"replaced")
+        with pytest.raises(TrainingError, match="changed while it was being read"):
+            zf.read(names[-1])
