@@ -64,7 +64,14 @@ class Fanout:
         planned = ShardPlan.read(self.storage, job_id)
         if planned is None:
             spec = self.specs[endpoint]
-            planned = self.isolate(plan_work, spec, report, job_id, kind, key, version, fine_tune, report)
+            args = (job_id, kind, key, version, fine_tune, report)
+            # A train converts and checks the encoder (TensorFlow, in a child); an add plans on the
+            # current version's converted encoder, here.
+            planned = (
+                self.isolate(plan_work, spec, report, *args)
+                if kind == "train"
+                else plan_work(self.settings, spec, *args)
+            )
         if planned is not None:  # (again, for a redelivered job: the same key)
             expires = planned.created + self.settings.job_max_s
             self.storage.write(job_lease_key(endpoint, job_id, expires), b"")
@@ -87,9 +94,11 @@ class Fanout:
         return sharded.embed_shard(spec, self.storage, self.settings, shard_plan, shard, report)
 
     def reduce(self, shard_plan: ShardPlan, report: ProgressFn) -> Result:
-        """Fine-tune, index and publish from every shard's result (in a child: the head needs
-        TensorFlow)."""
+        """Fine-tune, index and publish from every shard's result: in a child when a head is
+        trained (TensorFlow), else here (no process to start, no TensorFlow to load)."""
         spec = self.specs[shard_plan.endpoint]
+        if not shard_plan.head:
+            return reduce_work(self.settings, spec, shard_plan.job, report)
         result: Result = self.isolate(reduce_work, spec, report, shard_plan.job, report)
         return result
 

@@ -119,7 +119,10 @@ class S3Storage(Storage, SharedBucket):
 
     def upload(self, key: str, path: Path) -> None:
         with self._errors("upload", key):
-            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer())
+            if path.stat().st_size < 16 * MB:  # one PUT: the transfer manager costs more CPU than it saves
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=path.read_bytes())
+            else:
+                self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer())
 
     def copy(self, source: str, key: str) -> None:
         # Server-side: the bytes never leave S3 (managed copy: multipart above 5 GB).

@@ -115,8 +115,10 @@ def embed(
     thumb_side: int,
     report: ProgressFn,
     cache: VectorCache | None = None,
+    on_original: Callable[[Path, str], None] | None = None,
 ) -> Embedded:
-    """Decode and embed every image the cache does not hold; keep the originals in `staging/images/`."""
+    """Decode and embed every image the cache does not hold; keep the originals in `staging/images/`
+    (`on_original(path, sha256)`: called for each one embedded now, as soon as it is written)."""
     out = Embedded(cache=cache or VectorCache())
     total, batch_size = len(plan.entries), settings.encode_batch_size
     (staging / "images").mkdir()
@@ -132,7 +134,7 @@ def embed(
             if passes.failure:
                 break
             _check_deadline(deadline, settings, done, total)
-            array = _accept(out, staging, entry, data, digest, prepared)
+            array = _accept(out, staging, entry, data, digest, prepared, on_original)
             if array is None:
                 continue
             batch[filled], filled = array, filled + 1
@@ -156,7 +158,13 @@ def _check_deadline(deadline: float, settings: Settings, done: int, total: int) 
 
 
 def _accept(
-    out: Embedded, staging: Path, entry: ingest.Entry, data: bytes, digest: str, prepared: Prepared
+    out: Embedded,
+    staging: Path,
+    entry: ingest.Entry,
+    data: bytes,
+    digest: str,
+    prepared: Prepared,
+    on_original: Callable[[Path, str], None] | None = None,
 ) -> np.ndarray | None:
     """Record one decoded entry; its encoder input when it still needs a forward pass."""
     if isinstance(prepared, _Again):  # bytes this job met already: that image's fate, no second pass
@@ -178,6 +186,8 @@ def _accept(
     image_key = f"images/{digest}{ext}"
     if not (staging / image_key).exists():
         (staging / image_key).write_bytes(data)
+        if on_original is not None and cached is None:
+            on_original(staging / image_key, digest)
     out.accepted.append(Accepted(entry, image_key, digest, cached))
     return array
 

@@ -19,11 +19,13 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import socket
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +39,14 @@ from service.core.errors import BadImageError, JobCancelledError, StorageError, 
 from service.encoders import convert, litert
 from service.storage import KeyNotFoundError, Storage, blobs, versions
 from service.storage.blobs import ref_of
-from service.storage.manifest import BlobRef
+from service.storage.manifest import BlobRef, blob_key
 from service.training import finetune, steps
 from service.training.cache import VectorCache
 from service.training.embedding import Accepted, Embedded, embed
 from service.training.merge import vectors_of
 from service.training.results import Progress, ProgressFn
+
+log = logging.getLogger(__name__)
 
 KINDS = ("train", "add")
 
@@ -77,6 +81,7 @@ class ShardPlan:
     encoder: dict[str, Any]  # the encoder as the manifest describes it
     runtime: dict[str, Any]  # the manifest's runtime entry
     mirror: bool  # embed mirrored copies too (a head will train with augmentation)
+    head: bool = False  # the reducer trains a head (TensorFlow: it runs in a job child process)
     created: float = field(default_factory=time.time)
 
     @property
@@ -143,7 +148,7 @@ def plan(
         encoder = _encoder(spec, storage, settings, kind, fine_tune, zf, planned, report)
     if encoder is None:
         return None
-    model, describe, runtime, mirror = encoder
+    model, describe, runtime, mirror, head = encoder
     size = settings.shard_images
     ranges = [[s, min(s + size, count)] for s in range(0, count, size)]
     shard_plan = ShardPlan(
@@ -161,6 +166,7 @@ def plan(
         encoder=describe,
         runtime=runtime,
         mirror=mirror,
+        head=head,
     )
     # Write once: two deliveries of one job message planning at once agree on the first plan.
     if not storage.write_if(shard_plan.key, shard_plan.dumps(), None):
@@ -178,9 +184,9 @@ def _encoder(
     zf: zipfile.ZipFile,
     planned: ingest.ZipPlan,
     report: ProgressFn,
-) -> tuple[BlobRef, dict[str, Any], dict[str, Any], bool] | None:
-    """(the converted encoder's blob, its description, the runtime entry, mirror?) every shard
-    uses; None when the job has no converted encoder to share."""
+) -> tuple[BlobRef, dict[str, Any], dict[str, Any], bool, bool] | None:
+    """(the converted encoder's blob, its description, the runtime entry, mirror?, head?) every
+    shard and the reducer use; None when the job has no converted encoder to share."""
     if kind == "add":  # the current version's converted encoder embeds the new images
         current = versions.read_current(storage, spec.name).version
         manifest = versions.read_manifest(storage, spec.name, current) if current else None
@@ -193,7 +199,7 @@ def _encoder(
         ):
             return None
         mirror = all("mirrored" in s.files for s in manifest.segments)
-        return manifest.encoder_model, dict(manifest.encoder), dict(manifest.runtime), mirror
+        return manifest.encoder_model, dict(manifest.encoder), dict(manifest.runtime), mirror, False
     verified = steps.converted_encoder(steps.load_encoder(spec, settings, storage), settings, report)
     _check(verified, zf, planned, settings)  # the single-instance job checks its first images too
     path = convert.model_path(verified, settings.cache_dir)
@@ -202,7 +208,7 @@ def _encoder(
     ref = ref_of(path)
     blobs.upload_missing(storage, spec.name, [(path, ref)], set())
     wants_head = finetune.plan(fine_tune, [e.label for e in planned.entries], spec.head)
-    return ref, verified.describe(), verified.runtime, wants_head and spec.head.augment
+    return ref, verified.describe(), verified.runtime, wants_head and spec.head.augment, wants_head
 
 
 def _check(verified: convert.Verified, zf: zipfile.ZipFile, planned: ingest.ZipPlan, s: Settings) -> None:
@@ -239,6 +245,7 @@ def embed_shard(
     model = cache.path(spec.name, shard_plan.model_ref, litert.MODEL_FILE)
     encoder = litert.load(model, shard_plan.model_ref.sha256, shard_plan.encoder)
     thumb_dim = 3 * spec.head.thumbnail**2
+    began = time.perf_counter()
     with (
         open_zip(storage, shard_plan.source, shard_plan.etag) as zf,
         steps.work_folder(settings, spec.name, "shard") as tmp,
@@ -248,14 +255,31 @@ def embed_shard(
         part = dataclasses.replace(planned, entries=planned.entries[start:end], skipped=[])
         vectors = VectorCache.of_versions(storage, spec.name, cache, encoder.fingerprint, thumb_dim)
         head = spec.head if shard_plan.mirror else None
-        out = embed(zf, part, Path(tmp), encoder, settings, head, spec.head.thumbnail, report, vectors)
-        # The shard's originals, except those a retained version holds (their vectors were reused).
-        held = {a.sha256 for a in out.accepted if a.cached is not None}
-        originals = {a.sha256: Path(tmp) / a.image for a in out.accepted}
-        blobs.upload_missing(
-            storage, spec.name, [(p, BlobRef(sha, p.stat().st_size)) for sha, p in originals.items()], held
-        )
+        opened = time.perf_counter()
+        # The originals of the images embedded now go up while the encoder works on the next ones
+        # (those a retained version holds are blobs already).
+        with ThreadPoolExecutor(max(1, storage.upload_concurrency), "shard-upload") as pool:
+            uploads: list[Future[None]] = []
+
+            def upload(path: Path, sha256: str) -> None:
+                uploads.append(pool.submit(storage.upload, blob_key(spec.name, sha256), path))
+
+            out = embed(
+                zf, part, Path(tmp), encoder, settings, head, spec.head.thumbnail, report, vectors, upload
+            )
+            embedded = time.perf_counter()
+            for done in uploads:
+                done.result()  # the first failed upload fails the shard (it is delivered again)
         storage.write(key, _result(out, start, planned.entries, thumb_dim))
+    log.info(
+        "job %s shard %d: %d images; open %.2f s, embed %.2f s, store %.2f s",
+        shard_plan.job,
+        shard,
+        end - start,
+        opened - began,
+        embedded - opened,
+        time.perf_counter() - embedded,
+    )
     return True
 
 
