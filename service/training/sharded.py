@@ -75,7 +75,7 @@ class ShardPlan:
     source: str  # the zip's key in the bucket
     etag: str  # the zip as planned: a zip replaced meanwhile fails every read
     images: int  # the zip's candidate images (its planned entries)
-    ranges: list[list[int]]  # per shard: [start, end) of the planned entries
+    ranges: list[list[int]]  # per shard: [start, end) of the planned entries in zip order (physical)
     names: list[list[str]]  # per shard: its first and last member (what an error names)
     model: dict[str, Any]  # the converted encoder's blob (sha256, size)
     encoder: dict[str, Any]  # the encoder as the manifest describes it
@@ -151,6 +151,7 @@ def plan(
     model, describe, runtime, mirror, head = encoder
     size = settings.shard_images
     ranges = [[s, min(s + size, count)] for s in range(0, count, size)]
+    order = physical(planned)
     shard_plan = ShardPlan(
         job=job,
         endpoint=spec.name,
@@ -161,7 +162,7 @@ def plan(
         etag=etag,
         images=count,
         ranges=ranges,
-        names=[[planned.entries[a].name, planned.entries[b - 1].name] for a, b in ranges],
+        names=[[planned.entries[order[a]].name, planned.entries[order[b - 1]].name] for a, b in ranges],
         model={"sha256": model.sha256, "size": model.size},
         encoder=describe,
         runtime=runtime,
@@ -252,7 +253,8 @@ def embed_shard(
     ):
         planned = _same_plan(zf, settings, shard_plan)
         start, end = shard_plan.ranges[shard]
-        part = dataclasses.replace(planned, entries=planned.entries[start:end], skipped=[])
+        mine = [planned.entries[i] for i in physical(planned)[start:end]]
+        part = dataclasses.replace(planned, entries=mine, skipped=[])
         vectors = VectorCache.of_versions(storage, spec.name, cache, encoder.fingerprint, thumb_dim)
         head = spec.head if shard_plan.mirror else None
         opened = time.perf_counter()
@@ -270,7 +272,7 @@ def embed_shard(
             embedded = time.perf_counter()
             for done in uploads:
                 done.result()  # the first failed upload fails the shard (it is delivered again)
-        storage.write(key, _result(out, start, planned.entries, thumb_dim))
+        storage.write(key, _result(out, planned.entries, thumb_dim))
     log.info(
         "job %s shard %d: %d images; open %.2f s, embed %.2f s, store %.2f s",
         shard_plan.job,
@@ -283,6 +285,13 @@ def embed_shard(
     return True
 
 
+def physical(planned: ingest.ZipPlan) -> list[int]:
+    """The planned entries' indices in the order their bytes lie in the zip. A shard is a run of
+    that order, so its ranged reads cover one stretch of the zip (a read-ahead serves many
+    members); in name order a member would cost a GET of its own."""
+    return sorted(range(len(planned.entries)), key=lambda i: planned.entries[i].info.header_offset)
+
+
 def _same_plan(zf: zipfile.ZipFile, settings: Settings, shard_plan: ShardPlan) -> ingest.ZipPlan:
     planned = steps.plan_zip(zf, settings)
     if len(planned.entries) != shard_plan.images:  # the zip limits changed between instances
@@ -293,17 +302,18 @@ def _same_plan(zf: zipfile.ZipFile, settings: Settings, shard_plan: ShardPlan) -
     return planned
 
 
-def _result(out: Embedded, start: int, entries: list[ingest.Entry], thumb_dim: int) -> bytes:
-    """A shard's outputs as one .npz: every accepted image's vectors in order, and what was skipped."""
+def _result(out: Embedded, entries: list[ingest.Entry], thumb_dim: int) -> bytes:
+    """A shard's outputs as one .npz: every accepted image's vectors, and what was skipped, each
+    with its index among the planned entries (where the reducer puts it back)."""
     index = {id(e): i for i, e in enumerate(entries)}
+    by_name = {e.name: i for i, e in enumerate(entries)}
     backbone, thumbs, mirrored = vectors_of(out, thumb_dim) if out.accepted else (None, None, None)
     meta = {
         "accepted": [
             [index[id(a.entry)], a.image, a.sha256, a.cached is not None or a.same_as is not None]
             for a in out.accepted
         ],
-        "skipped": [[s.name, s.reason] for s in out.skipped],
-        "start": start,
+        "skipped": [[by_name.get(s.name, -1), s.name, s.reason] for s in out.skipped],
     }
     arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
     if backbone is not None and thumbs is not None:
@@ -343,25 +353,32 @@ def claim_reducer(storage: Storage, job: str, runner: str, previous: str | None 
 
 
 def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan: ShardPlan) -> Gathered:
-    """Read the plan's zip directory and every shard's result into one Embedded, in entry order."""
+    """Read the plan's zip directory and every shard's result into one Embedded, in the planned
+    entries' order: what the embed step of a single-instance job leaves."""
     with open_zip(storage, shard_plan.source, shard_plan.etag) as zf:
         planned = _same_plan(zf, settings, shard_plan)
-    out = Embedded(stored=True)
-    mirrored: list[np.ndarray] = []
+    rows: list[tuple[int, str, str]] = []
+    skipped: list[tuple[int, str, str]] = []
+    reused = 0
+    parts: dict[str, list[np.ndarray]] = {"backbone": [], "thumbs": [], "mirrored": []}
     for shard in range(len(shard_plan.ranges)):
         with np.load(io.BytesIO(storage.read(result_key(shard_plan.job, shard)))) as part:
             meta = json.loads(part["meta"].tobytes())
-            for i, image, sha256, reused in meta["accepted"]:
-                out.accepted.append(Accepted(planned.entries[i], image, sha256, None))
-                out.reused += int(reused)
-            out.skipped.extend(ingest.Skipped(name, reason) for name, reason in meta["skipped"])
-            if "backbone" in part:
-                out.vectors.append(part["backbone"])
-                out.thumbs.append(part["thumbs"])
-                if "mirrored" in part:
-                    mirrored.append(part["mirrored"])
-    if len(mirrored) == len(out.vectors):
-        out.mirrored = mirrored
+            rows.extend((i, image, sha256) for i, image, sha256, _ in meta["accepted"])
+            reused += sum(1 for *_, again in meta["accepted"] if again)
+            skipped.extend((i, name, reason) for i, name, reason in meta["skipped"])
+            for name in parts:
+                if name in part:
+                    parts[name].append(part[name])
+    order = np.argsort(np.array([i for i, _, _ in rows], dtype=np.int64), kind="stable")
+    out = Embedded(stored=True, reused=reused)
+    out.accepted = [Accepted(planned.entries[rows[r][0]], rows[r][1], rows[r][2], None) for r in order]
+    out.skipped = [ingest.Skipped(name, reason) for _, name, reason in sorted(skipped, key=lambda x: x[0])]
+    if rows:
+        out.vectors = [np.concatenate(parts["backbone"])[order]]
+        out.thumbs = [np.concatenate(parts["thumbs"])[order]]
+        if len(parts["mirrored"]) == len(parts["backbone"]):
+            out.mirrored = [np.concatenate(parts["mirrored"])[order]]
     cache = steps.blob_cache(storage, settings)
     ref = shard_plan.model_ref
     encoder = litert.load(cache.path(spec.name, ref, litert.MODEL_FILE), ref.sha256, shard_plan.encoder)

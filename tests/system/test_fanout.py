@@ -59,16 +59,28 @@ def test_a_sharded_train_publishes_the_catalogue_one_worker_would(
     single = Tier(s3_server, make_app, tmp_path / "single", attempts=2)
     sharded = Tier(s3_server, make_app, tmp_path / "sharded", attempts=2, shard_images=7)
 
-    one = train_on(single, photos_zip)
-    many = train_on(sharded, photos_zip)
+    # Names in another order than the zip's (a/0, b/1, a/2...): shards take runs of the zip's
+    # order, the reducer puts every row back where one worker would have.
+    zip_path = noise_zip(tmp_path / "mixed.zip", 33)
+    with zipfile.ZipFile(zip_path, "a") as zf:  # and files that are skipped, in both orders too
+        zf.writestr("b/broken.jpg", b"not a jpeg")
+        zf.writestr("a/zzz-broken.png", b"not a png")
+        zf.writestr("a/again.jpg", zf.read("b/img-0003.jpg"))  # the same bytes as another
+    one = train_on(single, zip_path)
+    many = train_on(sharded, zip_path)
     assert one["status"] == many["status"] == "succeeded", (one, many)
-    assert not one["shards"] and many["shards"]["total"] == 5, many  # 30 images, 7 a shard
-    assert many["counts"]["images"] == one["counts"]["images"] == 30
+    assert not one["shards"] and many["shards"]["total"] == 6, many  # 36 candidates, 7 a shard
+    assert many["counts"]["images"] == one["counts"]["images"] == 34
+    assert [s["name"] for s in many["skipped"]] == ["a/zzz-broken.png", "b/broken.jpg"]
     a, b = catalogue(single, "food", tmp_path / "a"), catalogue(sharded, "food", tmp_path / "b")
     assert a.keys() == b.keys()
     for name, (item, vector, label) in a.items():
         assert b[name][0] == item and b[name][2] == label
         np.testing.assert_allclose(b[name][1], vector, atol=1e-6)
+    assert many["skipped"] == one["skipped"]
+    assert {k: v for k, v in many["counts"].items() if k not in ("embedded", "reused")} == {
+        k: v for k, v in one["counts"].items() if k not in ("embedded", "reused")
+    }
     wait_serving(sharded.web, "food", many["version"])
     # The job's work files are gone; its lease too (garbage collection may run again).
     storage = open_storage(sharded.store["storage_uri"], endpoint_url=s3_server.url)

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 import requests
 from flask import Flask
+from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from bench import demo
@@ -419,6 +421,33 @@ def test_training_a_zip_shows_progress_skipped_files_metrics_and_the_new_version
     row = page.locator(f'#versions-body tr[data-version="{version}"]')
     expect(row).to_contain_text("serving")
     expect(page.locator("#label-chips button")).to_have_count(2)
+
+
+def test_a_running_train_can_be_cancelled_from_the_page(pages: Pages) -> None:
+    page = pages.open()
+    served = lambda: requests.get(  # noqa: E731
+        f"{pages.server.url}/food", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
+    ).json()["version"]
+    before = served()
+    rng = np.random.default_rng(3)  # enough distinct photos to take a while to embed
+    files = {
+        f"{'ab'[i % 2]}/n-{i:04d}.jpg": demo.jpeg(
+            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+        )
+        for i in range(3000)
+    }
+    page.get_by_label("Zip of images").set_input_files(
+        {"name": "many.zip", "mimeType": "application/zip", "buffer": make_zip(files)}
+    )
+    page.get_by_role("button", name="Train", exact=True).click()
+    cancel = page.get_by_role("button", name="Cancel job")
+    expect(cancel).to_be_visible(timeout=60_000)
+    cancel.click()
+    job = page.locator("#job")
+    expect(job).to_have_attribute("data-status", "cancelled", timeout=120_000)
+    expect(page.locator("#job-stage")).to_have_text("Cancelled: nothing was published.")
+    expect(cancel).to_be_hidden()
+    assert served() == before  # nothing was published
 
 
 def test_adding_an_item_with_two_photos_then_editing_it(pages: Pages, tmp_path: Path) -> None:

@@ -38,8 +38,33 @@ async function startJob(what, path, form) {
   await followJob(name, created.job_id, seq);
 }
 
+// A running job's line: its stage and count; a sharded job's shards and rate over every worker.
+function describeProgress(status) {
+  if (!status.stage) return "waiting for a worker";
+  let text = `${status.stage} ${status.done}/${status.total}`;
+  const shards = status.shards || {};
+  if (shards.total && status.stage === "embed") text += ` · shards ${shards.done || 0}/${shards.total}`;
+  if (status.rate) text += ` · ${Math.round(status.rate)} images/s`;
+  return text;
+}
+
+async function cancelJob(name, jobId) {
+  const button = $("job-cancel");
+  button.disabled = true;
+  try {
+    await api(`/${encodeURIComponent(name)}/jobs/${encodeURIComponent(jobId)}`, { method: "DELETE" });
+    announce("Cancelling the job: it stops at its next batch.");
+  } catch (err) {
+    showError(err);
+  }
+}
+
 async function followJob(name, jobId, seq) {
   const job = $("job");
+  const cancel = $("job-cancel");
+  cancel.hidden = false;
+  cancel.disabled = false;
+  cancel.onclick = () => cancelJob(name, jobId);
   for (;;) {
     let status;
     try {
@@ -57,6 +82,12 @@ async function followJob(name, jobId, seq) {
       continue;
     }
     job.dataset.status = status.status;
+    if (["succeeded", "failed", "cancelled"].includes(status.status)) cancel.hidden = true;
+    if (status.status === "cancelled") {
+      jobStage("Cancelled: nothing was published.", 0, 1);
+      announce(`${name}: the job was cancelled.`);
+      return;
+    }
     if (status.status === "succeeded") {
       jobStage(`Done: published version ${status.version}`, 1, 1);
       renderJobResult(status);
@@ -70,8 +101,7 @@ async function followJob(name, jobId, seq) {
       showError(status.error || "The job failed.");
       return;
     }
-    const stage = status.stage ? `${status.stage} ${status.done}/${status.total}` : "waiting for a worker";
-    jobStage(`${status.status}: ${stage}`, status.done, status.total);
+    jobStage(`${status.status}: ${describeProgress(status)}`, status.done, status.total);
     await new Promise((r) => setTimeout(r, 400));
   }
 }
