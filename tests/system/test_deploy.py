@@ -300,3 +300,27 @@ def test_the_template_alarms_on_5xx_latency_dead_letters_and_degraded_endpoints(
     assert {"ApplicationRequests5xx", "ApplicationLatencyP99", "ApproximateNumberOfMessagesVisible"} <= every
     assert "DegradedEndpoints" in every
     assert all(a["AlarmActions"] for a in alarms)
+
+
+def test_the_worker_tier_scales_on_queue_depth_and_never_scales_in_while_a_message_runs() -> None:
+    from cfnlint.decode import cfn_yaml
+
+    resources = cfn_yaml.load(str(ROOT / "infra" / "cloudformation.yaml"))["Resources"]
+    high, idle = resources["QueueBacklogHigh"]["Properties"], resources["QueueIdle"]["Properties"]
+    assert high["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    assert high["Dimensions"][0]["Value"] == {"Fn::GetAtt": ["JobQueue", "QueueName"]}
+    assert high["AlarmActions"] == [{"Ref": "WorkerScaleOut"}]
+    # Scale-in only when nothing waits AND nothing is in flight (a shard or a reducer at work).
+    measured = {m["MetricStat"]["Metric"]["MetricName"] for m in idle["Metrics"] if "MetricStat" in m}
+    assert measured == {"ApproximateNumberOfMessagesVisible", "ApproximateNumberOfMessagesNotVisible"}
+    assert idle["AlarmActions"] == [{"Ref": "WorkerScaleIn"}]
+    for policy in ("WorkerScaleOut", "WorkerScaleIn"):
+        group = resources[policy]["Properties"]["AutoScalingGroupName"]
+        assert group == {"Fn::GetAtt": ["WorkerGroup", "Name"]}  # the worker environment's group
+    settings = {
+        (o["Namespace"], o["OptionName"]): o["Value"]
+        for o in resources["WorkerEnvironment"]["Properties"]["OptionSettings"]
+    }
+    assert settings[("aws:autoscaling:asg", "MinSize")] == {"Ref": "WorkerMinInstances"}
+    assert settings[("aws:autoscaling:asg", "MaxSize")] == {"Ref": "WorkerMaxInstances"}
+    assert settings[("aws:elasticbeanstalk:application:environment", "JOB_QUEUE_URL")] == {"Ref": "JobQueue"}
