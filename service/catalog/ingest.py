@@ -12,7 +12,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from service.core.config import Settings
 from service.core.errors import InvalidParameterError, NotAZipError, PayloadTooLargeError, TrainingError
@@ -269,12 +269,18 @@ def _match_metadata(
     return matched, unmatched
 
 
-def read_entry(zf: zipfile.ZipFile, entry: Entry) -> bytes:
+class Members(Protocol):
+    """What reads an entry's bytes: a ZipFile, or a MemberReader (catalog/members.py)."""
+
+    def read(self, info: zipfile.ZipInfo, /) -> bytes: ...
+
+
+def read_entry(zf: Members, entry: Entry) -> bytes:
     """The entry's bytes, or TrainingError with the reason (bad CRC, unsupported method...)."""
     return _read(zf, entry.info)
 
 
-def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+def _read(zf: Members, info: zipfile.ZipInfo) -> bytes:
     try:
         return zf.read(info)
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError) as exc:

@@ -11,6 +11,7 @@ needs none, so it runs in the worker's own thread.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -62,19 +63,27 @@ class Fanout:
         if key is None or kind not in sharded.KINDS:
             return None
         planned = ShardPlan.read(self.storage, job_id)
-        if planned is None:
-            spec = self.specs[endpoint]
-            args = (job_id, kind, key, version, fine_tune, report)
-            # A train converts and checks the encoder (TensorFlow, in a child); an add plans on the
-            # current version's converted encoder, here.
+        if planned is not None:
+            return planned  # a redelivered job message: its lease was written before its plan
+        # The lease first: planning uploads the converted encoder, and the shards their originals.
+        created = time.time()
+        lease = job_lease_key(endpoint, job_id, created + self.settings.job_max_s)
+        self.storage.write(lease, b"")
+        spec = self.specs[endpoint]
+        args = (job_id, kind, key, version, fine_tune, created, report)
+        try:
+            # A train converts and checks the encoder (TensorFlow, in a child); an add plans on
+            # the current version's converted encoder, here.
             planned = (
                 self.isolate(plan_work, spec, report, *args)
                 if kind == "train"
                 else plan_work(self.settings, spec, *args)
             )
-        if planned is not None:  # (again, for a redelivered job: the same key)
-            expires = planned.created + self.settings.job_max_s
-            self.storage.write(job_lease_key(endpoint, job_id, expires), b"")
+        except BaseException:
+            self.storage.delete(lease)
+            raise
+        if planned is None or planned.created != created:  # one worker; or planned by another delivery
+            self.storage.delete(lease)
         return planned
 
     def send(self, shard_plan: ShardPlan) -> None:
@@ -108,6 +117,7 @@ class Fanout:
             self.storage.delete_prefix(sharded.job_prefix(shard_plan.job))
             expires = shard_plan.created + self.settings.job_max_s
             self.storage.delete(job_lease_key(shard_plan.endpoint, shard_plan.job, expires))
+            self.storage.delete(f"jobs/{shard_plan.job}.cancel")
         except Exception as exc:
             log.warning("could not clean up after job %s: %s", shard_plan.job, exc)
 
@@ -118,11 +128,20 @@ def _storage(settings: Settings) -> Storage:
     )
 
 
-def plan_work(settings: Settings, spec: EndpointSpec, job_id: str, kind: str, source: str,
-              version: str | None, fine_tune: str, report: ProgressFn) -> ShardPlan | None:  # fmt: skip
+def plan_work(
+    settings: Settings,
+    spec: EndpointSpec,
+    job_id: str,
+    kind: str,
+    source: str,
+    version: str | None,
+    fine_tune: str,
+    created: float,
+    report: ProgressFn,
+) -> ShardPlan | None:
     """Where TensorFlow may load: plan the job (module level: a child process runs it)."""
     storage = _storage(settings)
-    return sharded.plan(spec, storage, settings, job_id, kind, source, version, fine_tune, report)
+    return sharded.plan(spec, storage, settings, job_id, kind, source, version, fine_tune, created, report)
 
 
 def reduce_work(settings: Settings, spec: EndpointSpec, job_id: str, report: ProgressFn) -> Result:

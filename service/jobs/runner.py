@@ -96,6 +96,23 @@ class JobStore:
         job.updated_at = _now()
         self.storage.write(f"jobs/{job.id}.json", json.dumps(job.to_dict()).encode())
 
+    def save_unless_finished(self, job: Job) -> bool:
+        """Save `job` unless its stored record has finished already (compare-and-swap on the
+        record): a late shard failure or a cancel never overwrites a job another worker completed.
+        False: the record was finished; nothing was written."""
+        key = f"jobs/{job.id}.json"
+        for _ in range(10):
+            try:
+                data, tag = self.storage.read_tagged(key)
+            except KeyNotFoundError:
+                data, tag = b"{}", None
+            if json.loads(data).get("status") in FINISHED:
+                return False
+            job.updated_at = _now()
+            if self.storage.write_if(key, json.dumps(job.to_dict()).encode(), tag):
+                return True
+        raise StorageError(f"job {job.id}: its record kept changing while it was being saved")
+
     def load(self, endpoint: str | None, job_id: str) -> Job:
         if not JOB_ID.match(job_id):
             raise JobNotFoundError(endpoint or "?", job_id)
@@ -120,6 +137,7 @@ class Queue(Protocol):
 
 
 FINISHED = ("succeeded", "failed", "cancelled")
+PROGRESS_TTL_S = 2.0  # how long a sharded job's summed progress is reused by a process
 # work(on_progress) -> the result: what a job runs instead of a train (a sharded job's reducer)
 Work = Callable[[Callable[[Progress], None]], TrainResult | ChangeResult]
 
@@ -176,6 +194,7 @@ class JobRunner:
         self.stale_after_s = stale_after_s
         self.heartbeat_s = max(1.0, min(30.0, stale_after_s / 5))
         self.live: dict[str, Job] = {}
+        self._summaries: dict[str, tuple[float, dict[str, Any]]] = {}  # job -> (when, progress)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="train")
         self._closing = threading.Event()
@@ -245,15 +264,33 @@ class JobRunner:
         return job
 
     def _shard_progress(self, job: Job) -> None:
-        """A sharded job's progress, summed over the workers embedding its shards."""
+        """A sharded job's progress, summed over the workers embedding its shards; computed at
+        most every PROGRESS_TTL_S per job and process (a page polls several times a second)."""
         try:
-            done = sharded.done_shards(self.store.storage, job.id)
-            summary = sharded.summary(
-                self.store.storage, job.id, job.shards["sizes"], done, job.shards["started"]
-            )
+            done = sharded.done_shards(self.store.storage, job.id)  # one LIST
         except Exception as exc:  # progress is best effort
             log.warning("could not read the progress of job %s: %s", job.id, exc)
             return
+        with self._lock:
+            cached = self._summaries.get(job.id)
+        if (
+            cached is None
+            or time.monotonic() - cached[0] > PROGRESS_TTL_S
+            or cached[1]["shards"]["done"] != len(done)
+        ):
+            try:
+                fresh = sharded.summary(
+                    self.store.storage, job.id, job.shards["sizes"], done, job.shards["started"]
+                )
+            except Exception as exc:  # progress is best effort
+                log.warning("could not read the progress of job %s: %s", job.id, exc)
+                return
+            cached = (time.monotonic(), fresh)
+            with self._lock:
+                if len(self._summaries) > 1000:
+                    self._summaries.clear()
+                self._summaries[job.id] = cached
+        summary = cached[1]
         job.shards = {**job.shards, "done": summary["shards"]["done"]}
         job.done, job.total = summary["images"]["done"], summary["images"]["total"]
         job.rate = summary["rate"]
@@ -271,7 +308,8 @@ class JobRunner:
                 live.status, live.error = "cancelled", "cancelled before it started"
         if job.status == "queued" or (job.shards and job.stage == "embed"):
             job.status, job.error = "cancelled", "cancelled; nothing was published"
-            self.store.save(job)
+            if not self.store.save_unless_finished(job):
+                job = self.store.load(endpoint, job_id)  # it finished meanwhile: say how
         return job
 
     def _cancelled(self, job: Job) -> bool:
@@ -311,8 +349,10 @@ class JobRunner:
         message is done with (finished, succeeded or failed for good); False when this attempt
         failed in a way worth retrying."""
         job = self.store.load(None, job_id)
-        if job.status in FINISHED:
-            return True  # a redelivered message of a finished job: nothing to do
+        if job.status in FINISHED:  # a redelivered message of a finished job, or a pending shard
+            if shard is not None and job.status != "succeeded":
+                self._clean_up(job.id)  # of a failed or cancelled one: what it left goes
+            return True
         if self._cancelled(job):
             self._mark_cancelled(job)
             return True
@@ -487,6 +527,8 @@ class JobRunner:
         if shard_plan is None or not 0 <= shard < len(shard_plan.ranges):
             log.warning("job %s has no shard %s: message dropped", job.id, shard)
             return True
+        if self._overdue(job, shard_plan):
+            return True
         try:
             self.fanout.embed(shard_plan, shard)
         except JobCancelledError:
@@ -505,7 +547,8 @@ class JobRunner:
             how = f"after {attempt} attempts" if retry else "for good"
             job.status, job.stage = "failed", None
             job.error = f"shard {shard} ({shard_plan.members(shard)}) failed {how}: {error}"
-            self._store_final(job)
+            if not self.store.save_unless_finished(job):
+                return True  # another delivery of this shard completed the job meanwhile
             self.fanout.finish(shard_plan)
             return not retry  # a retryable failure on its last attempt: to the dead-letter queue
         if self.store.load(None, job.id).status in FINISHED:  # failed or cancelled meanwhile
@@ -522,18 +565,30 @@ class JobRunner:
         storage = self.store.storage
         if not sharded.claim_reducer(storage, job.id, _runner()):
             job = self.store.load(None, job.id)
-            if job.status in FINISHED or job.stage != "reduce" or not self._silent(job):
-                return True  # another worker reduces (or did)
+            if job.status in FINISHED:
+                return True  # another worker reduced it
+            if not self._silent(job):
+                # Another worker reduces and its job record beats. This message stays (delivered
+                # again later) while attempts remain: if that worker dies, it takes over.
+                return attempt >= max_attempts
             tag = storage.tag(f"{sharded.job_prefix(job.id)}reducer")
             if tag is None or not sharded.claim_reducer(storage, job.id, _runner(), tag):
-                return True
+                return attempt >= max_attempts  # another delivery took it over first
+            log.warning(
+                "job %s: its reducer stopped (no heartbeat for %.0f s); taking over",
+                job.id,
+                self.stale_after_s,
+            )
+        if self._overdue(job, shard_plan):
+            return True
         log.info("job %s: all %d shards stored, reducer claimed", job.id, len(shard_plan.ranges))
         job.attempts = attempt
         with self._lock:
             self.live[job.id] = job
         try:
             job.stage = "reduce"
-            retry = self._execute(job, None, work=lambda report: self.fanout.reduce(shard_plan, report))  # type: ignore[union-attr]
+            fan = self.fanout
+            retry = self._execute(job, None, work=lambda report: fan.reduce(shard_plan, report))
             if retry and attempt < max_attempts:
                 storage.delete(f"{sharded.job_prefix(job.id)}reducer")  # the next delivery reduces
                 job.status, job.stage = "running", "reduce"
@@ -544,10 +599,29 @@ class JobRunner:
         finally:
             self._store_final(job)
 
+    def _overdue(self, job: Job, shard_plan: sharded.ShardPlan) -> bool:
+        """Fail a sharded job past JOB_MAX_S since it was planned (its lease, which keeps garbage
+        collection off the originals its shards uploaded, ends then): nothing is published."""
+        assert self.fanout is not None
+        limit = self.fanout.settings.job_max_s
+        if time.time() <= shard_plan.created + limit:
+            return False
+        job.status, job.stage = "failed", None
+        job.error = f"the job ran over its time limit (JOB_MAX_S={limit:g} s); nothing was published"
+        self.store.save_unless_finished(job)
+        self.fanout.finish(shard_plan)
+        return True
+
     def _mark_cancelled(self, job: Job) -> None:
         job.status, job.error = "cancelled", job.error or "cancelled; nothing was published"
-        self._store_final(job)
-        shard_plan = sharded.ShardPlan.read(self.store.storage, job.id) if self.fanout else None
+        if self.store.save_unless_finished(job):
+            with self._lock:
+                self.live.pop(job.id, None)
+        self._clean_up(job.id)
+
+    def _clean_up(self, job_id: str) -> None:
+        """Remove a finished sharded job's work files, lease and cancel marker (idempotent)."""
+        shard_plan = sharded.ShardPlan.read(self.store.storage, job_id) if self.fanout else None
         if shard_plan is not None and self.fanout is not None:
             self.fanout.finish(shard_plan)
 

@@ -12,7 +12,6 @@ import hashlib
 import queue
 import threading
 import time
-import zipfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -106,7 +105,7 @@ class _EncodeThread:
 
 
 def embed(
-    zf: zipfile.ZipFile,
+    zf: ingest.Members,
     plan: ingest.ZipPlan,
     staging: Path,
     encoder: Encoder,
@@ -205,7 +204,7 @@ _Pending = tuple[ingest.Entry, bytes, str, "Future[tuple[np.ndarray, str]] | str
 
 
 def _decoded(
-    zf: zipfile.ZipFile, entries: list[ingest.Entry], size: int, settings: Settings, cache: VectorCache
+    zf: ingest.Members, entries: list[ingest.Entry], size: int, settings: Settings, cache: VectorCache
 ) -> Iterator[tuple[ingest.Entry, bytes, str, Prepared]]:
     """Yield each entry with its bytes, their sha256 and its decoded input (or cached row),
     decoding a window ahead in a thread pool. Zip reads stay on this thread (one file handle)."""
@@ -228,7 +227,7 @@ def _decoded(
 
 
 def _read(
-    zf: zipfile.ZipFile,
+    zf: ingest.Members,
     entry: ingest.Entry,
     cache: VectorCache,
     decode: Callable[[bytes], Future[tuple[np.ndarray, str]]],

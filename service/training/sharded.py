@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 import zipfile
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from service.catalog import images, ingest
+from service.catalog.members import Member, MemberReader
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
 from service.core.errors import BadImageError, JobCancelledError, StorageError, TrainingError
@@ -49,6 +52,7 @@ from service.training.results import Progress, ProgressFn
 log = logging.getLogger(__name__)
 
 KINDS = ("train", "add")
+MAX_PROGRESS_READS = 256  # shards at work a status request reads the progress of
 
 
 def job_prefix(job: str) -> str:
@@ -83,10 +87,15 @@ class ShardPlan:
     mirror: bool  # embed mirrored copies too (a head will train with augmentation)
     head: bool = False  # the reducer trains a head (TensorFlow: it runs in a job child process)
     created: float = field(default_factory=time.time)
+    token: str = ""  # names this plan's member lists (a planner that lost the race wrote its own)
+    names_sha: str = ""  # sha256 of the planned entries' names: every worker must plan the same
 
     @property
     def key(self) -> str:
         return f"jobs/{self.job}/plan.json"
+
+    def members_key(self, shard: int) -> str:
+        return f"jobs/{self.job}/members/{self.token}/{shard:05d}.json"
 
     @property
     def model_ref(self) -> BlobRef:
@@ -128,6 +137,7 @@ def plan(
     source: str,
     version: str | None,
     fine_tune: str,
+    created: float,
     report: ProgressFn,
 ) -> ShardPlan | None:
     """Split the job into shards of SHARD_IMAGES images, or None when it runs on one worker: a
@@ -152,6 +162,7 @@ def plan(
     size = settings.shard_images
     ranges = [[s, min(s + size, count)] for s in range(0, count, size)]
     order = physical(planned)
+    token = secrets.token_hex(4)
     shard_plan = ShardPlan(
         job=job,
         endpoint=spec.name,
@@ -168,7 +179,11 @@ def plan(
         runtime=runtime,
         mirror=mirror,
         head=head,
+        created=created,
+        token=token,
+        names_sha=_names_sha(planned),
     )
+    _write_members(storage, shard_plan, planned, order)
     # Write once: two deliveries of one job message planning at once agree on the first plan.
     if not storage.write_if(shard_plan.key, shard_plan.dumps(), None):
         return ShardPlan.read(storage, job)
@@ -247,14 +262,15 @@ def embed_shard(
     encoder = litert.load(model, shard_plan.model_ref.sha256, shard_plan.encoder)
     thumb_dim = 3 * spec.head.thumbnail**2
     began = time.perf_counter()
+    members = [Member.from_json(row) for row in json.loads(storage.read(shard_plan.members_key(shard)))]
+    part = ingest.ZipPlan(entries=[ingest.Entry(m.name, m.label, m.info()) for m in members])
+    bucket = storage.as_bucket()
+    assert bucket is not None
     with (
-        open_zip(storage, shard_plan.source, shard_plan.etag) as zf,
+        bucket.open_object(shard_plan.source, shard_plan.etag) as raw,
         steps.work_folder(settings, spec.name, "shard") as tmp,
     ):
-        planned = _same_plan(zf, settings, shard_plan)
-        start, end = shard_plan.ranges[shard]
-        mine = [planned.entries[i] for i in physical(planned)[start:end]]
-        part = dataclasses.replace(planned, entries=mine, skipped=[])
+        reader = MemberReader(raw, lambda: ingest.open_zip(raw))
         vectors = VectorCache.of_versions(storage, spec.name, cache, encoder.fingerprint, thumb_dim)
         head = spec.head if shard_plan.mirror else None
         opened = time.perf_counter()
@@ -266,13 +282,27 @@ def embed_shard(
             def upload(path: Path, sha256: str) -> None:
                 uploads.append(pool.submit(storage.upload, blob_key(spec.name, sha256), path))
 
-            out = embed(
-                zf, part, Path(tmp), encoder, settings, head, spec.head.thumbnail, report, vectors, upload
-            )
+            try:
+                out = embed(
+                    reader,
+                    part,
+                    Path(tmp),
+                    encoder,
+                    settings,
+                    head,
+                    spec.head.thumbnail,
+                    report,
+                    vectors,
+                    upload,
+                )
+            finally:
+                reader.close()
             embedded = time.perf_counter()
             for done in uploads:
                 done.result()  # the first failed upload fails the shard (it is delivered again)
-        storage.write(key, _result(out, planned.entries, thumb_dim))
+        indices = {id(entry): m.index for entry, m in zip(part.entries, members, strict=True)}
+        storage.write(key, _result(out, indices, {m.name: m.index for m in members}, thumb_dim))
+    start, end = shard_plan.ranges[shard]
     log.info(
         "job %s shard %d: %d images; open %.2f s, embed %.2f s, store %.2f s",
         shard_plan.job,
@@ -285,6 +315,28 @@ def embed_shard(
     return True
 
 
+def _names_sha(planned: ingest.ZipPlan) -> str:
+    return hashlib.sha256("\n".join(e.name for e in planned.entries).encode()).hexdigest()
+
+
+def _write_members(
+    storage: Storage, shard_plan: ShardPlan, planned: ingest.ZipPlan, order: list[int]
+) -> None:
+    """Each shard's members (where their bytes are in the zip) as one small object, so a shard
+    reads its own list and members, never the zip's whole directory."""
+
+    def write(shard: int) -> None:
+        start, end = shard_plan.ranges[shard]
+        rows = [
+            Member.of(i, planned.entries[i].name, planned.entries[i].label, planned.entries[i].info).to_json()
+            for i in order[start:end]
+        ]
+        storage.write(shard_plan.members_key(shard), json.dumps(rows).encode())
+
+    with ThreadPoolExecutor(max(1, storage.upload_concurrency), "members") as pool:
+        list(pool.map(write, range(len(shard_plan.ranges))))
+
+
 def physical(planned: ingest.ZipPlan) -> list[int]:
     """The planned entries' indices in the order their bytes lie in the zip. A shard is a run of
     that order, so its ranged reads cover one stretch of the zip (a read-ahead serves many
@@ -294,7 +346,7 @@ def physical(planned: ingest.ZipPlan) -> list[int]:
 
 def _same_plan(zf: zipfile.ZipFile, settings: Settings, shard_plan: ShardPlan) -> ingest.ZipPlan:
     planned = steps.plan_zip(zf, settings)
-    if len(planned.entries) != shard_plan.images:  # the zip limits changed between instances
+    if len(planned.entries) != shard_plan.images or _names_sha(planned) != shard_plan.names_sha:
         raise TrainingError(
             f"this worker plans {len(planned.entries)} images in the zip, the job's plan "
             f"{shard_plan.images}: every worker of a job must run the same settings"
@@ -302,11 +354,9 @@ def _same_plan(zf: zipfile.ZipFile, settings: Settings, shard_plan: ShardPlan) -
     return planned
 
 
-def _result(out: Embedded, entries: list[ingest.Entry], thumb_dim: int) -> bytes:
+def _result(out: Embedded, index: dict[int, int], by_name: dict[str, int], thumb_dim: int) -> bytes:
     """A shard's outputs as one .npz: every accepted image's vectors, and what was skipped, each
     with its index among the planned entries (where the reducer puts it back)."""
-    index = {id(e): i for i, e in enumerate(entries)}
-    by_name = {e.name: i for i, e in enumerate(entries)}
     backbone, thumbs, mirrored = vectors_of(out, thumb_dim) if out.accepted else (None, None, None)
     meta = {
         "accepted": [
@@ -357,28 +407,49 @@ def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan:
     entries' order: what the embed step of a single-instance job leaves."""
     with open_zip(storage, shard_plan.source, shard_plan.etag) as zf:
         planned = _same_plan(zf, settings, shard_plan)
-    rows: list[tuple[int, str, str]] = []
-    skipped: list[tuple[int, str, str]] = []
-    reused = 0
-    parts: dict[str, list[np.ndarray]] = {"backbone": [], "thumbs": [], "mirrored": []}
-    for shard in range(len(shard_plan.ranges)):
-        with np.load(io.BytesIO(storage.read(result_key(shard_plan.job, shard)))) as part:
-            meta = json.loads(part["meta"].tobytes())
-            rows.extend((i, image, sha256) for i, image, sha256, _ in meta["accepted"])
-            reused += sum(1 for *_, again in meta["accepted"] if again)
-            skipped.extend((i, name, reason) for i, name, reason in meta["skipped"])
-            for name in parts:
-                if name in part:
-                    parts[name].append(part[name])
-    order = np.argsort(np.array([i for i, _, _ in rows], dtype=np.int64), kind="stable")
-    out = Embedded(stored=True, reused=reused)
-    out.accepted = [Accepted(planned.entries[rows[r][0]], rows[r][1], rows[r][2], None) for r in order]
-    out.skipped = [ingest.Skipped(name, reason) for _, name, reason in sorted(skipped, key=lambda x: x[0])]
-    if rows:
-        out.vectors = [np.concatenate(parts["backbone"])[order]]
-        out.thumbs = [np.concatenate(parts["thumbs"])[order]]
-        if len(parts["mirrored"]) == len(parts["backbone"]):
-            out.mirrored = [np.concatenate(parts["mirrored"])[order]]
+    out = Embedded(stored=True)
+    with steps.work_folder(settings, spec.name, "gather") as tmp:
+        # Two passes over the shards' results (downloaded once): their rows first, then their
+        # vectors written straight to their final rows: one copy of the vectors in memory.
+        files = [Path(tmp) / f"{shard}.npz" for shard in range(len(shard_plan.ranges))]
+        rows: list[tuple[int, str, str]] = []
+        skipped: list[tuple[int, str, str]] = []
+        shapes: dict[str, tuple[int, ...]] = {}
+        mirrored_everywhere = True
+        for shard, path in enumerate(files):
+            storage.download(result_key(shard_plan.job, shard), path)
+            with np.load(path) as part:
+                meta = json.loads(part["meta"].tobytes())
+                rows.extend((i, image, sha256) for i, image, sha256, _ in meta["accepted"])
+                out.reused += sum(1 for *_, again in meta["accepted"] if again)
+                skipped.extend((i, name, reason) for i, name, reason in meta["skipped"])
+                if meta["accepted"]:
+                    shapes.update({name: part[name].shape[1:] for name in ("backbone", "thumbs")})
+                    mirrored_everywhere &= "mirrored" in part
+        order = np.argsort(np.array([i for i, _, _ in rows], dtype=np.int64), kind="stable")
+        out.accepted = [Accepted(planned.entries[rows[r][0]], rows[r][1], rows[r][2], None) for r in order]
+        out.skipped = [
+            ingest.Skipped(name, reason) for _, name, reason in sorted(skipped, key=lambda x: x[0])
+        ]
+        if rows:
+            final = np.empty(len(rows), np.int64)
+            final[order] = np.arange(len(rows))  # row r of the shards' concatenation -> its place
+            names = ["backbone", "thumbs", *(["mirrored"] if mirrored_everywhere else [])]
+            arrays = {
+                n: np.empty((len(rows), *shapes["thumbs" if n == "thumbs" else "backbone"]), np.float32)
+                for n in names
+            }
+            seen = 0
+            for path in files:
+                with np.load(path) as part:
+                    count = len(json.loads(part["meta"].tobytes())["accepted"])
+                    for name, array in arrays.items():
+                        if count:
+                            array[final[seen : seen + count]] = part[name]
+                seen += count
+            out.vectors, out.thumbs = [arrays["backbone"]], [arrays["thumbs"]]
+            if mirrored_everywhere:
+                out.mirrored = [arrays["mirrored"]]
     cache = steps.blob_cache(storage, settings)
     ref = shard_plan.model_ref
     encoder = litert.load(cache.path(spec.name, ref, litert.MODEL_FILE), ref.sha256, shard_plan.encoder)
@@ -428,9 +499,16 @@ def summary(storage: Storage, job: str, sizes: list[int], done: set[int], starte
     every worker of the job (the shards at work report their own progress)."""
     images_done = sum(sizes[i] for i in done if i < len(sizes))
     running = [k for k in storage.list(f"jobs/{job}/progress/") if int(Path(k).stem) not in done]
-    for key in running[:64]:  # one per worker at work: a bounded number of reads
-        with contextlib.suppress(Exception):  # finished or deleted meanwhile
-            images_done += int(json.loads(storage.read(key))["done"])
+
+    def count(key: str) -> int:
+        try:
+            return int(json.loads(storage.read(key))["done"])
+        except Exception:  # finished or deleted meanwhile
+            return 0
+
+    # One per worker at work; read in parallel, at most MAX_PROGRESS_READS (the rest count as 0).
+    with ThreadPoolExecutor(16, "progress") as pool:
+        images_done += sum(pool.map(count, running[:MAX_PROGRESS_READS]))
     elapsed = time.time() - started
     return {
         "shards": {"done": len(done), "total": len(sizes)},

@@ -182,6 +182,11 @@ def test_a_cancelled_sharded_job_drops_its_shards_and_publishes_nothing(
     assert tier.web.get(status_url).get_json()["status"] == "cancelled"
     storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
     assert versions.read_current(storage, "food").version is None
+    job_id = status_url.rsplit("/", 1)[1]
+    # What it left goes with its pending shards: work files, the cancel marker, the job's lease
+    # (which would hold garbage collection off the endpoint for JOB_MAX_S).
+    assert storage.list(f"jobs/{job_id}/") == [] and not storage.exists(f"jobs/{job_id}.cancel")
+    assert storage.list("food/leases/") == []
     assert tier.web.delete(status_url).status_code == 409  # finished: nothing to cancel
     assert tier.web.delete("/food/jobs/0123456789abcdef").status_code == 404
 
@@ -304,3 +309,91 @@ def test_a_ranged_zip_reads_members_not_the_whole_file(s3_server: S3Server, tmp_
         client.put_object(Bucket=bucket, Key="big.zip", Body=b"replaced")
         with pytest.raises(TrainingError, match="changed while it was being read"):
             zf.read(names[-1])
+
+
+def planned_job(tier: Tier, zip_path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """Upload, plan (the job message delivered) and hold every shard message; the job's id."""
+    response = tier.web.post("/food/train", data={"file": upload(zip_path), "fine_tune": "never"})
+    assert tier.deliver().status_code == 200
+    return response.get_json()["job_id"], shard_messages(tier, 5)
+
+
+def test_a_reducer_that_died_is_taken_over_by_the_next_delivery(
+    s3_server: S3Server, make_app: Callable[..., Flask], tmp_path: Path, photos_zip: Path
+) -> None:
+    tier = Tier(s3_server, make_app, tmp_path, attempts=3, shard_images=7, job_stale_s=1)
+    job_id, messages = planned_job(tier, photos_zip)
+    for message in messages[:4]:
+        assert tier.deliver(message).status_code == 200
+    # A worker stored the last shard, claimed the reducer and died in it (its record stopped).
+    storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
+    sharded.embed_shard(
+        tier.worker.application.extensions["simsvc"].specs["food"],  # type: ignore[attr-defined]
+        storage,
+        tier.worker.application.extensions["simsvc"].settings,  # type: ignore[attr-defined]
+        sharded.ShardPlan.read(storage, job_id),  # type: ignore[arg-type]
+        4,
+        lambda p: None,
+    )
+    assert sharded.claim_reducer(storage, job_id, "gone:1")
+    record = json.loads(storage.read(f"jobs/{job_id}.json"))
+    storage.write(f"jobs/{job_id}.json", json.dumps({**record, "stage": "gather"}).encode())
+    time.sleep(2.5)  # past JOB_STALE_S (1 s here) and the heartbeat's stamp, which has seconds
+    answer = tier.deliver(messages[4])  # its message, back after the visibility timeout
+    assert answer.status_code == 200, answer.get_json()
+    job = tier.web.get(f"/food/jobs/{job_id}").get_json()
+    assert job["status"] == "succeeded" and job["counts"]["images"] == 30, job
+
+
+def test_a_sharded_job_past_job_max_s_fails_and_publishes_nothing(
+    s3_server: S3Server, make_app: Callable[..., Flask], tmp_path: Path, photos_zip: Path
+) -> None:
+    """Its lease (which keeps garbage collection off the originals its shards uploaded) ends at
+    JOB_MAX_S: past it, the job fails instead of publishing images a sweep may have deleted."""
+    tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7, job_max_s=8)
+    job_id, messages = planned_job(tier, photos_zip)
+    for message in messages[:4]:
+        assert tier.deliver(message).status_code == 200
+    time.sleep(8)
+    assert tier.deliver(messages[4]).status_code == 200
+    job = tier.web.get(f"/food/jobs/{job_id}").get_json()
+    assert job["status"] == "failed" and "JOB_MAX_S=8" in job["error"], job
+    storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
+    assert versions.read_current(storage, "food").version is None
+    assert storage.list(f"jobs/{job_id}/") == [] and storage.list("food/leases/") == []
+
+
+def test_a_late_failure_of_a_shard_never_overwrites_a_finished_job(
+    s3_server: S3Server, make_app: Callable[..., Flask], tmp_path: Path, photos_zip: Path
+) -> None:
+    tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7)
+    job_id, messages = planned_job(tier, photos_zip)
+    for message in messages:
+        assert tier.deliver(message).status_code == 200
+    store = tier.worker.application.extensions["simsvc"].jobs.store  # type: ignore[attr-defined]
+    late = store.load(None, job_id)
+    late.status, late.error = "failed", "shard 0 failed for good"  # a slow first delivery
+    assert not store.save_unless_finished(late)
+    assert tier.web.get(f"/food/jobs/{job_id}").get_json()["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(("shard", "status"), [(99, 200), (-1, 422), ("x", 422), (10**7, 422)])
+def test_a_shard_message_out_of_range_is_refused_or_dropped(
+    s3_server: S3Server,
+    make_app: Callable[..., Flask],
+    tmp_path: Path,
+    photos_zip: Path,
+    shard: Any,
+    status: int,
+) -> None:
+    tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7)
+    job_id, _ = planned_job(tier, photos_zip)
+    answer = tier.worker.post(
+        "/worker/jobs",
+        json={"job_id": job_id, "shard": shard},
+        environ_base={"REMOTE_ADDR": "127.0.0.1"},
+        headers={"User-Agent": "aws-sqsd/3.0.4"},
+    )
+    assert answer.status_code == status, answer.get_json()
+    job = tier.web.get(f"/food/jobs/{job_id}").get_json()
+    assert job["status"] == "running" and job["shards"]["done"] == 0  # nothing else happened
