@@ -358,7 +358,10 @@ class Tier:
         self.dlq = dlq
         self.store = store = {"storage_uri": f"s3://{server.bucket()}/simsvc", "s3_endpoint_url": server.url}
         self.web = make_app(
-            **store, job_queue_url=self.queue, sqs_endpoint_url=server.url, cache_dir=tmp_path / "web-cache"
+            **store,
+            job_queue_url=self.queue,
+            sqs_endpoint_url=server.url,
+            cache_dir=seed_cache(tmp_path / "web-cache"),
         ).test_client()
         self.make_worker = lambda name: make_app(
             **store,
@@ -367,7 +370,7 @@ class Tier:
             sqs_endpoint_url=server.url,
             job_max_attempts=attempts,
             warm_on_start=False,
-            cache_dir=tmp_path / name,
+            cache_dir=seed_cache(tmp_path / name),  # converted already, as on a used instance
             **worker_config,
         ).test_client()
         self.worker = self.make_worker("worker-cache")

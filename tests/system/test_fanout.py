@@ -350,50 +350,40 @@ def test_a_sharded_job_past_job_max_s_fails_and_publishes_nothing(
 ) -> None:
     """Its lease (which keeps garbage collection off the originals its shards uploaded) ends at
     JOB_MAX_S: past it, the job fails instead of publishing images a sweep may have deleted."""
-    tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7, job_max_s=8)
+    tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7, job_max_s=4)
     job_id, messages = planned_job(tier, photos_zip)
     for message in messages[:4]:
         assert tier.deliver(message).status_code == 200
-    time.sleep(8)
+    storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
+    planned = sharded.ShardPlan.read(storage, job_id)
+    if planned is not None:  # (on a slow machine the job may have run over already)
+        time.sleep(max(0.0, planned.created + 4.2 - time.time()))
     assert tier.deliver(messages[4]).status_code == 200
     job = tier.web.get(f"/food/jobs/{job_id}").get_json()
-    assert job["status"] == "failed" and "JOB_MAX_S=8" in job["error"], job
-    storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
+    assert job["status"] == "failed" and "JOB_MAX_S=4" in job["error"], job
     assert versions.read_current(storage, "food").version is None
     assert storage.list(f"jobs/{job_id}/") == [] and storage.list("food/leases/") == []
 
 
-def test_a_late_failure_of_a_shard_never_overwrites_a_finished_job(
+def test_a_late_failure_never_overwrites_a_finished_job_and_bad_shard_messages_change_nothing(
     s3_server: S3Server, make_app: Callable[..., Flask], tmp_path: Path, photos_zip: Path
 ) -> None:
     tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7)
     job_id, messages = planned_job(tier, photos_zip)
+    for shard, status in [(99, 200), (-1, 422), ("x", 422), (10**7, 422)]:  # dropped, or refused
+        answer = tier.worker.post(
+            "/worker/jobs",
+            json={"job_id": job_id, "shard": shard},
+            environ_base={"REMOTE_ADDR": "127.0.0.1"},
+            headers={"User-Agent": "aws-sqsd/3.0.4"},
+        )
+        assert answer.status_code == status, (shard, answer.get_json())
+    job = tier.web.get(f"/food/jobs/{job_id}").get_json()
+    assert job["status"] == "running" and job["shards"]["done"] == 0  # nothing else happened
     for message in messages:
         assert tier.deliver(message).status_code == 200
     store = tier.worker.application.extensions["simsvc"].jobs.store  # type: ignore[attr-defined]
     late = store.load(None, job_id)
-    late.status, late.error = "failed", "shard 0 failed for good"  # a slow first delivery
+    late.status, late.error = "failed", "shard 0 failed for good"  # a slow first delivery's
     assert not store.save_unless_finished(late)
     assert tier.web.get(f"/food/jobs/{job_id}").get_json()["status"] == "succeeded"
-
-
-@pytest.mark.parametrize(("shard", "status"), [(99, 200), (-1, 422), ("x", 422), (10**7, 422)])
-def test_a_shard_message_out_of_range_is_refused_or_dropped(
-    s3_server: S3Server,
-    make_app: Callable[..., Flask],
-    tmp_path: Path,
-    photos_zip: Path,
-    shard: Any,
-    status: int,
-) -> None:
-    tier = Tier(s3_server, make_app, tmp_path, attempts=2, shard_images=7)
-    job_id, _ = planned_job(tier, photos_zip)
-    answer = tier.worker.post(
-        "/worker/jobs",
-        json={"job_id": job_id, "shard": shard},
-        environ_base={"REMOTE_ADDR": "127.0.0.1"},
-        headers={"User-Agent": "aws-sqsd/3.0.4"},
-    )
-    assert answer.status_code == status, answer.get_json()
-    job = tier.web.get(f"/food/jobs/{job_id}").get_json()
-    assert job["status"] == "running" and job["shards"]["done"] == 0  # nothing else happened
