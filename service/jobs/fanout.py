@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
+from service.core.errors import TrainingError
 from service.storage import Storage, blobs, open_storage
 from service.training import changes, sharded
 from service.training.results import ChangeResult, Progress, ProgressFn, TrainResult
@@ -63,8 +64,11 @@ class Fanout:
         if key is None or kind not in sharded.KINDS:
             return None
         planned = ShardPlan.read(self.storage, job_id)
-        if planned is not None:
-            return planned  # a redelivered job message: its lease was written before its plan
+        if planned is not None:  # a redelivered job message: its lease again (the same key)
+            self.storage.write(
+                job_lease_key(endpoint, job_id, planned.created + self.settings.job_max_s), b""
+            )
+            return planned
         # The lease first: planning uploads the converted encoder, and the shards their originals.
         created = time.time()
         lease = job_lease_key(endpoint, job_id, created + self.settings.job_max_s)
@@ -80,7 +84,9 @@ class Fanout:
                 else plan_work(self.settings, spec, *args)
             )
         except BaseException:
-            self.storage.delete(lease)
+            stored = ShardPlan.read(self.storage, job_id)
+            if stored is None or stored.created != created:  # no plan of ours survives it
+                self.storage.delete(lease)
             raise
         if planned is None or planned.created != created:  # one worker; or planned by another delivery
             self.storage.delete(lease)
@@ -117,7 +123,7 @@ class Fanout:
             self.storage.delete_prefix(sharded.job_prefix(shard_plan.job))
             expires = shard_plan.created + self.settings.job_max_s
             self.storage.delete(job_lease_key(shard_plan.endpoint, shard_plan.job, expires))
-            self.storage.delete(f"jobs/{shard_plan.job}.cancel")
+            # (The cancel marker stays, like the job's record: shards still at work stop on it.)
         except Exception as exc:
             log.warning("could not clean up after job %s: %s", shard_plan.job, exc)
 
@@ -150,6 +156,20 @@ def reduce_work(settings: Settings, spec: EndpointSpec, job_id: str, report: Pro
     shard_plan = ShardPlan.read(storage, job_id)
     if shard_plan is None:
         raise RuntimeError(f"job {job_id} has no plan in the store")
+    # A lease before anything else: the job's own lease may end while this runs, and garbage
+    # collection must not take the shards' originals before the build's own lease (in train or
+    # add) starts. Past JOB_MAX_S it may have already: publish nothing then.
+    with blobs.lease(storage, spec.name):
+        if time.time() > shard_plan.created + settings.job_max_s:
+            raise TrainingError(
+                f"the job ran over its time limit (JOB_MAX_S={settings.job_max_s:g} s); nothing was published"
+            )
+        return _finish_job(spec, storage, settings, shard_plan, report)
+
+
+def _finish_job(
+    spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan: ShardPlan, report: ProgressFn
+) -> Result:
     report(Progress("gather", 0, len(shard_plan.ranges)))
     gathered = sharded.gather(spec, storage, settings, shard_plan)
     report(Progress("gather", len(shard_plan.ranges), len(shard_plan.ranges)))

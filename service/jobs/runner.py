@@ -547,8 +547,8 @@ class JobRunner:
             how = f"after {attempt} attempts" if retry else "for good"
             job.status, job.stage = "failed", None
             job.error = f"shard {shard} ({shard_plan.members(shard)}) failed {how}: {error}"
-            if not self.store.save_unless_finished(job):
-                return True  # another delivery of this shard completed the job meanwhile
+            if self._reducing(job.id) or not self.store.save_unless_finished(job):
+                return True  # another delivery of this shard stored it, and the job goes on
             self.fanout.finish(shard_plan)
             return not retry  # a retryable failure on its last attempt: to the dead-letter queue
         if self.store.load(None, job.id).status in FINISHED:  # failed or cancelled meanwhile
@@ -565,14 +565,16 @@ class JobRunner:
         storage = self.store.storage
         if not sharded.claim_reducer(storage, job.id, _runner()):
             job = self.store.load(None, job.id)
-            if job.status in FINISHED:
+            claim = sharded.reducer_claim(storage, job.id)
+            if job.status in FINISHED or claim is None:
                 return True  # another worker reduced it
-            if not self._silent(job):
-                # Another worker reduces and its job record beats. This message stays (delivered
-                # again later) while attempts remain: if that worker dies, it takes over.
+            claimed_at, tag = claim
+            if time.time() - claimed_at <= self.stale_after_s or not self._silent(job):
+                # Another worker reduces (claimed lately, or its job record beats). This message
+                # stays (delivered again later) while attempts remain: if that worker dies, it
+                # takes over.
                 return attempt >= max_attempts
-            tag = storage.tag(f"{sharded.job_prefix(job.id)}reducer")
-            if tag is None or not sharded.claim_reducer(storage, job.id, _runner(), tag):
+            if not sharded.claim_reducer(storage, job.id, _runner(), tag):
                 return attempt >= max_attempts  # another delivery took it over first
             log.warning(
                 "job %s: its reducer stopped (no heartbeat for %.0f s); taking over",
@@ -606,13 +608,22 @@ class JobRunner:
         limit = self.fanout.settings.job_max_s
         if time.time() <= shard_plan.created + limit:
             return False
+        if self._reducing(job.id):
+            return True  # its reducer started in time and decides; this message is done
         job.status, job.stage = "failed", None
         job.error = f"the job ran over its time limit (JOB_MAX_S={limit:g} s); nothing was published"
         self.store.save_unless_finished(job)
         self.fanout.finish(shard_plan)
         return True
 
+    def _reducing(self, job_id: str) -> bool:
+        """Whether a reducer has claimed the job: from then on it alone finishes the job (it stops
+        itself on a cancel, before it publishes), and no shard message fails or cleans it up."""
+        return self.fanout is not None and sharded.reducer_claim(self.store.storage, job_id) is not None
+
     def _mark_cancelled(self, job: Job) -> None:
+        if self._reducing(job.id):
+            return  # the reducer sees the cancel at its next report, or has published already
         job.status, job.error = "cancelled", job.error or "cancelled; nothing was published"
         if self.store.save_unless_finished(job):
             with self._lock:

@@ -151,6 +151,7 @@ def plan(
     assert bucket is not None
     with bucket.open_object(source) as raw, ingest.open_zip(raw) as zf:
         etag = str(getattr(raw, "etag", ""))
+        directory = int(getattr(zf, "start_dir", 1 << 62))  # where the central directory starts
         planned = steps.plan_zip(zf, settings)
         count = len(planned.entries)
         if count <= settings.shard_images:
@@ -183,7 +184,7 @@ def plan(
         token=token,
         names_sha=_names_sha(planned),
     )
-    _write_members(storage, shard_plan, planned, order)
+    _write_members(storage, shard_plan, planned, order, directory)
     # Write once: two deliveries of one job message planning at once agree on the first plan.
     if not storage.write_if(shard_plan.key, shard_plan.dumps(), None):
         return ShardPlan.read(storage, job)
@@ -320,17 +321,19 @@ def _names_sha(planned: ingest.ZipPlan) -> str:
 
 
 def _write_members(
-    storage: Storage, shard_plan: ShardPlan, planned: ingest.ZipPlan, order: list[int]
+    storage: Storage, shard_plan: ShardPlan, planned: ingest.ZipPlan, order: list[int], directory: int
 ) -> None:
     """Each shard's members (where their bytes are in the zip) as one small object, so a shard
-    reads its own list and members, never the zip's whole directory."""
+    reads its own list and members, never the zip's whole directory. Each member's bytes must end
+    before the next planned member's header (zip order) or the directory: a directory entry
+    claiming more is refused when it is read, not followed into other members."""
+    offsets = [planned.entries[i].info.header_offset for i in order]
+    ends = {i: offsets[k + 1] if k + 1 < len(order) else directory for k, i in enumerate(order)}
 
     def write(shard: int) -> None:
         start, end = shard_plan.ranges[shard]
-        rows = [
-            Member.of(i, planned.entries[i].name, planned.entries[i].label, planned.entries[i].info).to_json()
-            for i in order[start:end]
-        ]
+        entries = [(i, planned.entries[i]) for i in order[start:end]]
+        rows = [Member.of(i, e.name, e.label, e.info, ends[i]).to_json() for i, e in entries]
         storage.write(shard_plan.members_key(shard), json.dumps(rows).encode())
 
     with ThreadPoolExecutor(max(1, storage.upload_concurrency), "members") as pool:
@@ -393,6 +396,15 @@ class Gathered:
 
 def done_shards(storage: Storage, job: str) -> set[int]:
     return {int(Path(k).stem) for k in storage.list(f"jobs/{job}/shards/") if k.endswith(".npz")}
+
+
+def reducer_claim(storage: Storage, job: str) -> tuple[float, str] | None:
+    """(when the reducer was claimed, the claim's tag), or None while no worker has claimed it."""
+    try:
+        data, tag = storage.read_tagged(f"jobs/{job}/reducer")
+    except KeyNotFoundError:
+        return None
+    return float(json.loads(data).get("at", 0)), tag
 
 
 def claim_reducer(storage: Storage, job: str, runner: str, previous: str | None = None) -> bool:

@@ -24,7 +24,9 @@ def made(method: int) -> bytes:
 
 def members_of(data: bytes) -> list[Member]:
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        return [Member.of(i, info.filename, None, info) for i, info in enumerate(zf.infolist())]
+        infos = zf.infolist()
+        ends = [i.header_offset for i in infos[1:]] + [zf.start_dir]  # type: ignore[attr-defined]
+        return [Member.of(i, info.filename, None, info, ends[i]) for i, info in enumerate(infos)]
 
 
 @pytest.mark.parametrize(
@@ -71,3 +73,20 @@ def test_an_offset_that_is_no_local_header_is_refused() -> None:
     info.header_offset += 7
     with pytest.raises(zipfile.BadZipFile, match="local file header"):
         MemberReader(io.BytesIO(data), lambda: zipfile.ZipFile(io.BytesIO(data))).read(info)
+
+
+def test_a_member_claiming_the_bytes_of_the_next_is_refused_before_any_is_read() -> None:
+    data = made(zipfile.ZIP_STORED)
+    first = members_of(data)[2]  # the smallest: 4 bytes
+    lying = first.info()
+    lying.compress_size = lying.file_size = 5_000_000  # its directory entry says 5 MB
+    reads: list[int] = []
+
+    class Counting(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            reads.append(size or 0)
+            return super().read(size)
+
+    with pytest.raises(zipfile.BadZipFile, match="overlaps the next member"):
+        MemberReader(Counting(data), lambda: zipfile.ZipFile(io.BytesIO(data))).read(lying)
+    assert max(reads) <= 30  # only its local header was read

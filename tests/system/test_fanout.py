@@ -183,9 +183,9 @@ def test_a_cancelled_sharded_job_drops_its_shards_and_publishes_nothing(
     storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
     assert versions.read_current(storage, "food").version is None
     job_id = status_url.rsplit("/", 1)[1]
-    # What it left goes with its pending shards: work files, the cancel marker, the job's lease
-    # (which would hold garbage collection off the endpoint for JOB_MAX_S).
-    assert storage.list(f"jobs/{job_id}/") == [] and not storage.exists(f"jobs/{job_id}.cancel")
+    # What it left goes with its pending shards: work files and the job's lease (which would hold
+    # garbage collection off the endpoint for JOB_MAX_S); the marker stays with the job's record.
+    assert storage.list(f"jobs/{job_id}/") == [] and storage.exists(f"jobs/{job_id}.cancel")
     assert storage.list("food/leases/") == []
     assert tier.web.delete(status_url).status_code == 409  # finished: nothing to cancel
     assert tier.web.delete("/food/jobs/0123456789abcdef").status_code == 404
@@ -335,10 +335,13 @@ def test_a_reducer_that_died_is_taken_over_by_the_next_delivery(
         4,
         lambda p: None,
     )
-    assert sharded.claim_reducer(storage, job_id, "gone:1")
     record = json.loads(storage.read(f"jobs/{job_id}.json"))
     storage.write(f"jobs/{job_id}.json", json.dumps({**record, "stage": "gather"}).encode())
-    time.sleep(2.5)  # past JOB_STALE_S (1 s here) and the heartbeat's stamp, which has seconds
+    time.sleep(1.5)  # the job record is silent (its stamp has seconds)...
+    assert sharded.claim_reducer(storage, job_id, "gone:1")
+    # ...but the claim is fresh: a reducer that has not reported yet is never run twice.
+    assert tier.deliver(messages[4]).status_code == 503
+    time.sleep(1.2)  # past JOB_STALE_S (1 s here) since the claim too
     answer = tier.deliver(messages[4])  # its message, back after the visibility timeout
     assert answer.status_code == 200, answer.get_json()
     job = tier.web.get(f"/food/jobs/{job_id}").get_json()
