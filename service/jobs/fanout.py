@@ -69,6 +69,8 @@ class Fanout:
                 job_lease_key(endpoint, job_id, planned.created + self.settings.job_max_s), b""
             )
             return planned
+        if sharded.candidates(self.storage, self.settings, key) <= self.settings.shard_images:
+            return None  # one worker's job: decided here, no process started to plan it
         # The lease first: planning uploads the converted encoder, and the shards their originals.
         created = time.time()
         lease = job_lease_key(endpoint, job_id, created + self.settings.job_max_s)

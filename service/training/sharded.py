@@ -128,6 +128,12 @@ def open_zip(storage: Storage, source: str, etag: str | None = None) -> Iterator
         yield zf
 
 
+def candidates(storage: Storage, settings: Settings, source: str) -> int:
+    """How many images the zip at `source` offers (its directory read with ranged GETs)."""
+    with open_zip(storage, source) as zf:
+        return len(steps.plan_zip(zf, settings).entries)
+
+
 def plan(
     spec: EndpointSpec,
     storage: Storage,
