@@ -83,12 +83,12 @@ def find_groups(
         if items[row] >= 0:
             members.setdefault(sets.find(row), []).append(row)
     groups = []
-    for rows in members.values():
-        if len(rows) < 2:
+    for found in members.values():
+        if len(found) < 2:
             continue
-        rows.sort(key=lambda r: (int(items[r]), r))
-        keeper = vectors[rows[0]]
-        scores = [float(np.dot(keeper, vectors[r])) for r in rows]
-        groups.append(Group(rows, scores, exact=len({keys[r] for r in rows}) == 1))
+        found.sort(key=lambda r: (int(items[r]), r))
+        keeper = vectors[found[0]]
+        scores = [float(np.dot(keeper, vectors[r])) for r in found]
+        groups.append(Group(found, scores, exact=len({keys[r] for r in found}) == 1))
     groups.sort(key=lambda g: (-len(g.rows), int(items[g.rows[0]])))
     return groups
