@@ -4,6 +4,7 @@ service --help). Every command is one call to `Service` (service/application), a
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("endpoint")
     score.add_argument("zip", type=Path, help="a labelled zip (folders = labels) of query images")
     score.add_argument("-k", type=int, default=10)
+
+    twins = commands.add_parser("duplicates", help="groups of duplicate images in the served version")
+    twins.add_argument("endpoint")
+    twins.add_argument("--threshold", type=float, default=0.95, help="cosine at or above: duplicates")
+    twins.add_argument("--csv", type=Path, default=None, help="write the groups as CSV to this file")
 
     history = commands.add_parser("versions", help="list or roll back an endpoint's versions")
     actions = history.add_subparsers(dest="action", required=True)
@@ -143,6 +149,22 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def duplicates(args: argparse.Namespace) -> int:
+    found = _service().duplicates(args.endpoint, args.threshold)
+    if args.csv is None:
+        print(json.dumps(found, indent=2))
+        return 0
+    with args.csv.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["group", "exact", "keeper", "id", "name", "label", "score"])
+        for number, group in enumerate(found["groups"], start=1):
+            for i, item in enumerate(group["items"]):
+                row = [number, group["exact"], i == 0, item["id"], item["name"], item["label"], item["score"]]
+                writer.writerow(row)
+    print(f"{len(found['groups'])} groups of duplicates in {args.endpoint} {found['version']} -> {args.csv}")
+    return 0
+
+
 def versions_command(args: argparse.Namespace) -> int:
     service = _service()
     if args.action == "rollback":
@@ -202,6 +224,7 @@ COMMANDS = {
     "train": train,
     "query": query,
     "evaluate": evaluate,
+    "duplicates": duplicates,
     "versions": versions_command,
     "encoders": encoders_command,
     "build-encoder": build_encoder,

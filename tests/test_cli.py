@@ -44,6 +44,21 @@ def test_train_then_query(env: dict[str, str], photos_zip: Path, tmp_path: Path)
     assert body["results"][0]["name"] == "chelsea/chelsea-original.jpg"
     assert body["results"][0]["image_url"].startswith("file://")
 
+    # The photos come in variants (resized, recompressed...): duplicates of each other (issue 22).
+    twins = cli("duplicates", "food", "--threshold", "0.9", env=env)
+    assert twins.returncode == 0, twins.stderr
+    report = json.loads(twins.stdout)
+    assert report["version"] == result["version"] and report["groups"]
+    for group in report["groups"]:
+        photos = {item["name"].split("/")[0] for item in group["items"]}
+        assert len(photos) == 1, group  # never two different photos in one group
+        assert group["items"][0]["score"] == 1.0
+    table = tmp_path / "twins.csv"
+    assert cli("duplicates", "food", "--csv", str(table), env=env).returncode == 0
+    assert table.read_text().splitlines()[0] == "group,exact,keeper,id,name,label,score"
+    refused = cli("duplicates", "food", "--threshold", "1.5", env=env)
+    assert refused.returncode == 2 and "threshold" in refused.stderr
+
 
 def test_errors_are_one_line_not_a_traceback(env: dict[str, str], tmp_path: Path) -> None:
     image = tmp_path / "query.jpg"

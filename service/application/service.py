@@ -41,7 +41,7 @@ from service.core.errors import (
 )
 from service.encoders import mirror
 from service.jobs.runner import Job, JobRunner
-from service.serving import filters, query
+from service.serving import duplicate_report, filters, query
 from service.serving.registry import LoadedVersion, Registry, ServedEndpoint
 from service.storage import KeyNotFoundError, Storage, encoder_mirror, gc, versions
 from service.storage.blobs import BlobCache
@@ -192,6 +192,32 @@ class Service:
             loaded, [(path.name, path.read_bytes())], args.k, self.settings.max_image_pixels, file_uri
         )
         return SearchResult(name, loaded.version, found)
+
+    def duplicates(self, name: str, threshold: float) -> dict[str, Any]:
+        """Groups of duplicates in the served version (issue 22, work in progress: in this
+        process, no job yet): each group's items, the keeper (the oldest) first, with its score."""
+        if not 0 < threshold <= 1:
+            raise InvalidParameterError(f"threshold must be in (0, 1], got {threshold}")
+        loaded = self.endpoint(name).current()
+        groups, where = duplicate_report.report(loaded.view, threshold)
+        out = []
+        for group in groups:
+            members = []
+            for row, score in zip(group.rows, group.scores, strict=True):
+                segment_index, in_segment = where[row]
+                segment = loaded.view.segments[segment_index]
+                entry = segment.entry(in_segment)
+                members.append(
+                    {
+                        "id": int(segment.items[in_segment]),
+                        "name": segment.names[in_segment],
+                        "label": entry.get("label"),
+                        "metadata": entry.get("metadata") or {},
+                        "score": round(score, 6),
+                    }
+                )
+            out.append({"exact": group.exact, "items": members})
+        return {"endpoint": name, "version": loaded.version, "threshold": threshold, "groups": out}
 
     def evaluate(self, name: str, zip_path: Path, k: int = 10) -> dict[str, Any]:
         """Precision@1, precision@k and mAP@k of the served version on a labelled zip."""
