@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from service.catalog import images, ingest
+from service.catalog import ingest
 from service.catalog.members import Member, MemberReader
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
-from service.core.errors import BadImageError, JobCancelledError, StorageError, TrainingError
+from service.core.errors import JobCancelledError, StorageError, TrainingError
 from service.encoders import convert, litert
 from service.storage import KeyNotFoundError, Storage, blobs, versions
 from service.storage.blobs import ref_of
@@ -224,7 +224,8 @@ def _encoder(
         mirror = all("mirrored" in s.files for s in manifest.segments)
         return manifest.encoder_model, dict(manifest.encoder), dict(manifest.runtime), mirror, False
     verified = steps.converted_encoder(steps.load_encoder(spec, settings, storage), settings, report)
-    _check(verified, zf, planned, settings)  # the single-instance job checks its first images too
+    # The single-instance job checks the model on its first images: so does the plan.
+    steps.check_converted(verified, _originals(zf, planned.entries[: 4 * convert.CHECK_IMAGES]), settings)
     path = convert.model_path(verified, settings.cache_dir)
     if verified.converted is None or path is None:
         return None
@@ -234,18 +235,13 @@ def _encoder(
     return ref, verified.describe(), verified.runtime, wants_head and spec.head.augment, wants_head
 
 
-def _check(verified: convert.Verified, zf: zipfile.ZipFile, planned: ingest.ZipPlan, s: Settings) -> None:
-    inputs: list[np.ndarray] = []
-    for entry in planned.entries[: 4 * convert.CHECK_IMAGES]:
-        if len(inputs) == convert.CHECK_IMAGES:
-            break
+def _originals(zf: zipfile.ZipFile, entries: list[ingest.Entry]) -> Iterator[bytes]:
+    """The bytes of these entries, those that cannot be read left out."""
+    for entry in entries:
         try:
-            data = ingest.read_entry(zf, entry)
-            inputs.append(images.prepare(data, verified.input_size, s.max_image_pixels, s.allowed_formats)[0])
-        except (BadImageError, TrainingError):
+            yield ingest.read_entry(zf, entry)
+        except TrainingError:
             continue
-    if inputs:
-        verified.check(np.stack(inputs))
 
 
 # --- one shard --------------------------------------------------------------------------------------
