@@ -59,6 +59,19 @@ def job_prefix(job: str) -> str:
     return f"jobs/{job}/"
 
 
+def plan_key(job: str) -> str:
+    return f"jobs/{job}/plan.json"
+
+
+def reducer_key(job: str) -> str:
+    return f"jobs/{job}/reducer"
+
+
+def cancel_key(job: str) -> str:
+    """The mark of a cancelled job (any job, sharded or not): every worker at work on it checks."""
+    return f"jobs/{job}.cancel"
+
+
 def result_key(job: str, shard: int) -> str:
     return f"jobs/{job}/shards/{shard:05d}.npz"
 
@@ -92,7 +105,7 @@ class ShardPlan:
 
     @property
     def key(self) -> str:
-        return f"jobs/{self.job}/plan.json"
+        return plan_key(self.job)
 
     def members_key(self, shard: int) -> str:
         return f"jobs/{self.job}/members/{self.token}/{shard:05d}.json"
@@ -112,7 +125,7 @@ class ShardPlan:
     @classmethod
     def read(cls, storage: Storage, job: str) -> ShardPlan | None:
         try:
-            data = json.loads(storage.read(f"jobs/{job}/plan.json"))
+            data = json.loads(storage.read(plan_key(job)))
         except KeyNotFoundError:
             return None
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
@@ -146,12 +159,9 @@ def plan(
     created: float,
     report: ProgressFn,
 ) -> ShardPlan | None:
-    """Split the job into shards of SHARD_IMAGES images, or None when it runs on one worker: a
-    small zip, or no converted encoder to share (TensorFlow embeds on the instance that loads it).
-    A plan already stored (a redelivered job message) is returned as it is."""
-    found = ShardPlan.read(storage, job)
-    if found is not None or kind not in KINDS or storage.as_bucket() is None:
-        return found
+    """Split a train or add (KINDS) of a zip in the bucket into shards of SHARD_IMAGES images, or
+    None when it runs on one worker: a small zip, or no converted encoder to share (TensorFlow
+    embeds on the instance that loads it). Fanout.plan returns a plan already stored instead."""
     report(Progress("plan", 0, 1))
     bucket = storage.as_bucket()
     assert bucket is not None
@@ -403,7 +413,7 @@ def done_shards(storage: Storage, job: str) -> set[int]:
 def reducer_claim(storage: Storage, job: str) -> tuple[float, str] | None:
     """(when the reducer was claimed, the claim's tag), or None while no worker has claimed it."""
     try:
-        data, tag = storage.read_tagged(f"jobs/{job}/reducer")
+        data, tag = storage.read_tagged(reducer_key(job))
     except KeyNotFoundError:
         return None
     return float(json.loads(data).get("at", 0)), tag
@@ -413,7 +423,7 @@ def claim_reducer(storage: Storage, job: str, runner: str, previous: str | None 
     """Claim the reducer of `job`: True for exactly one caller (If-None-Match on one key), or for
     the one that replaces a dead reducer's claim (`previous`: that claim's tag)."""
     stamp = json.dumps({"runner": runner, "at": time.time()}).encode()
-    return storage.write_if(f"jobs/{job}/reducer", stamp, previous)
+    return storage.write_if(reducer_key(job), stamp, previous)
 
 
 def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan: ShardPlan) -> Gathered:
@@ -482,7 +492,7 @@ def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan:
 
 
 def cancelled(storage: Storage, job: str) -> bool:
-    return storage.exists(f"jobs/{job}.cancel")
+    return storage.exists(cancel_key(job))
 
 
 def progress_reporter(
