@@ -439,12 +439,14 @@ def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan:
         rows: list[tuple[int, str, str]] = []
         skipped: list[tuple[int, str, str]] = []
         shapes: dict[str, tuple[int, ...]] = {}
+        counts: list[int] = []  # each shard's accepted images
         mirrored_everywhere = True
         for shard, path in enumerate(files):
             storage.download(result_key(shard_plan.job, shard), path)
             with np.load(path) as part:
                 meta = json.loads(part["meta"].tobytes())
                 rows.extend((i, image, sha256) for i, image, sha256, _ in meta["accepted"])
+                counts.append(len(meta["accepted"]))
                 out.reused += sum(1 for *_, again in meta["accepted"] if again)
                 skipped.extend((i, name, reason) for i, name, reason in meta["skipped"])
                 if meta["accepted"]:
@@ -464,11 +466,10 @@ def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan:
                 for n in names
             }
             seen = 0
-            for path in files:
-                with np.load(path) as part:
-                    count = len(json.loads(part["meta"].tobytes())["accepted"])
-                    for name, array in arrays.items():
-                        if count:
+            for path, count in zip(files, counts, strict=True):
+                if count:
+                    with np.load(path) as part:
+                        for name, array in arrays.items():
                             array[final[seen : seen + count]] = part[name]
                 seen += count
             out.vectors, out.thumbs = [arrays["backbone"]], [arrays["thumbs"]]
