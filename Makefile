@@ -28,11 +28,11 @@ run: demo
 TEST_WORKERS ?= 2
 
 test: $(ENCODER) test-tools
-	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The unit tests: everything but tests/system and the tests marked slow.
 test-fast: $(ENCODER)
-	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 # The page's browser tests (tests/system/test_page.py) drive Debian's Chromium, never a downloaded browser:
 # installed here when missing, as root; otherwise say what is needed.

@@ -455,7 +455,10 @@ class Sqsd:
                     pass  # the worker died: the message comes back after its visibility timeout
                 self.posted.append((json.loads(message["Body"]), status))
                 if status == 200:
-                    self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=message["ReceiptHandle"])
+                    try:
+                        self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=message["ReceiptHandle"])
+                    except self.sqs.exceptions.ReceiptHandleIsInvalid:
+                        pass  # delivered again meanwhile (past its visibility timeout): as sqsd, go on
 
     def stop(self) -> None:
         self._stop = True

@@ -46,6 +46,7 @@ from service.jobs.fanout import Fanout
 from service.storage import KeyNotFoundError, Storage, versions
 from service.training import sharded
 from service.training.results import ChangeResult, Progress, TrainResult
+from service.training.sharded import cancel_key
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +89,23 @@ class Job:
         return dataclasses.asdict(self)
 
 
+def record_key(job_id: str) -> str:
+    return f"jobs/{job_id}.json"
+
+
 class JobStore:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
     def save(self, job: Job) -> None:
         job.updated_at = _now()
-        self.storage.write(f"jobs/{job.id}.json", json.dumps(job.to_dict()).encode())
+        self.storage.write(record_key(job.id), json.dumps(job.to_dict()).encode())
 
     def save_unless_finished(self, job: Job) -> bool:
         """Save `job` unless its stored record has finished already (compare-and-swap on the
         record): a late shard failure or a cancel never overwrites a job another worker completed.
         False: the record was finished; nothing was written."""
-        key = f"jobs/{job.id}.json"
+        key = record_key(job.id)
         for _ in range(10):
             try:
                 data, tag = self.storage.read_tagged(key)
@@ -117,7 +122,7 @@ class JobStore:
         if not JOB_ID.match(job_id):
             raise JobNotFoundError(endpoint or "?", job_id)
         try:
-            data = json.loads(self.storage.read(f"jobs/{job_id}.json"))
+            data = json.loads(self.storage.read(record_key(job_id)))
         except KeyNotFoundError:
             raise JobNotFoundError(endpoint or "?", job_id) from None
         if endpoint is not None and data.get("endpoint") != endpoint:
@@ -140,10 +145,6 @@ FINISHED = ("succeeded", "failed", "cancelled")
 PROGRESS_TTL_S = 2.0  # how long a sharded job's summed progress is reused by a process
 # work(on_progress) -> the result: what a job runs instead of a train (a sharded job's reducer)
 Work = Callable[[Callable[[Progress], None]], TrainResult | ChangeResult]
-
-
-def cancel_key(job_id: str) -> str:
-    return f"jobs/{job_id}.cancel"
 
 
 class _Done(Exception):
@@ -420,6 +421,7 @@ class JobRunner:
 
         retry = False
         fetched: Path | None = None
+        shard_plan: sharded.ShardPlan | None = None
         try:
             if work is not None:
                 result = work(on_progress)
@@ -430,6 +432,7 @@ class JobRunner:
                     job.id, job.endpoint, job.kind, job.source, job.version, job.fine_tune, on_progress
                 )
                 if planned is not None:  # handed to the shards once stored (below)
+                    shard_plan = planned
                     outcome = {"status": "running", "stage": "embed", "done": 0, "total": planned.images}
                     outcome["shards"] = fanout.describe(planned)
                     raise _Done
@@ -482,8 +485,8 @@ class JobRunner:
         with self._lock:
             for name, value in outcome.items():
                 setattr(job, name, value)
-        if outcome["status"] == "running":  # planned into shards: the record first, then the shards
-            return self._hand_over(job)
+        if shard_plan is not None:  # planned into shards: the record first, then the shards
+            return self._hand_over(job, shard_plan)
         if outcome["status"] == "succeeded":
             self._succeeded(job.endpoint, result)
         metrics.JOBS.labels(job.kind, outcome["status"]).inc()
@@ -491,14 +494,11 @@ class JobRunner:
         log.info("job %s for %s %s %s", job.id, job.endpoint, job.status, job.error or job.version)
         return retry
 
-    def _hand_over(self, job: Job) -> bool:
+    def _hand_over(self, job: Job, shard_plan: sharded.ShardPlan) -> bool:
         """Store a planned job's record, then queue its shards (whose reducer may finish the job
         before this returns: nothing here writes the record after the shards are sent)."""
         assert self.fanout is not None
-        shard_plan = sharded.ShardPlan.read(self.store.storage, job.id)
         try:
-            if shard_plan is None:
-                raise StorageError(f"the plan of job {job.id} is not in the store")
             self.store.save(job)
             self.fanout.send(shard_plan)
         except Exception as exc:
@@ -592,7 +592,7 @@ class JobRunner:
             fan = self.fanout
             retry = self._execute(job, None, work=lambda report: fan.reduce(shard_plan, report))
             if retry and attempt < max_attempts:
-                storage.delete(f"{sharded.job_prefix(job.id)}reducer")  # the next delivery reduces
+                storage.delete(sharded.reducer_key(job.id))  # the next delivery reduces
                 job.status, job.stage = "running", "reduce"
                 job.error = f"the reducer's attempt {attempt} failed, will retry: {job.error}"
                 return False

@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from service.catalog import images, ingest
+from service.catalog import ingest
 from service.catalog.members import Member, MemberReader
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
-from service.core.errors import BadImageError, JobCancelledError, StorageError, TrainingError
+from service.core.errors import JobCancelledError, StorageError, TrainingError
 from service.encoders import convert, litert
 from service.storage import KeyNotFoundError, Storage, blobs, versions
 from service.storage.blobs import ref_of
@@ -57,6 +57,19 @@ MAX_PROGRESS_READS = 256  # shards at work a status request reads the progress o
 
 def job_prefix(job: str) -> str:
     return f"jobs/{job}/"
+
+
+def plan_key(job: str) -> str:
+    return f"jobs/{job}/plan.json"
+
+
+def reducer_key(job: str) -> str:
+    return f"jobs/{job}/reducer"
+
+
+def cancel_key(job: str) -> str:
+    """The mark of a cancelled job (any job, sharded or not): every worker at work on it checks."""
+    return f"jobs/{job}.cancel"
 
 
 def result_key(job: str, shard: int) -> str:
@@ -92,7 +105,7 @@ class ShardPlan:
 
     @property
     def key(self) -> str:
-        return f"jobs/{self.job}/plan.json"
+        return plan_key(self.job)
 
     def members_key(self, shard: int) -> str:
         return f"jobs/{self.job}/members/{self.token}/{shard:05d}.json"
@@ -112,7 +125,7 @@ class ShardPlan:
     @classmethod
     def read(cls, storage: Storage, job: str) -> ShardPlan | None:
         try:
-            data = json.loads(storage.read(f"jobs/{job}/plan.json"))
+            data = json.loads(storage.read(plan_key(job)))
         except KeyNotFoundError:
             return None
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
@@ -146,12 +159,9 @@ def plan(
     created: float,
     report: ProgressFn,
 ) -> ShardPlan | None:
-    """Split the job into shards of SHARD_IMAGES images, or None when it runs on one worker: a
-    small zip, or no converted encoder to share (TensorFlow embeds on the instance that loads it).
-    A plan already stored (a redelivered job message) is returned as it is."""
-    found = ShardPlan.read(storage, job)
-    if found is not None or kind not in KINDS or storage.as_bucket() is None:
-        return found
+    """Split a train or add (KINDS) of a zip in the bucket into shards of SHARD_IMAGES images, or
+    None when it runs on one worker: a small zip, or no converted encoder to share (TensorFlow
+    embeds on the instance that loads it). Fanout.plan returns a plan already stored instead."""
     report(Progress("plan", 0, 1))
     bucket = storage.as_bucket()
     assert bucket is not None
@@ -224,7 +234,8 @@ def _encoder(
         mirror = all("mirrored" in s.files for s in manifest.segments)
         return manifest.encoder_model, dict(manifest.encoder), dict(manifest.runtime), mirror, False
     verified = steps.converted_encoder(steps.load_encoder(spec, settings, storage), settings, report)
-    _check(verified, zf, planned, settings)  # the single-instance job checks its first images too
+    # The single-instance job checks the model on its first images: so does the plan.
+    steps.check_converted(verified, _originals(zf, planned.entries[: 4 * convert.CHECK_IMAGES]), settings)
     path = convert.model_path(verified, settings.cache_dir)
     if verified.converted is None or path is None:
         return None
@@ -234,18 +245,13 @@ def _encoder(
     return ref, verified.describe(), verified.runtime, wants_head and spec.head.augment, wants_head
 
 
-def _check(verified: convert.Verified, zf: zipfile.ZipFile, planned: ingest.ZipPlan, s: Settings) -> None:
-    inputs: list[np.ndarray] = []
-    for entry in planned.entries[: 4 * convert.CHECK_IMAGES]:
-        if len(inputs) == convert.CHECK_IMAGES:
-            break
+def _originals(zf: zipfile.ZipFile, entries: list[ingest.Entry]) -> Iterator[bytes]:
+    """The bytes of these entries, those that cannot be read left out."""
+    for entry in entries:
         try:
-            data = ingest.read_entry(zf, entry)
-            inputs.append(images.prepare(data, verified.input_size, s.max_image_pixels, s.allowed_formats)[0])
-        except (BadImageError, TrainingError):
+            yield ingest.read_entry(zf, entry)
+        except TrainingError:
             continue
-    if inputs:
-        verified.check(np.stack(inputs))
 
 
 # --- one shard --------------------------------------------------------------------------------------
@@ -407,7 +413,7 @@ def done_shards(storage: Storage, job: str) -> set[int]:
 def reducer_claim(storage: Storage, job: str) -> tuple[float, str] | None:
     """(when the reducer was claimed, the claim's tag), or None while no worker has claimed it."""
     try:
-        data, tag = storage.read_tagged(f"jobs/{job}/reducer")
+        data, tag = storage.read_tagged(reducer_key(job))
     except KeyNotFoundError:
         return None
     return float(json.loads(data).get("at", 0)), tag
@@ -417,7 +423,7 @@ def claim_reducer(storage: Storage, job: str, runner: str, previous: str | None 
     """Claim the reducer of `job`: True for exactly one caller (If-None-Match on one key), or for
     the one that replaces a dead reducer's claim (`previous`: that claim's tag)."""
     stamp = json.dumps({"runner": runner, "at": time.time()}).encode()
-    return storage.write_if(f"jobs/{job}/reducer", stamp, previous)
+    return storage.write_if(reducer_key(job), stamp, previous)
 
 
 def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan: ShardPlan) -> Gathered:
@@ -433,12 +439,14 @@ def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan:
         rows: list[tuple[int, str, str]] = []
         skipped: list[tuple[int, str, str]] = []
         shapes: dict[str, tuple[int, ...]] = {}
+        counts: list[int] = []  # each shard's accepted images
         mirrored_everywhere = True
         for shard, path in enumerate(files):
             storage.download(result_key(shard_plan.job, shard), path)
             with np.load(path) as part:
                 meta = json.loads(part["meta"].tobytes())
                 rows.extend((i, image, sha256) for i, image, sha256, _ in meta["accepted"])
+                counts.append(len(meta["accepted"]))
                 out.reused += sum(1 for *_, again in meta["accepted"] if again)
                 skipped.extend((i, name, reason) for i, name, reason in meta["skipped"])
                 if meta["accepted"]:
@@ -458,11 +466,10 @@ def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan:
                 for n in names
             }
             seen = 0
-            for path in files:
-                with np.load(path) as part:
-                    count = len(json.loads(part["meta"].tobytes())["accepted"])
-                    for name, array in arrays.items():
-                        if count:
+            for path, count in zip(files, counts, strict=True):
+                if count:
+                    with np.load(path) as part:
+                        for name, array in arrays.items():
                             array[final[seen : seen + count]] = part[name]
                 seen += count
             out.vectors, out.thumbs = [arrays["backbone"]], [arrays["thumbs"]]
@@ -486,7 +493,7 @@ def gather(spec: EndpointSpec, storage: Storage, settings: Settings, shard_plan:
 
 
 def cancelled(storage: Storage, job: str) -> bool:
-    return storage.exists(f"jobs/{job}.cancel")
+    return storage.exists(cancel_key(job))
 
 
 def progress_reporter(

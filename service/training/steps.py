@@ -90,16 +90,9 @@ def stage_converted(
     A job whose images were all reused from the cache embedded nothing, so nothing was checked yet:
     its own images (`job_images`, their originals) are checked here."""
     if encoder.converted is not None and encoder.checked < convert.CHECK_IMAGES:
-        inputs = []
-        for path in sorted(job_images)[: convert.CHECK_IMAGES]:
-            try:
-                inputs.append(
-                    images.prepare(path.read_bytes(), encoder.input_size, settings.max_image_pixels)[0]
-                )
-            except BadImageError:
-                continue
-        if inputs:
-            encoder.check(np.stack(inputs))
+        check_converted(
+            encoder, (p.read_bytes() for p in sorted(job_images)[: convert.CHECK_IMAGES]), settings
+        )
     model = convert.model_path(encoder, settings.cache_dir)
     if model is None:
         return encoder.runtime, None
@@ -108,6 +101,22 @@ def stage_converted(
     copy = stager.folder / "encoder.tflite"
     shutil.copyfile(model, copy)
     return encoder.runtime, stager.file(copy)
+
+
+def check_converted(encoder: convert.Verified, originals: Iterable[bytes], settings: Settings) -> None:
+    """Check the converted model against TensorFlow on the first CHECK_IMAGES of `originals` (a
+    job's images) that decode; one that disagrees switches the job to TensorFlow."""
+    inputs: list[np.ndarray] = []
+    limits = (settings.max_image_pixels, settings.allowed_formats)
+    for data in originals:
+        if len(inputs) == convert.CHECK_IMAGES:
+            break
+        try:
+            inputs.append(images.prepare(data, encoder.input_size, *limits)[0])
+        except BadImageError:
+            continue
+    if inputs:
+        encoder.check(np.stack(inputs))
 
 
 def index_manifest(spec: EndpointSpec) -> dict[str, Any]:

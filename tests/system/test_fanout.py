@@ -222,9 +222,9 @@ def test_a_worker_killed_mid_shard_loses_nothing(
     }
     storage = open_storage(tier.store["storage_uri"], endpoint_url=s3_server.url)
     with procfile_server(tmp_path, env) as server:
-        sqsd = Sqsd(tier.sqs, tier.queue, server.url, threads=2, visibility_s=4)
+        sqsd = Sqsd(tier.sqs, tier.queue, server.url, threads=2, visibility_s=6)
         try:
-            zip_path = noise_zip(tmp_path / "noise.zip", 600)
+            zip_path = noise_zip(tmp_path / "noise.zip", 400)
             response = tier.web.post("/food/train", data={"file": upload(zip_path), "fine_tune": "never"})
             assert response.status_code == 202, response.get_json()
             job_id = response.get_json()["job_id"]
@@ -247,13 +247,13 @@ def test_a_worker_killed_mid_shard_loses_nothing(
             sqsd.stop()
         log = server.log.read_text()
     assert job["status"] == "succeeded", (job, log[-3000:])
-    assert job["counts"]["images"] == 600 and job["shards"]["total"] == 6
+    assert job["counts"]["images"] == 400 and job["shards"]["total"] == 4
     # The killed shard was posted again (no answer the first time), and embedded once in the end.
     posts = [status for message, status in sqsd.posted if message.get("shard") == killed]
     assert 0 in posts and posts[-1] == 200, sqsd.posted
     assert log.count("reducer claimed") == 1
     items = catalogue(tier, "food", tmp_path / "c")
-    assert len(items) == 600 and len({i for i, _, _ in items.values()}) == 600
+    assert len(items) == 400 and len({i for i, _, _ in items.values()}) == 400
 
 
 def test_a_sharded_add_extends_the_catalogue_with_new_ids(
