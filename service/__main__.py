@@ -4,7 +4,6 @@ service --help). Every command is one call to `Service` (service/application), a
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -48,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     twins = commands.add_parser("duplicates", help="groups of duplicate images in the served version")
     twins.add_argument("endpoint")
-    twins.add_argument("--threshold", type=float, default=0.95, help="cosine at or above: duplicates")
+    twins.add_argument(
+        "--threshold", type=float, default=None, help="at or above: duplicates (default: the endpoint's)"
+    )
     twins.add_argument("--csv", type=Path, default=None, help="write the groups as CSV to this file")
 
     history = commands.add_parser("versions", help="list or roll back an endpoint's versions")
@@ -150,17 +151,12 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def duplicates(args: argparse.Namespace) -> int:
-    found = _service().duplicates(args.endpoint, args.threshold)
+    service = _service()
+    found = service.duplicates_now(args.endpoint, args.threshold)
     if args.csv is None:
-        print(json.dumps(found, indent=2))
+        print(json.dumps(found, indent=2, ensure_ascii=False))
         return 0
-    with args.csv.open("w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["group", "exact", "keeper", "id", "name", "label", "score"])
-        for number, group in enumerate(found["groups"], start=1):
-            for i, item in enumerate(group["items"]):
-                row = [number, group["exact"], i == 0, item["id"], item["name"], item["label"], item["score"]]
-                writer.writerow(row)
+    args.csv.write_text(service.duplicates_csv(found))
     print(f"{len(found['groups'])} groups of duplicates in {args.endpoint} {found['version']} -> {args.csv}")
     return 0
 

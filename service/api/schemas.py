@@ -39,6 +39,22 @@ class SearchArgsSchema(KArgsSchema):
     )
 
 
+class InferArgsSchema(SearchArgsSchema):
+    duplicates = fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "Mark each result `duplicate` (true when it copies the query: its "
+            "duplicate_score at or above the endpoint's [duplicates] threshold)"
+        },
+    )
+    duplicates_only = fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "Only the results that duplicate the query: is this photo in the catalogue?"
+        },
+    )
+
+
 class ImageArgsSchema(Schema):
     version = fields.String(
         metadata={"description": "The version the id belongs to (default: the one served now)"}
@@ -65,6 +81,15 @@ class TrainFormSchema(Schema):
             "type": "string",
             "format": "binary",
             "description": "A zip of images; folders are labels; optional metadata.csv/jsonl",
+        },
+    )
+    on_duplicate = fields.String(
+        load_default="allow",
+        validate=validate.OneOf(["allow", "flag", "skip"]),
+        metadata={
+            "description": "Images that copy an item (the catalogue's, for /items; the same zip's, "
+            "for both) at or above the endpoint's duplicate threshold: allow (add them), flag (add "
+            "them and list them in the job's counts.duplicates) or skip (leave them out, listed)"
         },
     )
 
@@ -95,10 +120,11 @@ class JobSchema(Schema):
     id = fields.String(required=True)
     endpoint = fields.String(required=True)
     kind = fields.String(
-        validate=validate.OneOf(["train", "add", "compact"]),
+        validate=validate.OneOf(["train", "add", "compact", "duplicates"]),
         metadata={
             "description": "train: replace the catalog (POST /train); add: POST /items; "
-            "compact: merge segments (POST /compact, or queued by a change)"
+            "compact: merge segments (POST /compact, or queued by a change); duplicates: a "
+            "duplicate report (POST /duplicates)"
         },
     )
     status = fields.String(
@@ -116,6 +142,8 @@ class JobSchema(Schema):
     skipped = fields.List(fields.Nested(SkippedSchema), required=True)
     counts = fields.Dict(required=True)
     fine_tune = fields.String()
+    on_duplicate = fields.String(metadata={"description": "A train's or add's duplicates: allow, flag, skip"})
+    options = fields.Dict(metadata={"description": "A duplicate report's threshold"})
     source = fields.String(allow_none=True, metadata={"description": "s3:// URI of the zip, when in S3"})
     attempts = fields.Integer(metadata={"description": "Deliveries by the job queue so far"})
     shards = fields.Dict(
@@ -160,6 +188,8 @@ class MatchSchema(Schema):
     label = fields.String(allow_none=True)
     metadata = fields.Dict(required=True)
     image_url = fields.String(allow_none=True)
+    duplicate = fields.Boolean(metadata={"description": "With ?duplicates=true: it copies the query"})
+    duplicate_score = fields.Float(metadata={"description": "With ?duplicates=true: the duplicate score"})
 
 
 class BatchEntrySchema(Schema):
@@ -239,7 +269,18 @@ class HealthSchema(Schema):
 
 
 class FineTuneSchema(Schema):
+    """A job's form fields besides the zip."""
+
     fine_tune = fields.String(load_default="auto", validate=validate.OneOf(["auto", "always", "never"]))
+    on_duplicate = fields.String(
+        load_default="allow",
+        validate=validate.OneOf(["allow", "flag", "skip"]),
+        metadata={
+            "description": "Images that copy an item (the catalogue's, for /items; the same zip's, "
+            "for both) at or above the endpoint's duplicate threshold: allow (add them), flag (add "
+            "them and list them in the job's counts.duplicates) or skip (leave them out, listed)"
+        },
+    )
 
 
 class TrainSourceSchema(Schema):
@@ -249,6 +290,15 @@ class TrainSourceSchema(Schema):
         metadata={"description": "s3://<the service's bucket>/<key> of a zip uploaded beforehand"},
     )
     fine_tune = fields.String(load_default="auto", validate=validate.OneOf(["auto", "always", "never"]))
+    on_duplicate = fields.String(
+        load_default="allow",
+        validate=validate.OneOf(["allow", "flag", "skip"]),
+        metadata={
+            "description": "Images that copy an item (the catalogue's, for /items; the same zip's, "
+            "for both) at or above the endpoint's duplicate threshold: allow (add them), flag (add "
+            "them and list them in the job's counts.duplicates) or skip (leave them out, listed)"
+        },
+    )
 
 
 class UploadSchema(Schema):
@@ -322,6 +372,15 @@ class AddItemsFormSchema(Schema):
             "otherwise the current version's head (if any) embeds the new images"
         },
     )
+    on_duplicate = fields.String(
+        load_default="allow",
+        validate=validate.OneOf(["allow", "flag", "skip"]),
+        metadata={
+            "description": "Images that copy an item (the catalogue's, for /items; the same zip's, "
+            "for both) at or above the endpoint's duplicate threshold: allow (add them), flag (add "
+            "them and list them in the job's counts.duplicates) or skip (leave them out, listed)"
+        },
+    )
 
 
 class DeleteItemsSchema(Schema):
@@ -346,3 +405,61 @@ class ChangeSchema(Schema):
     kind = fields.String(required=True, validate=validate.OneOf(["delete", "edit"]))
     items = fields.List(fields.Integer(), required=True, metadata={"description": "The items changed"})
     count = fields.Integer(required=True, metadata={"description": "Items in the new version"})
+
+
+class DuplicatesArgsSchema(Schema):
+    threshold = fields.Float(
+        metadata={
+            "description": "Duplicates score at or above this, in (0, 1] (default: the endpoint's "
+            "[duplicates] threshold): the cosine of the images' whitened backbone descriptors"
+        }
+    )
+
+
+class DuplicateItemSchema(Schema):
+    id = fields.Integer(required=True)
+    name = fields.String(required=True)
+    label = fields.String(allow_none=True)
+    metadata = fields.Dict(required=True)
+    photo = fields.Integer(metadata={"description": "Which of the item's photos is the duplicate"})
+    score = fields.Float(required=True, metadata={"description": "Its score to the group's first item"})
+    image_url = fields.String(allow_none=True, metadata={"description": "Its image, in the report's version"})
+
+
+class DuplicateGroupSchema(Schema):
+    exact = fields.Boolean(required=True, metadata={"description": "Every item's image has the same bytes"})
+    items = fields.List(
+        fields.Nested(DuplicateItemSchema),
+        required=True,
+        metadata={"description": "The keeper (the oldest item: the lowest id) first"},
+    )
+
+
+class DuplicateReportSchema(Schema):
+    id = fields.String(required=True, metadata={"description": "The report's job"})
+    endpoint = fields.String(required=True)
+    status = fields.String(required=True, metadata={"description": "The job's: queued ... succeeded"})
+    stage = fields.String(allow_none=True)
+    done = fields.Integer()
+    total = fields.Integer()
+    error = fields.String(allow_none=True)
+    version = fields.String(metadata={"description": "The version the report was computed on"})
+    current_version = fields.String(allow_none=True, metadata={"description": "The version served now"})
+    stale = fields.Boolean(metadata={"description": "The catalogue changed since the report"})
+    threshold = fields.Float(allow_none=True)
+    created_at = fields.String()
+    counts = fields.Dict(metadata={"description": "items, groups, duplicates (items past each keeper)"})
+    groups = fields.List(fields.Nested(DuplicateGroupSchema), required=True)
+
+
+class DuplicateMarkSchema(Schema):
+    ids = fields.List(
+        fields.Integer(strict=True),
+        required=True,
+        metadata={"description": "The items of a group that are not duplicates of each other"},
+    )
+
+
+class DuplicateMarksSchema(Schema):
+    endpoint = fields.String(required=True)
+    ignored = fields.List(fields.List(fields.Integer()), required=True)

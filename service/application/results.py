@@ -29,6 +29,7 @@ class SearchArgs:
 
     k: int
     filter: Any = None
+    duplicates: Any = None  # serving.query.Duplicates: mark (or keep only) duplicates of the query
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from service import encoders
+from service.application import duplicates
 from service.application.results import (
     ChangeOutcome,
     Health,
@@ -35,13 +36,14 @@ from service.core.errors import (
     IntegrityError,
     InvalidParameterError,
     ItemNotFoundError,
+    JobNotFoundError,
     JobRetryError,
     PayloadTooLargeError,
     ServiceError,
 )
 from service.encoders import mirror
 from service.jobs.runner import Job, JobRunner
-from service.serving import duplicate_report, filters, query
+from service.serving import duplicate_records, filters, query
 from service.serving.registry import LoadedVersion, Registry, ServedEndpoint
 from service.storage import KeyNotFoundError, Storage, encoder_mirror, gc, versions
 from service.storage.blobs import BlobCache
@@ -91,10 +93,21 @@ class Service:
     # --- queries -----------------------------------------------------------------------------------
 
     def search_args(
-        self, name: str, k: int | None, labels: list[str] | None, where: str | None
+        self,
+        name: str,
+        k: int | None,
+        labels: list[str] | None,
+        where: str | None,
+        duplicates: bool = False,
+        duplicates_only: bool = False,
     ) -> SearchArgs:
-        """A query's arguments checked (k within the endpoint's bounds, a well-formed filter)."""
-        return SearchArgs(query.check_k(self.endpoint(name).spec, k), filters.parse_filter(labels, where))
+        """A query's arguments checked (k within the endpoint's bounds, a well-formed filter);
+        `duplicates`: mark each result that duplicates the query (`duplicates_only`: keep just those)."""
+        spec = self.endpoint(name).spec
+        marks = None
+        if duplicates or duplicates_only:
+            marks = query.Duplicates(spec.duplicate_threshold, duplicates_only)
+        return SearchArgs(query.check_k(spec, k), filters.parse_filter(labels, where), marks)
 
     def infer(
         self, name: str, uploads: list[tuple[str, bytes]], args: SearchArgs, route_url: RouteUrl
@@ -113,6 +126,7 @@ class Service:
             self._image_urls(route_url),
             self.settings.allowed_formats,
             args.filter,
+            args.duplicates,
         )
         return SearchResult(name, loaded.version, found)
 
@@ -193,31 +207,68 @@ class Service:
         )
         return SearchResult(name, loaded.version, found)
 
-    def duplicates(self, name: str, threshold: float) -> dict[str, Any]:
-        """Groups of duplicates in the served version (issue 22, work in progress: in this
-        process, no job yet): each group's items, the keeper (the oldest) first, with its score."""
-        if not 0 < threshold <= 1:
-            raise InvalidParameterError(f"threshold must be in (0, 1], got {threshold}")
-        loaded = self.endpoint(name).current()
-        groups, where = duplicate_report.report(loaded.view, threshold)
-        out = []
-        for group in groups:
-            members = []
-            for row, score in zip(group.rows, group.scores, strict=True):
-                segment_index, in_segment = where[row]
-                segment = loaded.view.segments[segment_index]
-                entry = segment.entry(in_segment)
-                members.append(
-                    {
-                        "id": int(segment.items[in_segment]),
-                        "name": segment.names[in_segment],
-                        "label": entry.get("label"),
-                        "metadata": entry.get("metadata") or {},
-                        "score": round(score, 6),
-                    }
-                )
-            out.append({"exact": group.exact, "items": members})
-        return {"endpoint": name, "version": loaded.version, "threshold": threshold, "groups": out}
+    # --- duplicates ----------------------------------------------------------------------------
+
+    def start_duplicates(self, name: str, threshold: float | None) -> Job:
+        """A job that reports the served version's duplicates (409 when nothing is trained)."""
+        served = self.endpoint(name)
+        chosen = duplicates.check_threshold(
+            served.spec.duplicate_threshold if threshold is None else threshold
+        )
+        served.current()
+        return self.jobs.submit(name, kind="duplicates", options={"threshold": chosen})
+
+    def run_duplicates(self, job: Job, progress: ProgressFn) -> dict[str, Any]:
+        """A duplicates job's work: the report, stored beside the job; its outcome."""
+        loaded = self.endpoint(job.endpoint).current()
+        threshold = float(
+            job.options.get("threshold") or self.endpoint(job.endpoint).spec.duplicate_threshold
+        )
+        with steps.work_folder(self.settings, job.endpoint, "duplicates") as tmp:
+            report = duplicates.run(loaded, self.storage, threshold, Path(tmp), progress)
+        duplicate_records.save_report(self.storage, job.id, report)
+        return {"status": "succeeded", "version": loaded.version, "counts": report["counts"]}
+
+    def duplicates_report(self, name: str, job_id: str, route_url: RouteUrl) -> dict[str, Any]:
+        """A duplicates job: its status, and once it has succeeded its report (its version, the
+        version served now, `stale` when they differ), each item with its image URL."""
+        job = self.job_status(name, job_id)
+        if job.kind != "duplicates":
+            raise JobNotFoundError(name, job_id)
+        status = {k: getattr(job, k) for k in ("id", "status", "stage", "done", "total", "error")}
+        if job.status != "succeeded":
+            return {"endpoint": name, **status, "threshold": job.options.get("threshold"), "groups": []}
+        report = duplicate_records.load_report(self.storage, job.id)
+        current = self.endpoint(name).current().version
+        return {**status, **duplicates.for_client(report, current, route_url)}
+
+    def duplicates_now(self, name: str, threshold: float | None) -> dict[str, Any]:
+        """The CLI's report: run here, not as a job; images as file:// URIs where the store has them."""
+        served = self.endpoint(name)
+        chosen = duplicates.check_threshold(
+            served.spec.duplicate_threshold if threshold is None else threshold
+        )
+        loaded = served.current()
+        with steps.work_folder(self.settings, name, "duplicates") as tmp:
+            report = duplicates.run(loaded, self.storage, chosen, Path(tmp), lambda p: None)
+
+        def file_uri(item_id: int, photo: int, version: str) -> str:
+            image = self.item_image(name, item_id, photo, version)
+            return image.path.as_uri() if image.path else (image.url or "")
+
+        return duplicates.for_client(report, loaded.version, file_uri)
+
+    def duplicates_csv(self, report: dict[str, Any]) -> str:
+        return duplicates.to_csv(report)
+
+    def not_duplicates(self, name: str) -> list[list[int]]:
+        self.endpoint(name)
+        return duplicate_records.read_marks(self.storage, name)
+
+    def mark_not_duplicates(self, name: str, ids: list[int]) -> list[list[int]]:
+        """Remember a group as "not duplicates": the next reports leave it out."""
+        self.endpoint(name)
+        return duplicate_records.mark_not_duplicates(self.storage, name, ids)
 
     def evaluate(self, name: str, zip_path: Path, k: int = 10) -> dict[str, Any]:
         """Precision@1, precision@k and mAP@k of the served version on a labelled zip."""
@@ -242,23 +293,29 @@ class Service:
             ingest.check_metadata(metadata)
         ingest.write_images_zip(path, uploads, label, metadata, item_name)
 
-    def start_job(self, name: str, zip_path: Path, fine_tune: str, kind: str = "train") -> Job:
+    def start_job(
+        self, name: str, zip_path: Path, fine_tune: str, kind: str = "train", on_duplicate: str = "allow"
+    ) -> Job:
         """Check an uploaded zip (422 if it is none, 413 over the limits) and start a job on it;
         the file is the job's from then on (deleted when it is done, or now if refused)."""
         self.endpoint(name)
         try:
             with ingest.open_zip(zip_path) as zf:
                 ingest.check_limits(zf, ingest.ZipLimits.from_settings(self.settings))
-            return self.jobs.submit(name, zip_path=zip_path, fine_tune=fine_tune, kind=kind)
+            return self.jobs.submit(
+                name, zip_path=zip_path, fine_tune=fine_tune, kind=kind, on_duplicate=on_duplicate
+            )
         except BaseException:
             zip_path.unlink(missing_ok=True)
             raise
 
-    def start_job_from_source(self, name: str, source: str, fine_tune: str) -> Job:
+    def start_job_from_source(
+        self, name: str, source: str, fine_tune: str, on_duplicate: str = "allow"
+    ) -> Job:
         """A train from a zip uploaded to the store beforehand (`create_upload`)."""
         self.endpoint(name)
         self._check_source(source, name)
-        return self.jobs.submit(name, source=source, fine_tune=fine_tune)
+        return self.jobs.submit(name, source=source, fine_tune=fine_tune, on_duplicate=on_duplicate)
 
     def _check_source(self, uri: str, endpoint: str) -> None:
         """A zip in the bucket a job may train from: in this endpoint's uploads, present, not too big."""
@@ -299,7 +356,7 @@ class Service:
         next request on, like one that ran here: its version is noted for this instance."""
         self.endpoint(name)
         job = self.jobs.status(name, job_id)
-        if job.status == "succeeded" and job.version:
+        if job.status == "succeeded" and job.version and job.kind != "duplicates":  # a report publishes none
             if versions.published_note(self.settings.cache_dir, name)[1] != job.version:
                 versions.note_published(self.settings.cache_dir, name, job.version)
         return replace(job, runner=None)  # host:pid is for the logs, not for clients

@@ -82,6 +82,7 @@ def build_service(settings: Settings) -> Service:
         version: str,
         fine_tune: str,
         kind: str,
+        on_duplicate: str = "allow",
     ) -> TrainResult | ChangeResult:
         spec = specs[endpoint]
         # TensorFlow loads in a child, never in this worker; work that needs none runs here: a
@@ -90,15 +91,26 @@ def build_service(settings: Settings) -> Service:
             kind == "add" and not changes.needs_tensorflow(spec, storage, settings, fine_tune)
         )
         if not settings.train_in_child:
-            return child.work(settings, spec, zip_path, on_progress, version, fine_tune, kind, storage)
+            return child.work(
+                settings, spec, zip_path, on_progress, version, fine_tune, kind, storage, True, on_duplicate
+            )
         if light:
             try:  # never loads TensorFlow here: the version may have changed since the check
                 return child.work(
-                    settings, spec, zip_path, on_progress, version, fine_tune, kind, storage, False
+                    settings,
+                    spec,
+                    zip_path,
+                    on_progress,
+                    version,
+                    fine_tune,
+                    kind,
+                    storage,
+                    False,
+                    on_duplicate,
                 )
             except changes.NeedsTensorFlow:
                 pass
-        return child.run_job(settings, spec, zip_path, on_progress, version, fine_tune, kind)
+        return child.run_job(settings, spec, zip_path, on_progress, version, fine_tune, kind, on_duplicate)
 
     bucket = storage.as_bucket()
 
@@ -139,6 +151,7 @@ def build_service(settings: Settings) -> Service:
         stale_after_s=settings.job_stale_s,
         on_success=after_job,
         fanout=fan,
+        reporter=lambda job, progress: started[0].run_duplicates(job, progress),
     )
     _remove_leftovers(settings.cache_dir)
     cache = BlobCache(storage, settings.cache_dir)

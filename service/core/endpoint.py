@@ -65,6 +65,8 @@ class EndpointSpec:
     default_k: int
     max_k: int
     path: Path
+    # cosine of whitened descriptors at or above which two images are duplicates (catalog/duplicates.py)
+    duplicate_threshold: float = 0.55
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -75,6 +77,7 @@ class EndpointSpec:
             "index": {"metric": self.metric, "n_trees": self.n_trees, "search_k": self.search_k},
             "default_k": self.default_k,
             "max_k": self.max_k,
+            "duplicate_threshold": self.duplicate_threshold,
         }
 
 
@@ -178,6 +181,7 @@ def parse_endpoint(path: Path) -> EndpointSpec:
         default_k=default_k,
         max_k=max_k,
         path=path,
+        duplicate_threshold=f.number("duplicates.threshold", 0.55, 0.01, 1.0),
     )
     f.check_unknown()
     return spec

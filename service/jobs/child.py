@@ -52,9 +52,23 @@ def run_job(
     version: str,
     fine_tune: str,
     kind: str,
+    on_duplicate: str = "allow",
 ) -> Work:
     """Run `work` (below) in a child process; the same result or exception as running it here."""
-    return run_in_child(settings, spec, on_progress, work, zip_path, on_progress, version, fine_tune, kind)
+    return run_in_child(
+        settings,
+        spec,
+        on_progress,
+        work,
+        zip_path,
+        on_progress,
+        version,
+        fine_tune,
+        kind,
+        None,
+        True,
+        on_duplicate,
+    )
 
 
 def run_in_child(
@@ -133,6 +147,7 @@ def work(
     kind: str,
     storage: Any = None,
     tensorflow: bool = True,
+    on_duplicate: str = "allow",
 ) -> Work:
     """A job's work: train (replace the catalog) or add items; in whichever process runs it.
     `tensorflow=False`: an add that would load TensorFlow raises changes.NeedsTensorFlow instead."""
@@ -142,10 +157,14 @@ def work(
             settings.storage_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
         )
     if kind == "add":
-        return changes.add_items(spec, zip_path, storage, settings, on_progress, fine_tune, tensorflow)
+        return changes.add_items(
+            spec, zip_path, storage, settings, on_progress, fine_tune, tensorflow, on_duplicate=on_duplicate
+        )
     if kind == "compact":
         return compaction.compact(spec, storage, settings, on_progress)
-    return train(spec, zip_path, storage, settings, on_progress, version, fine_tune)
+    return train(
+        spec, zip_path, storage, settings, on_progress, version, fine_tune, on_duplicate=on_duplicate
+    )
 
 
 _PROGRESS = "<progress>"  # stands for the progress callback among a child's arguments

@@ -57,7 +57,8 @@ class Fanout:
         self.isolate = isolate
 
     def plan(self, job_id: str, endpoint: str, kind: str, source: str, version: str | None,
-             fine_tune: str, report: ProgressFn) -> ShardPlan | None:  # fmt: skip
+             fine_tune: str, report: ProgressFn,
+             on_duplicate: str = "allow") -> ShardPlan | None:  # fmt: skip
         """The job's shards (planned once), or None: it runs on one worker."""
         bucket = self.storage.as_bucket()
         key = bucket.bucket_key(source) if bucket is not None else None
@@ -76,7 +77,7 @@ class Fanout:
         lease = job_lease_key(endpoint, job_id, created + self.settings.job_max_s)
         self.storage.write(lease, b"")
         spec = self.specs[endpoint]
-        args = (job_id, kind, key, version, fine_tune, created, report)
+        args = (job_id, kind, key, version, fine_tune, created, report, on_duplicate)
         try:
             # A train converts and checks the encoder (TensorFlow, in a child); an add plans on
             # the current version's converted encoder, here.
@@ -146,10 +147,13 @@ def plan_work(
     fine_tune: str,
     created: float,
     report: ProgressFn,
+    on_duplicate: str = "allow",
 ) -> ShardPlan | None:
     """Where TensorFlow may load: plan the job (module level: a child process runs it)."""
     storage = _storage(settings)
-    return sharded.plan(spec, storage, settings, job_id, kind, source, version, fine_tune, created, report)
+    return sharded.plan(
+        spec, storage, settings, job_id, kind, source, version, fine_tune, created, report, on_duplicate
+    )
 
 
 def reduce_work(settings: Settings, spec: EndpointSpec, job_id: str, report: ProgressFn) -> Result:
@@ -185,6 +189,7 @@ def _finish_job(
             shard_plan.fine_tune,
             True,
             gathered,
+            shard_plan.on_duplicate,
         )
     return train(
         spec,
@@ -195,6 +200,7 @@ def _finish_job(
         shard_plan.version,
         shard_plan.fine_tune,
         gathered,
+        shard_plan.on_duplicate,
     )
 
 

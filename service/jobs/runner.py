@@ -75,6 +75,8 @@ class Job:
     skipped: list[dict[str, str]] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
     fine_tune: str = "auto"
+    on_duplicate: str = "allow"  # a train's or add's duplicates: allow | flag | skip (training/screen.py)
+    options: dict[str, Any] = field(default_factory=dict)  # a duplicate report's threshold
     evaluation: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)  # the runtime that serves its version, and why
     source: str | None = None  # s3:// URI of the zip, for jobs that run elsewhere
@@ -131,8 +133,10 @@ class JobStore:
         return Job(**{k: v for k, v in data.items() if k in known})
 
 
-# train(endpoint, zip_path, on_progress, version, fine_tune, kind) -> TrainResult (or ChangeResult)
-TrainFn = Callable[[str, Path, Callable[[Progress], None], str, str, str], TrainResult | ChangeResult]
+# train(endpoint, zip, on_progress, version, fine_tune, kind, on_duplicate) -> TrainResult or ChangeResult
+TrainFn = Callable[[str, Path, Callable[[Progress], None], str, str, str, str], TrainResult | ChangeResult]
+# reporter(job, on_progress) -> the job's outcome (status, version, counts): a duplicate report
+Reporter = Callable[["Job", Callable[[Progress], None]], dict[str, Any]]
 # fetch(s3 uri, local path): download a job's zip
 FetchFn = Callable[[str, Path], None]
 
@@ -178,6 +182,7 @@ class JobRunner:
         queue: Queue | None = None,
         on_success: Callable[[str, TrainResult | ChangeResult], None] | None = None,
         fanout: Fanout | None = None,
+        reporter: Reporter | None = None,
         progress_interval_s: float = 0.5,
         final_save_retry_s: float = 600,
         stale_after_s: float = 600,
@@ -190,6 +195,7 @@ class JobRunner:
         self.queue = queue
         self.on_success = on_success  # e.g. queue a compaction the change made due
         self.fanout = fanout  # the worker tier's shards (a queue and an S3 store)
+        self.reporter = reporter  # runs a duplicate report (kind "duplicates")
         self.progress_interval_s = progress_interval_s
         self.final_save_retry_s = final_save_retry_s
         self.stale_after_s = stale_after_s
@@ -211,6 +217,8 @@ class JobRunner:
         source: str | None = None,
         fine_tune: str = "auto",
         kind: str = "train",
+        on_duplicate: str = "allow",
+        options: dict[str, Any] | None = None,
     ) -> Job:
         """Create a job for a zip on this machine (`zip_path`, deleted when done) or in S3 (`source`)."""
         # The version is named now, not when the job starts: a zip queued behind another job is
@@ -220,6 +228,8 @@ class JobRunner:
             endpoint=endpoint,
             kind=kind,
             fine_tune=fine_tune,
+            on_duplicate=on_duplicate,
+            options=dict(options or {}),
             source=source,
             # A change is named when it publishes: it is built on whatever is current then.
             version=versions.new_version_id() if kind == "train" else None,
@@ -429,13 +439,25 @@ class JobRunner:
                 raise _Done
             if plan and job.source is not None and self.fanout is not None:
                 planned = self.fanout.plan(
-                    job.id, job.endpoint, job.kind, job.source, job.version, job.fine_tune, on_progress
+                    job.id,
+                    job.endpoint,
+                    job.kind,
+                    job.source,
+                    job.version,
+                    job.fine_tune,
+                    on_progress,
+                    job.on_duplicate,
                 )
                 if planned is not None:  # handed to the shards once stored (below)
                     shard_plan = planned
                     outcome = {"status": "running", "stage": "embed", "done": 0, "total": planned.images}
                     outcome["shards"] = fanout.describe(planned)
                     raise _Done
+            if job.kind == "duplicates":  # a report reads the served version only
+                if self.reporter is None:
+                    raise TrainingError("this instance does not run duplicate reports")
+                outcome = self.reporter(job, on_progress)
+                raise _Done
             if zip_path is None and job.kind != "compact":  # a compaction reads the store only
                 if job.source is None or self.fetch is None:
                     raise TrainingError("the job has no zip to train from")
@@ -451,6 +473,7 @@ class JobRunner:
                 job.version or versions.new_version_id(),
                 job.fine_tune,
                 job.kind,
+                job.on_duplicate,
             )
             outcome = self._outcome(result)
         except _Done:
@@ -487,7 +510,7 @@ class JobRunner:
                 setattr(job, name, value)
         if shard_plan is not None:  # planned into shards: the record first, then the shards
             return self._hand_over(job, shard_plan)
-        if outcome["status"] == "succeeded":
+        if outcome["status"] == "succeeded" and job.kind != "duplicates":
             self._succeeded(job.endpoint, result)
         metrics.JOBS.labels(job.kind, outcome["status"]).inc()
         metrics.JOB_SECONDS.labels(job.kind).observe(time.monotonic() - job_started)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.catalog import images, ingest
+from service.catalog import descriptor, images, ingest
 from service.catalog.evaluation import evaluate
+from service.catalog.head import HeadEncoder, thumbnails
 from service.core import metrics
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec
@@ -47,10 +49,12 @@ def embed_uploads(
     uploads: list[tuple[str, bytes]],
     max_pixels: int,
     allowed: Collection[str] | None = None,
+    backbone: list[np.ndarray] | None = None,
 ) -> np.ndarray:
     """Decode every upload (filename, bytes) and embed them, in forward passes of at most
     FORWARD_CHUNK images; at most DECODE_SLOTS decodes run at once in this process (a decode's
-    memory is bounded by the image budget, so this bounds the process's)."""
+    memory is bounded by the image budget, so this bounds the process's). `backbone`: a list the
+    backbone's vectors are appended to as well (what duplicates are judged on)."""
     size = loaded.encoder.input_size
     arrays = []
     for filename, data in uploads:
@@ -62,7 +66,19 @@ def embed_uploads(
             raise BadImageError(f"{filename}: {exc.message}") from None
         metrics.IMAGES_DECODED.labels("ok").inc()
     chunks = [np.stack(arrays[i : i + FORWARD_CHUNK]) for i in range(0, len(arrays), FORWARD_CHUNK)]
-    return np.concatenate([loaded.encoder.encode(chunk) for chunk in chunks])
+    if backbone is None:
+        return np.concatenate([loaded.encoder.encode(chunk) for chunk in chunks])
+    encoder = loaded.encoder
+    served = []
+    for chunk in chunks:
+        if isinstance(encoder, HeadEncoder):
+            vectors = encoder.backbone.encode(chunk)
+            served.append(encoder.head.embed(vectors, thumbnails(chunk, encoder.head.thumbnail)))
+        else:
+            vectors = encoder.encode(chunk)
+            served.append(vectors)
+        backbone.extend(vectors)
+    return np.concatenate(served)
 
 
 def matches(loaded: LoadedVersion, hits: list[Hit], image_url: ImageUrlFn) -> list[dict[str, Any]]:
@@ -105,11 +121,54 @@ def search_images(
     image_url: ImageUrlFn,
     allowed: Collection[str] | None = None,
     flt: filters.Filter | None = None,
+    duplicates: Duplicates | None = None,
 ) -> list[list[dict[str, Any]]]:
-    """The top-k matches for each uploaded image, best first; with a filter, only items it keeps."""
-    vectors = embed_uploads(loaded, uploads, max_pixels, allowed)
+    """The top-k matches for each uploaded image, best first; with a filter, only items it keeps;
+    with `duplicates`, each marked `duplicate` (or only those, `duplicates.only`)."""
+    backbone: list[np.ndarray] | None = None if duplicates is None else []
+    vectors = embed_uploads(loaded, uploads, max_pixels, allowed, backbone)
     mask = None if flt is None else filter_mask(flt)
-    return [matches(loaded, search(loaded.view, v, k, mask), image_url) for v in vectors]
+    if duplicates is None or backbone is None:
+        return [matches(loaded, search(loaded.view, v, k, mask), image_url) for v in vectors]
+    found = []
+    for vector, mine in zip(vectors, backbone, strict=True):
+        # Only-duplicates asks for more candidates: a copy ranks first by the descriptors, not
+        # always by the served vectors.
+        hits = search(loaded.view, vector, max(k, DUPLICATE_CANDIDATES) if duplicates.only else k, mask)
+        scores = duplicate_scores(loaded, mine, hits)
+        results = matches(loaded, hits, image_url)
+        for result, score in zip(results, scores, strict=True):
+            result["duplicate"] = bool(score >= duplicates.threshold)
+            result["duplicate_score"] = round(score, 6)
+        if duplicates.only:
+            results = sorted((r for r in results if r["duplicate"]), key=lambda r: -r["duplicate_score"])[:k]
+        found.append(results)
+    return found
+
+
+# Candidates an only-duplicates query re-scores (screen.CANDIDATES, for the same reason).
+DUPLICATE_CANDIDATES = 20
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """A query that marks duplicates: at or above `threshold`; `only`: return just those."""
+
+    threshold: float
+    only: bool = False
+
+
+def duplicate_scores(loaded: LoadedVersion, backbone: np.ndarray, hits: list[Hit]) -> list[float]:
+    """Each hit's duplicate score to a query: its whitened descriptors' cosine."""
+    head = loaded.manifest.head is not None
+    whitening = descriptor.of_view(loaded.view, head)
+    mine = whitening.apply(np.asarray(backbone, dtype=np.float32)[None, :])[0]
+    scores = []
+    for hit in hits:
+        segment = loaded.view.segments[hit.segment]
+        theirs = whitening.apply(descriptor.backbone_of(segment, head, np.array([hit.row])))[0]
+        scores.append(min(1.0, float(theirs @ mine)))
+    return scores
 
 
 # The most photos of one item `similar` searches with (an item may have up to MAX_PHOTOS_PER_ITEM).

@@ -32,7 +32,7 @@ from service.encoders import convert, litert
 from service.storage import Storage, versions
 from service.storage.blobs import BlobCache
 from service.storage.manifest import BlobRef, Manifest, SegmentRef
-from service.training import embedding, merge, steps
+from service.training import embedding, merge, screen, steps
 from service.training.base import Base, read_base
 from service.training.built import Built
 from service.training.cache import VectorCache
@@ -87,8 +87,11 @@ def add_items(
     fine_tune: str = "auto",
     tensorflow: bool = True,
     gathered: Gathered | None = None,
+    on_duplicate: str = "allow",
 ) -> ChangeResult:
     """Add the zip's images to the catalog; an item whose name exists already is replaced.
+    `on_duplicate`: flag (list) or skip (leave out) images that copy an item of the catalogue or an
+    earlier image of the zip (training/screen.py).
     `tensorflow=False`: raise NeedsTensorFlow rather than load it (a web worker's own thread).
     `gathered`: a sharded add's embedded images (the worker tier embedded them; `zip_path` unused).
 
@@ -123,6 +126,7 @@ def add_items(
             Path(tmp),
             fine_tune,
             report,
+            on_duplicate=on_duplicate,
         )
         if gathered is not None:
             add.embedded = gathered.embedded
@@ -131,7 +135,11 @@ def add_items(
             assert zf is not None
             add.embed(zf, first)
         report(Progress("publish", 0, 1))
-        result = publish_with_rebase(storage, spec, settings, add, cache)
+        try:
+            result = publish_with_rebase(storage, spec, settings, add, cache)
+        except Unchanged as same:  # on_duplicate=skip left out every image: nothing to publish
+            counts = {"items": [], "images": 0, "skipped": len(add.skipped), "duplicates": add.duplicates}
+            return ChangeResult(same.base.version, "add", [], same.base.manifest.count, counts, add.skipped)
         report(Progress("publish", 1, 1))
     return result
 
@@ -187,6 +195,8 @@ class AddItems:
     fine_tune: str
     report: ProgressFn
     embedded: embedding.Embedded = field(default_factory=embedding.Embedded)
+    on_duplicate: str = "allow"
+    duplicates: dict[str, Any] | None = None  # what screening found (on the last base built on)
 
     @property
     def retrain(self) -> bool:
@@ -240,10 +250,13 @@ class AddItems:
             self.thumb_dim,
             merge.reserver(self.storage, self.spec.name),
         )
+        new = self._screen(base, new)
         replaced = {} if base is None else _replaced(base, new)
         if not self.embedded.stored:  # a sharded add's workers stored the originals already
+            kept = {e["sha256"] for e in new.entries}  # screening may have left some out
             for accepted in self.embedded.accepted:
-                stager.image(self.embed_dir / accepted.image, accepted.sha256)
+                if accepted.sha256 in kept:
+                    stager.image(self.embed_dir / accepted.image, accepted.sha256)
         if self.retrain:
             segments, head, evaluation = self._rebuild(base, new, replaced, stager)
         else:
@@ -262,6 +275,25 @@ class AddItems:
             else set()
         )
         return Built(manifest, known, self._result(base, new, replaced, manifest, evaluation))
+
+    def _screen(self, base: Base | None, new: Catalog) -> Catalog:
+        """on_duplicate=flag|skip: the new images that copy an item of `base` (not the one they
+        replace) or an earlier image of the zip, listed; with skip, left out (all of them: the
+        version is not published, see Unchanged)."""
+        if self.on_duplicate == "allow":
+            return new
+        head = base is not None and base.head is not None
+        served = base.head.embed(new.backbone, new.thumbs) if base is not None and base.head else new.backbone
+        threshold = self.spec.duplicate_threshold
+        found = screen.screen(new, served, base.view if base else None, head, threshold)
+        self.duplicates = screen.describe(new, found, self.on_duplicate, threshold)
+        if self.on_duplicate != "skip" or not found:
+            return new
+        dropped = {d.row for d in found}
+        kept = new.take(np.array([r for r in range(new.count) if r not in dropped], dtype=np.int64))
+        if not kept.count:
+            raise Unchanged(base) if base is not None else TrainingError("every image was skipped")
+        return kept
 
     def _originals(self) -> list[Path]:
         return [self.embed_dir / a.image for a in self.embedded.accepted]
@@ -381,6 +413,7 @@ class AddItems:
             "reused": new.count - self.embedded.embedded,
             "skipped": len(self.skipped),
             "replaced": sorted(replaced),
+            **({"duplicates": self.duplicates} if self.duplicates is not None else {}),
         }
         return ChangeResult(
             "", "add", items, manifest.count, counts, self.skipped, evaluation, runtime=dict(manifest.runtime)

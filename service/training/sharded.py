@@ -102,6 +102,7 @@ class ShardPlan:
     created: float = field(default_factory=time.time)
     token: str = ""  # names this plan's member lists (a planner that lost the race wrote its own)
     names_sha: str = ""  # sha256 of the planned entries' names: every worker must plan the same
+    on_duplicate: str = "allow"  # what the reducer's train or add does with duplicates (screen.py)
 
     @property
     def key(self) -> str:
@@ -158,6 +159,7 @@ def plan(
     fine_tune: str,
     created: float,
     report: ProgressFn,
+    on_duplicate: str = "allow",
 ) -> ShardPlan | None:
     """Split a train or add (KINDS) of a zip in the bucket into shards of SHARD_IMAGES images, or
     None when it runs on one worker: a small zip, or no converted encoder to share (TensorFlow
@@ -186,6 +188,7 @@ def plan(
         kind=kind,
         version=version,
         fine_tune=fine_tune,
+        on_duplicate=on_duplicate,
         source=source,
         etag=etag,
         images=count,

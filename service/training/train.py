@@ -23,7 +23,7 @@ from service.encoders import convert, litert
 from service.storage import Storage, blobs, versions
 from service.storage.blobs import BlobCache
 from service.storage.manifest import BlobRef, Manifest
-from service.training import embedding, finetune, merge, steps
+from service.training import embedding, finetune, merge, screen, steps
 from service.training.base import Base, read_base
 from service.training.cache import VectorCache
 from service.training.diff import diff
@@ -54,6 +54,8 @@ class _Run:
     outcome: finetune.Outcome | None = None
     wants_head: bool = False  # the zip's labels call for a head (decided before embedding)
     lease: blobs.Lease | None = None  # held while it builds: checked before it publishes
+    on_duplicate: str = "allow"  # allow | flag | skip the zip's duplicates of each other (screen.py)
+    duplicates: dict[str, Any] | None = None  # what screening found
 
     @property
     def thumb_dim(self) -> int:
@@ -69,9 +71,11 @@ def train(
     version: str | None = None,
     fine_tune: str = "auto",
     gathered: Gathered | None = None,
+    on_duplicate: str = "allow",
 ) -> TrainResult:
     """Embed every image in the zip, fine-tune a head if the labels allow, index, and publish.
-    `gathered`: a sharded train's embedded images (the worker tier embedded them; `zip_path` unused)."""
+    `gathered`: a sharded train's embedded images (the worker tier embedded them; `zip_path` unused).
+    `on_duplicate`: flag (list) or skip (leave out) images that copy an older item of the zip."""
     run = _Run(
         spec,
         storage,
@@ -82,6 +86,7 @@ def train(
         on_progress or quiet,
         gathered.zip_name if gathered else Path(str(zip_path)).name,
         gathered=gathered,
+        on_duplicate=on_duplicate,
     )
     run.report(Progress("ingest", 0, 0))
     with (
@@ -108,6 +113,7 @@ def train(
             merge.reserver(storage, spec.name),
         )
         run.outcome = _fine_tune(run, catalog)
+        catalog = _screen(run, catalog)
         run.lease = held
         manifest = _publish(run, catalog, base, Path(tmp))
     steps.published(storage, settings, spec.name, run.version)
@@ -179,6 +185,26 @@ def _fine_tune(run: _Run, catalog: Catalog) -> finetune.Outcome:
     return outcome
 
 
+def _screen(run: _Run, catalog: Catalog) -> Catalog:
+    """on_duplicate=flag|skip: the zip's images that copy an older item of the same zip (a train
+    replaces the catalogue, so nothing else is older), listed; with skip, left out."""
+    if run.on_duplicate == "allow":
+        return catalog
+    run.report(Progress("duplicates", 0, catalog.count))
+    threshold = run.spec.duplicate_threshold
+    found = screen.screen(
+        catalog, catalog.vectors, None, run.outcome is not None and run.outcome.head is not None, threshold
+    )
+    run.duplicates = screen.describe(catalog, found, run.on_duplicate, threshold)
+    if run.on_duplicate == "skip" and found:
+        dropped = {d.row for d in found}
+        catalog = catalog.take(
+            np.array([r for r in range(catalog.count) if r not in dropped], dtype=np.int64)
+        )
+    run.report(Progress("duplicates", catalog.count, catalog.count))
+    return catalog
+
+
 def _publish(run: _Run, catalog: Catalog, base: Base | None, work: Path) -> Manifest:
     """Stage and publish; if changes to the same catalog were published meanwhile, apply them to
     this train's rows and publish again on the version that carries them."""
@@ -220,8 +246,10 @@ def _stage(run: _Run, catalog: Catalog, base: Base | None, stager: Stager) -> Ma
     assert run.encoder is not None and run.outcome is not None
     images_dir = stager.folder.parent / "images"
     if not run.embedded.stored:  # a sharded train's workers stored the originals already
+        kept = {e["sha256"] for e in catalog.entries}  # screening may have left some out
         for accepted in run.embedded.accepted:
-            stager.image(images_dir / Path(accepted.image).name, accepted.sha256)
+            if accepted.sha256 in kept:
+                stager.image(images_dir / Path(accepted.image).name, accepted.sha256)
     run.report(Progress("index", 0, catalog.count))
     segment = stager.segment(catalog, run.spec.n_trees, head=run.outcome.head is not None)
     head = stager.head(run.outcome.head) if run.outcome.head is not None else None
@@ -321,4 +349,5 @@ def _counts(run: _Run, manifest: Manifest) -> dict[str, Any]:
         "metadata_file": run.plan.metadata_file,
         "metadata_matched": len(run.plan.metadata),
         "metadata_unmatched": run.plan.metadata_unmatched,
+        **({"duplicates": run.duplicates} if run.duplicates is not None else {}),
     }

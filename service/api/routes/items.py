@@ -35,10 +35,10 @@ blp = Blueprint("items", __name__, url_prefix="/", description="Change the catal
 def add_items(name: str) -> Created:
     """Add items from a zip or from images; an existing name is replaced (runs in the background)"""
     require_multipart("a zip in field 'file', or images in field 'image'")
-    fine_tune = load(FineTuneSchema(), request.form.to_dict())["fine_tune"]
+    options = load(FineTuneSchema(), request.form.to_dict())
     upload = request.files.get("file")
     if upload is not None:
-        return submit_zip(name, upload.save, fine_tune, kind="add")
+        return submit_zip(name, upload.save, options, kind="add")
     parts = request.files.getlist("image")
     if not parts:
         raise InvalidParameterError(
@@ -53,7 +53,7 @@ def add_items(name: str) -> Created:
     def write(path: Path) -> None:
         svc().write_images_zip(path, images, label, metadata, item_name)
 
-    return submit_zip(name, write, fine_tune, kind="add")
+    return submit_zip(name, write, options, kind="add")
 
 
 def _metadata_field(text: str | None) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from service.api.context import svc, tokens
 from service.api.rules import Blueprint, accepts_upload, error_responses, requires
 from service.api.schemas import (
     ImageArgsSchema,
+    InferArgsSchema,
     InferFormSchema,
     InferResultSchema,
     SearchArgsSchema,
@@ -33,7 +34,7 @@ IMAGE_RESPONSES = {
 
 @blp.route("/<endpoint:name>/infer", methods=["POST"])
 @requires("query")
-@blp.arguments(SearchArgsSchema, location="query", as_kwargs=True)
+@blp.arguments(InferArgsSchema, location="query", as_kwargs=True)
 @blp.response(200, InferResultSchema)
 @blp.doc(
     requestBody={
@@ -47,11 +48,17 @@ IMAGE_RESPONSES = {
 )
 @accepts_upload("max_image_mb")
 def infer(
-    name: str, k: int | None = None, label: list[str] | None = None, where: str | None = None
+    name: str,
+    k: int | None = None,
+    label: list[str] | None = None,
+    where: str | None = None,
+    duplicates: bool = False,
+    duplicates_only: bool = False,
 ) -> Response:
-    """The top-k indexed images most similar to each uploaded image (optionally filtered)"""
+    """The top-k indexed images most similar to each uploaded image (optionally filtered; with
+    duplicates=true each marked `duplicate`, with duplicates_only=true only those)"""
     service = svc()
-    args = service.search_args(name, k, label, where)
+    args = service.search_args(name, k, label, where, duplicates, duplicates_only)
     request.max_form_parts = service.settings.max_infer_images + 8  # the parser stops there
     uploads, batched = _read_images()
     require_whole_body()

@@ -66,23 +66,28 @@ def train_any() -> Created:
 def _start_training(name: str) -> Created:
     if request.mimetype == "application/json":
         args = load(TrainSourceSchema(), json_object())
-        return created(name, svc().start_job_from_source(name, args["source"], args["fine_tune"]))
+        job = svc().start_job_from_source(name, args["source"], args["fine_tune"], args["on_duplicate"])
+        return created(name, job)
     require_multipart("a zip in field 'file' (or JSON with an s3:// 'source')")
-    fine_tune = load(FineTuneSchema(), request.form.to_dict())["fine_tune"]
+    options = load(FineTuneSchema(), request.form.to_dict())
     upload = request.files.get("file")
     if upload is None:
         raise InvalidParameterError(
             "missing multipart field 'file' (a zip of images)",
             errors={"file": ["Missing data for required field."]},
         )
-    return submit_zip(name, upload.save, fine_tune)
+    return submit_zip(name, upload.save, options)
 
 
-def submit_zip(name: str, write: Callable[[Path], object], fine_tune: str, kind: str = "train") -> Created:
-    """Write the upload to this instance's disk and start a job on it (checked first: 422, 413)."""
+def submit_zip(
+    name: str, write: Callable[[Path], object], options: dict[str, str], kind: str = "train"
+) -> Created:
+    """Write the upload to this instance's disk and start a job on it (checked first: 422, 413);
+    `options`: the form's fine_tune and on_duplicate."""
     path = svc().new_upload_path()
     save_upload(write, path)
-    return created(name, svc().start_job(name, path, fine_tune, kind))
+    job = svc().start_job(name, path, options["fine_tune"], kind, options["on_duplicate"])
+    return created(name, job)
 
 
 def created(name: str, job: Job) -> Created:

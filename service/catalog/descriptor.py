@@ -1,0 +1,92 @@
+"""What duplicates are judged on: each image's backbone vector, PCA-whitened on the catalogue's own
+vectors (Jégou and Chum, "Negative evidences and co-occurrences in image retrieval", ECCV 2012).
+
+Neither the served vectors nor the raw backbone separate a copy from another item of the same
+kind well: a fine-tuned head is trained to pull a class together (near-duplicates score no higher
+than hard negatives), and the backbone's strongest directions describe the kind of thing, which
+every item of a class shares. Whitening divides each principal direction by its spread, so the
+rarer, item-specific detail counts as much as the shared shape (`make bench` part `duplicates`:
+recall at precision 0.95 rises from 0.62 raw to 0.9+ whitened on the planted set).
+
+A version's whitening is fitted on its largest segment (the compacted base: every process that
+opens the version fits the same one) from at most SAMPLE of its rows, with their mirrored images'
+vectors when the segment keeps them, and cached on that segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.catalog.segment import Segment
+from service.catalog.view import View
+
+# Principal directions kept (fewer when the backbone or the sample is smaller), the largest
+# sample fitted on, and the regulariser added to each direction's variance (a share of the largest:
+# without it the noisiest directions, divided by almost nothing, would dominate).
+DIMS = 512
+SAMPLE = 20_000
+EPSILON = 1e-3
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """x -> unit((x - mean) @ projection)."""
+
+    mean: np.ndarray  # float32 [D]
+    projection: np.ndarray  # float32 [D, d]
+
+    @property
+    def dim(self) -> int:
+        return int(self.projection.shape[1])
+
+    def apply(self, backbone: np.ndarray) -> np.ndarray:
+        """Unit descriptors (float32 [n, d]) of backbone vectors (float32 [n, D])."""
+        out = (np.asarray(backbone, dtype=np.float32) - self.mean) @ self.projection
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+
+def fit(backbone: np.ndarray, mirrored: np.ndarray | None = None) -> Whitening:
+    """The whitening of these vectors (their mirrored images' too, when given: a copy's mirror
+    image should move nothing the whitening weighs heavily)."""
+    x = np.asarray(backbone, dtype=np.float64)
+    if mirrored is not None and len(mirrored):
+        x = np.concatenate([x, np.asarray(mirrored, dtype=np.float64)])
+    if len(x) < 2:
+        dim = x.shape[1] if x.ndim == 2 else 0
+        return Whitening(np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32))
+    mean = x.mean(axis=0)
+    centred = x - mean
+    covariance = centred.T @ centred / len(x)
+    values, vectors = np.linalg.eigh(covariance)  # ascending
+    keep = min(DIMS, x.shape[1], len(x) - 1)
+    values, vectors = values[::-1][:keep], vectors[:, ::-1][:, :keep]
+    values = np.maximum(values, 0.0) + EPSILON * max(float(values[0]), 1e-12)
+    projection = vectors / np.sqrt(values)
+    return Whitening(mean.astype(np.float32), projection.astype(np.float32))
+
+
+def sample_rows(rows: int) -> np.ndarray:
+    """The rows a whitening is fitted on: evenly spread, the same in every process."""
+    return np.unique(np.linspace(0, rows - 1, min(rows, SAMPLE)).round().astype(np.int64))
+
+
+def backbone_of(segment: Segment, head: bool, rows: np.ndarray) -> np.ndarray:
+    """float32 backbone vectors of a segment's rows (`head`: its version has a head)."""
+    return segment.training_inputs(head, rows)[0]
+
+
+def of_view(view: View, head: bool) -> Whitening:
+    """The version's whitening (see the module's docstring), cached on its largest segment."""
+    largest = max(view.segments, key=lambda s: s.rows, default=None)
+    if largest is None or largest.rows == 0:
+        dim = view.manifest.dim
+        return Whitening(np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32))
+    cached = largest.__dict__.get("_whitening")
+    if cached is None:
+        rows = sample_rows(largest.rows)
+        backbone, _, mirrored = largest.training_inputs(head, rows)
+        cached = largest.__dict__["_whitening"] = fit(backbone, mirrored)
+    return cached

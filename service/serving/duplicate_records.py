@@ -1,0 +1,69 @@
+"""Where duplicate reports and "not duplicates" marks are kept in the store: a report beside its
+job's record (`jobs/<id>/report.json`, written once by the job), the marks per endpoint
+(`<endpoint>/duplicates/ignored.json`, changed by compare-and-swap so two people marking at once
+both count)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from service.catalog.duplicates import Ignored
+from service.core.errors import ConflictError, InvalidParameterError
+from service.storage import KeyNotFoundError, Storage
+
+# Marks kept per endpoint, and items per mark (a person marks one report group at a time).
+MAX_MARKS = 10_000
+MAX_MARK_ITEMS = 1_000
+
+
+def report_key(job_id: str) -> str:
+    return f"jobs/{job_id}/report.json"
+
+
+def save_report(storage: Storage, job_id: str, report: dict[str, Any]) -> None:
+    storage.write(report_key(job_id), json.dumps(report).encode())
+
+
+def load_report(storage: Storage, job_id: str) -> dict[str, Any]:
+    return dict(json.loads(storage.read(report_key(job_id))))
+
+
+def ignored_key(endpoint: str) -> str:
+    return f"{endpoint}/duplicates/ignored.json"
+
+
+def read_marks(storage: Storage, endpoint: str) -> list[list[int]]:
+    try:
+        return [list(map(int, group)) for group in json.loads(storage.read(ignored_key(endpoint)))]
+    except KeyNotFoundError:
+        return []
+
+
+def ignored(storage: Storage, endpoint: str) -> Ignored:
+    return Ignored(read_marks(storage, endpoint))
+
+
+def mark_not_duplicates(storage: Storage, endpoint: str, items: list[int]) -> list[list[int]]:
+    """Remember that these items are not duplicates of each other; returns every mark."""
+    group = sorted(set(items))
+    if not 2 <= len(group) <= MAX_MARK_ITEMS:
+        raise InvalidParameterError(
+            f"mark between 2 and {MAX_MARK_ITEMS} distinct items, got {len(group)}",
+            errors={"ids": ["Name 2 or more distinct items."]},
+        )
+    key = ignored_key(endpoint)
+    for _ in range(10):
+        try:
+            data, tag = storage.read_tagged(key)
+            marks = [list(map(int, g)) for g in json.loads(data)]
+        except KeyNotFoundError:
+            marks, tag = [], None
+        if group in marks:
+            return marks
+        if len(marks) >= MAX_MARKS:
+            raise ConflictError(f"{endpoint} has {MAX_MARKS} 'not duplicates' marks already")
+        marks.append(group)
+        if storage.write_if(key, json.dumps(marks).encode(), tag):
+            return marks
+    raise ConflictError(f"{endpoint}: the marks kept changing; try again")
