@@ -45,7 +45,7 @@ def test_train_then_query(env: dict[str, str], photos_zip: Path, tmp_path: Path)
     assert body["results"][0]["image_url"].startswith("file://")
 
     # The photos come in variants (resized, recompressed...): duplicates of each other (issue 22).
-    twins = cli("duplicates", "food", "--threshold", "0.9", env=env)
+    twins = cli("duplicates", "food", env=env)
     assert twins.returncode == 0, twins.stderr
     report = json.loads(twins.stdout)
     assert report["version"] == result["version"] and report["groups"]
@@ -55,7 +55,7 @@ def test_train_then_query(env: dict[str, str], photos_zip: Path, tmp_path: Path)
         assert group["items"][0]["score"] == 1.0
     table = tmp_path / "twins.csv"
     assert cli("duplicates", "food", "--csv", str(table), env=env).returncode == 0
-    assert table.read_text().splitlines()[0] == "group,exact,keeper,id,name,label,score"
+    assert table.read_text().splitlines()[0] == "group,keeper,exact,id,name,label,score,metadata,image_url"
     refused = cli("duplicates", "food", "--threshold", "1.5", env=env)
     assert refused.returncode == 2 and "threshold" in refused.stderr
 

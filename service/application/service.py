@@ -215,7 +215,8 @@ class Service:
         chosen = duplicates.check_threshold(
             served.spec.duplicate_threshold if threshold is None else threshold
         )
-        served.current()
+        if versions.read_current(self.storage, name).version is None:
+            raise ConflictError(f"{name} has no trained version to report on; train it first")
         return self.jobs.submit(name, kind="duplicates", options={"threshold": chosen})
 
     def run_duplicates(self, job: Job, progress: ProgressFn) -> dict[str, Any]:

@@ -63,12 +63,13 @@ def report(
                     progress("describe", index.count, count * (2 if mirrors else 1))
         progress("index", 0, 1)
         index.build()
+        cutoff = whitening.cosine(threshold)
         grouper = Grouper(items, ignored)
         grouper.join_equal(np.concatenate([np.asarray(s.digests) for s in view.segments]))
         for n in range(index.count):
             row = live_rows[n % count]
             for other, cosine in index.neighbours(n, NEIGHBOURS):
-                if cosine >= threshold:
+                if cosine >= cutoff:
                     grouper.join(int(row), int(live_rows[other % count]))
             if n % 5000 == 0:
                 progress("compare", n, index.count)
@@ -80,7 +81,7 @@ def report(
             best = float(a @ b)
             if mirrors:
                 best = max(best, float(index.vector(position[keeper] + count) @ b))
-            return min(1.0, best)
+            return whitening.score(best)
 
         out = []
         for group in grouper.groups():

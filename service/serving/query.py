@@ -167,7 +167,7 @@ def duplicate_scores(loaded: LoadedVersion, backbone: np.ndarray, hits: list[Hit
     for hit in hits:
         segment = loaded.view.segments[hit.segment]
         theirs = whitening.apply(descriptor.backbone_of(segment, head, np.array([hit.row])))[0]
-        scores.append(min(1.0, float(theirs @ mine)))
+        scores.append(whitening.score(float(theirs @ mine)))
     return scores
 
 

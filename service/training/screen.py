@@ -77,11 +77,11 @@ def against_catalogue(
             top = int(np.argmax(scores))
             if best is None or scores[top] > best[0]:
                 best = (float(scores[top]), s, rows[top])
-        if best is not None and best[0] >= threshold:
+        if best is not None and whitening.score(best[0]) >= threshold:
             segment = base.segments[best[1]]
             entry = segment.entry(best[2])
             name = entry.get("item_name") or segment.names[best[2]]
-            found.append(Duplicate(row, int(segment.items[best[2]]), name, min(1.0, best[0]), False))
+            found.append(Duplicate(row, int(segment.items[best[2]]), name, whitening.score(best[0]), False))
     return found
 
 
@@ -105,7 +105,7 @@ def within(
             index.build()
             for n in range(len(rows)):
                 for other, cosine in index.neighbours(n):
-                    if cosine >= threshold:
+                    if cosine >= whitening.cosine(threshold):
                         grouper.join(n, other)
         finally:
             index.close()
@@ -113,7 +113,7 @@ def within(
     for group in grouper.groups():
         keeper = group[0]
         for n in group[1:]:
-            score = min(1.0, float(mine[n] @ mine[keeper]))
+            score = whitening.score(float(mine[n] @ mine[keeper]))
             found.append(
                 Duplicate(
                     int(rows[n]), int(new.items[rows[keeper]]), new.item_name(int(rows[keeper])), score, True
