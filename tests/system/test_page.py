@@ -583,3 +583,43 @@ def test_every_control_has_an_accessible_name_and_the_keyboard_reaches_it(pages:
     page.keyboard.press("Escape")
     expect(page.locator("#item-dialog")).to_be_hidden()
     assert page.evaluate("document.activeElement.getAttribute('aria-label') || ''").startswith("Details of")
+
+
+def test_duplicates_show_as_rows_of_photos_and_a_group_is_deleted_but_its_keeper(pages: Pages) -> None:
+    page = pages.open()
+    before = page.locator("#versions-body tr.current").get_attribute("data-version")
+    page.get_by_role("button", name="Find duplicates").click()
+    expect(page.locator("#dup-status")).to_contain_text(f"in version {before}")
+    groups = page.locator("#dup-groups > li")
+    expect(groups.first).to_be_visible()
+    assert groups.count() >= 2, "the demo photos' variants make several groups"
+    first = groups.first
+    wait_loaded(page, "#dup-groups > li:first-child .dup-item:nth-child(2) img")
+    photos = first.locator(".dup-item")
+    ids = [int(t.split("#")[1]) for t in photos.locator("label").all_inner_texts()]
+    assert ids[0] == min(ids) and len(ids) >= 2
+    expect(photos.nth(1)).to_contain_text("score ")
+
+    # Keep the second one instead of the oldest; the others go in one batch delete, confirmed.
+    photos.nth(1).get_by_role("radio").check()
+    first.get_by_role("button", name="Delete all but the one kept").click()
+    doomed = [i for i in ids if i != ids[1]]
+    confirm = first.get_by_role("button", name=re.compile(r"^Yes, delete"))
+    expect(confirm).to_contain_text(", ".join(f"#{i}" for i in doomed))
+    confirm.click()
+    expect(first.locator(".dup-result")).to_contain_text(f"Deleted {len(doomed)}")
+    expect(page.locator("#versions-body tr.current")).not_to_have_attribute("data-version", before)
+    expect(page.locator("#versions-body tr.current td").nth(1)).to_have_text("delete")
+
+    # Another group: not duplicates, remembered by the service.
+    second = groups.nth(1)
+    marked = [int(t.split("#")[1]) for t in second.locator(".dup-item label").all_inner_texts()]
+    second.get_by_role("button", name="Not duplicates").click()
+    expect(second.locator(".dup-result")).to_contain_text("Marked as not duplicates")
+    stored = requests.get(
+        f"{pages.server.url}/food/duplicates/ignored", headers=auth(QUERY), timeout=10
+    ).json()["ignored"]
+    assert sorted(marked) in stored
+
+    page.get_by_role("button", name=f"Roll back to {before}").click()  # as the other tests found it
+    expect(page.locator("#versions-body tr.current")).to_have_attribute("data-version", before)

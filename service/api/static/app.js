@@ -12,6 +12,7 @@ import { addCondition } from "./filters.js";
 import { cancelRefresh, refreshView, runView, setPhoto, showSimilar } from "./search.js";
 import { armDelete, deleteItem, saveEdit } from "./item.js";
 import { submitAdd, submitTrain } from "./jobs.js";
+import { findDuplicates } from "./duplicates.js";
 
 function firstImage(items) {
   for (const item of items || []) {
@@ -80,6 +81,7 @@ function wire() {
   $("item-delete-confirm").addEventListener("click", deleteItem);
   $("edit-form").addEventListener("submit", saveEdit);
   $("train-form").addEventListener("submit", submitTrain);
+  $("dup-form").addEventListener("submit", findDuplicates);
   $("add-form").addEventListener("submit", submitAdd);
 }
 

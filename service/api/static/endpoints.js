@@ -5,6 +5,7 @@ import { api } from "./api.js";
 import { $, el, formatTime, showError } from "./dom.js";
 import { refreshView } from "./search.js";
 import { loadVersions } from "./versions.js";
+import { resetDuplicates } from "./duplicates.js";
 
 export async function loadEndpoints() {
   let data;
@@ -58,6 +59,7 @@ export async function chooseEndpoint(name, userChoice = true) {
     state.labels.clear();
     state.fields.clear();
     state.view = state.photo ? { kind: "photo" } : null;
+    resetDuplicates();
   }
   applyInfo(state.endpoints.find((e) => e.name === name));
   loadVersions();
