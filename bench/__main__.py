@@ -10,7 +10,17 @@ from datetime import UTC, datetime
 
 from service.core.config import ROOT
 
-SECTIONS = ("quality", "perf", "filters", "lifecycle", "size", "fanout", "capacity", "duplicates", "reliability")
+SECTIONS = (
+    "quality",
+    "perf",
+    "filters",
+    "lifecycle",
+    "size",
+    "fanout",
+    "capacity",
+    "duplicates",
+    "reliability",
+)
 
 
 def main(names: list[str]) -> None:

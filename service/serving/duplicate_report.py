@@ -74,13 +74,13 @@ def report(
             if n % 5000 == 0:
                 progress("compare", n, index.count)
         progress("compare", index.count, index.count)
-        position = {int(r): n for n, r in enumerate(live_rows.tolist())}
 
         def score(keeper: int, row: int) -> float:
-            a, b = index.vector(position[keeper]), index.vector(position[row])
+            mine, theirs = (int(np.searchsorted(live_rows, r)) for r in (keeper, row))  # its id
+            a, b = index.vector(mine), index.vector(theirs)
             best = float(a @ b)
             if mirrors:
-                best = max(best, float(index.vector(position[keeper] + count) @ b))
+                best = max(best, float(index.vector(mine + count) @ b))
             return whitening.score(best)
 
         out = []
