@@ -28,7 +28,8 @@ from service.catalog.images import to_input
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.serving.registry import load_version
-from service.storage import versions
+from service.serving.search import search
+from service.storage.blobs import BlobCache
 from service.storage.local import LocalStorage
 from service.training import train as training
 from service.training.head_fit import TrainingData, train_head
@@ -136,12 +137,12 @@ def run() -> dict[str, Any]:
         started = time.perf_counter()
         result = training.train(spec, zip_path, store, local, fine_tune="always")
         train_s = time.perf_counter() - started
-        loaded = load_version(store, spec, result.version, local)
+        loaded = load_version(store, spec, result.version, local, BlobCache(store, local.cache_dir))
         assert isinstance(loaded.encoder, HeadEncoder)
-        prefix = versions.version_prefix("fashion", result.version)
-        published = np.load(store.local_path(prefix + "vectors.npy"), allow_pickle=False)
-        names = [loaded.names[i] for i in range(loaded.count)]
-        order = np.array([int(Path(n).stem) for n in names])  # ids follow the zip's sorted names
+        (segment,) = loaded.view.segments  # a train writes one segment
+        published = np.asarray(segment.vectors, dtype=np.float32)
+        names = [segment.names[i] for i in range(segment.rows)]
+        order = np.array([int(Path(n).stem) for n in names])  # rows follow the zip's sorted names
         database = np.empty_like(published)
         database[order] = published
         queries = np.concatenate(
@@ -158,7 +159,7 @@ def run() -> dict[str, Any]:
             train_s,
         )
         annoy = evaluate(
-            lambda q, k: np.array([[order[n.id] for n in loaded.index.query(v, k)] for v in q]),
+            lambda q, k: np.array([[order[h.row] for h in search(loaded.view, v, k)] for v in q]),
             train_y,
             queries,
             test_y,

@@ -236,11 +236,14 @@ class Segment:
         if backbone is None:
             if head:
                 raise IntegrityError(f"segment {self.ref.id} keeps no backbone vectors")
-            backbone = self.vectors  # without a head, the served vectors are the backbone's
+            # Without a head the served vectors are the backbone's: an indexed segment's read from
+            # the index's memory map row by row (never the whole matrix copied for a few rows).
+            index = self.index
+            served = index.item_vectors(picked) if index is not None else self.vectors[picked]
         thumbs = self._array("thumbs")
         mirrored = self._array("mirrored")
         return (
-            np.asarray(backbone[picked], dtype=np.float32),
+            np.asarray(served if backbone is None else backbone[picked], dtype=np.float32),
             np.zeros((len(picked), 0), np.float32)
             if thumbs is None
             else np.asarray(thumbs[picked], dtype=np.float32),
