@@ -15,8 +15,8 @@ whitened one's, score = (c - RAW_FLOOR) / (1 - RAW_FLOOR), so one threshold mean
 at every size.
 
 A version's whitening is fitted on its largest segment (the compacted base: every process that
-opens the version fits the same one) from at most SAMPLE of its rows, with their mirrored images'
-vectors when the segment keeps them, and cached on that segment.
+opens the version fits the same one) from at most SAMPLE of its rows, evenly spread, with their
+mirrored images' vectors when the segment keeps them, and cached on that segment.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from service.catalog.view import View
 # sample fitted on, and the regulariser added to each direction's variance (a share of the largest:
 # without it the noisiest directions, divided by almost nothing, would dominate).
 DIMS = 512
-SAMPLE = 20_000
+SAMPLE = 10_000
+CHUNK = 2048  # rows centred at a time while fitting
 EPSILON = 1e-3
 MIN_FIT = 1_000
 RAW_FLOOR = 0.8
@@ -71,17 +72,22 @@ class Whitening:
 
 def fit(backbone: np.ndarray, mirrored: np.ndarray | None = None) -> Whitening:
     """The whitening of these vectors (their mirrored images' too, when given: a copy's mirror
-    image should move nothing the whitening weighs heavily)."""
-    x = np.asarray(backbone, dtype=np.float64)
-    if len(x) < MIN_FIT:
-        return raw(x.shape[1])
-    if mirrored is not None and len(mirrored):
-        x = np.concatenate([x, np.asarray(mirrored, dtype=np.float64)])
-    mean = x.mean(axis=0)
-    centred = x - mean
-    covariance = centred.T @ centred / len(x)
+    image should move nothing the whitening weighs heavily). Memory: the vectors given, plus a
+    chunk of them in float64 at a time and the D x D covariance."""
+    if len(backbone) < MIN_FIT:
+        return raw(backbone.shape[1])
+    parts = [backbone] if mirrored is None or not len(mirrored) else [backbone, mirrored]
+    count = sum(len(p) for p in parts)
+    mean = sum(np.asarray(p, dtype=np.float64).sum(axis=0) for p in parts) / count
+    dim = backbone.shape[1]
+    covariance = np.zeros((dim, dim))
+    for part in parts:
+        for start in range(0, len(part), CHUNK):
+            centred = np.asarray(part[start : start + CHUNK], dtype=np.float64) - mean
+            covariance += centred.T @ centred
+    covariance /= count
     values, vectors = np.linalg.eigh(covariance)  # ascending
-    keep = min(DIMS, x.shape[1], len(x) - 1)
+    keep = min(DIMS, dim, count - 1)
     values, vectors = values[::-1][:keep], vectors[:, ::-1][:, :keep]
     values = np.maximum(values, 0.0) + EPSILON * max(float(values[0]), 1e-12)
     projection = vectors / np.sqrt(values)
