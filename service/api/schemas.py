@@ -7,6 +7,20 @@ from typing import Any
 from marshmallow import Schema, fields, post_dump, validate
 
 
+def on_duplicate_field() -> fields.String:
+    """A job's `on_duplicate` (the form of /train and /items, and /train's JSON)."""
+    return fields.String(
+        load_default="allow",
+        validate=validate.OneOf(["allow", "flag", "skip"]),
+        metadata={
+            "description": "New images that copy an item (the catalogue's, for /items; an older "
+            "one of the same zip, for both) at or above the endpoint's duplicate threshold: allow "
+            "(add them), flag (add them, listed in the job's counts.duplicates) or skip (leave them "
+            "out, listed)"
+        },
+    )
+
+
 class KArgsSchema(Schema):
     k = fields.Integer(
         validate=validate.Range(min=1),
@@ -83,15 +97,7 @@ class TrainFormSchema(Schema):
             "description": "A zip of images; folders are labels; optional metadata.csv/jsonl",
         },
     )
-    on_duplicate = fields.String(
-        load_default="allow",
-        validate=validate.OneOf(["allow", "flag", "skip"]),
-        metadata={
-            "description": "Images that copy an item (the catalogue's, for /items; the same zip's, "
-            "for both) at or above the endpoint's duplicate threshold: allow (add them), flag (add "
-            "them and list them in the job's counts.duplicates) or skip (leave them out, listed)"
-        },
-    )
+    on_duplicate = on_duplicate_field()
 
 
 class TrainAnyFormSchema(TrainFormSchema):
@@ -268,19 +274,11 @@ class HealthSchema(Schema):
         return {key: value for key, value in data.items() if value is not None}
 
 
-class FineTuneSchema(Schema):
+class JobOptionsSchema(Schema):
     """A job's form fields besides the zip."""
 
     fine_tune = fields.String(load_default="auto", validate=validate.OneOf(["auto", "always", "never"]))
-    on_duplicate = fields.String(
-        load_default="allow",
-        validate=validate.OneOf(["allow", "flag", "skip"]),
-        metadata={
-            "description": "Images that copy an item (the catalogue's, for /items; the same zip's, "
-            "for both) at or above the endpoint's duplicate threshold: allow (add them), flag (add "
-            "them and list them in the job's counts.duplicates) or skip (leave them out, listed)"
-        },
-    )
+    on_duplicate = on_duplicate_field()
 
 
 class TrainSourceSchema(Schema):
@@ -290,15 +288,7 @@ class TrainSourceSchema(Schema):
         metadata={"description": "s3://<the service's bucket>/<key> of a zip uploaded beforehand"},
     )
     fine_tune = fields.String(load_default="auto", validate=validate.OneOf(["auto", "always", "never"]))
-    on_duplicate = fields.String(
-        load_default="allow",
-        validate=validate.OneOf(["allow", "flag", "skip"]),
-        metadata={
-            "description": "Images that copy an item (the catalogue's, for /items; the same zip's, "
-            "for both) at or above the endpoint's duplicate threshold: allow (add them), flag (add "
-            "them and list them in the job's counts.duplicates) or skip (leave them out, listed)"
-        },
-    )
+    on_duplicate = on_duplicate_field()
 
 
 class UploadSchema(Schema):
@@ -372,15 +362,7 @@ class AddItemsFormSchema(Schema):
             "otherwise the current version's head (if any) embeds the new images"
         },
     )
-    on_duplicate = fields.String(
-        load_default="allow",
-        validate=validate.OneOf(["allow", "flag", "skip"]),
-        metadata={
-            "description": "Images that copy an item (the catalogue's, for /items; the same zip's, "
-            "for both) at or above the endpoint's duplicate threshold: allow (add them), flag (add "
-            "them and list them in the job's counts.duplicates) or skip (leave them out, listed)"
-        },
-    )
+    on_duplicate = on_duplicate_field()
 
 
 class DeleteItemsSchema(Schema):
@@ -411,7 +393,7 @@ class DuplicatesArgsSchema(Schema):
     threshold = fields.Float(
         metadata={
             "description": "Duplicates score at or above this, in (0, 1] (default: the endpoint's "
-            "[duplicates] threshold): the cosine of the images' whitened backbone descriptors"
+            "[duplicates] threshold); the score: docs/API.md#duplicates"
         }
     )
 

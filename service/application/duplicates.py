@@ -10,10 +10,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.core.errors import InvalidParameterError
+from service.catalog.view import View
+from service.core.config import Settings
+from service.core.endpoint import EndpointSpec
+from service.core.errors import InvalidParameterError, TrainingError
 from service.serving import duplicate_records, duplicate_report
-from service.serving.registry import LoadedVersion
-from service.storage import Storage
+from service.storage import Storage, open_storage
+from service.storage.blobs import BlobCache
+from service.storage.manifest import Manifest
+from service.training import steps
+from service.training.base import read_base
 from service.training.results import Progress, ProgressFn
 
 # (item id, which of its photos, version) -> the image's URL
@@ -30,35 +36,53 @@ def check_threshold(threshold: float) -> float:
 
 
 def run(
-    loaded: LoadedVersion, storage: Storage, threshold: float, folder: Path, progress: ProgressFn
+    view: View, manifest: Manifest, storage: Storage, threshold: float, folder: Path, progress: ProgressFn
 ) -> dict[str, Any]:
-    """The served version's report (its groups, the marks "not duplicates" left out)."""
+    """A version's report (its groups, the marks "not duplicates" left out)."""
     started = datetime.now(UTC)
 
     def report(stage: str, done: int, total: int) -> None:
         progress(Progress(stage, done, total))
 
     groups = duplicate_report.report(
-        loaded.view,
-        loaded.manifest.head is not None,
+        view,
+        manifest.head is not None,
         threshold,
         folder,
-        duplicate_records.ignored(storage, loaded.endpoint),
+        duplicate_records.ignored(storage, manifest.endpoint),
         report,
     )
     return {
-        "endpoint": loaded.endpoint,
-        "version": loaded.version,
+        "endpoint": manifest.endpoint,
+        "version": manifest.version,
         "threshold": threshold,
         "created_at": started.isoformat(timespec="seconds"),
         "counts": {
-            "items": loaded.count,
+            "items": manifest.count,
             "groups": len(groups),
             "duplicates": sum(len(g["items"]) - 1 for g in groups),
             "exact_groups": sum(1 for g in groups if g["exact"]),
         },
         "groups": groups,
     }
+
+
+def run_job(
+    settings: Settings, spec: EndpointSpec, job_id: str, threshold: float, progress: ProgressFn
+) -> dict[str, Any]:
+    """A report job's work, in whichever process runs it (a job child on a web or worker
+    instance): the version CURRENT names now, read from the store (no encoder: a report embeds
+    nothing), its report stored beside the job; returns the job's outcome."""
+    storage = open_storage(
+        settings.storage_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+    )
+    base = read_base(storage, spec.name, BlobCache(storage, settings.cache_dir), spec.search_k)
+    if base is None:
+        raise TrainingError(f"{spec.name} has no trained version to report on")
+    with steps.work_folder(settings, spec.name, "duplicates") as tmp:
+        report = run(base.view, base.manifest, storage, threshold, Path(tmp), progress)
+    duplicate_records.save_report(storage, job_id, report)
+    return {"status": "succeeded", "version": base.version, "counts": report["counts"]}
 
 
 def for_client(report: dict[str, Any], current: str | None, image_url: ImageUrl) -> dict[str, Any]:

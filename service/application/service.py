@@ -39,9 +39,11 @@ from service.core.errors import (
     JobNotFoundError,
     JobRetryError,
     PayloadTooLargeError,
+    ReportNotFoundError,
     ServiceError,
 )
 from service.encoders import mirror
+from service.jobs import child
 from service.jobs.runner import Job, JobRunner
 from service.serving import duplicate_records, filters, query
 from service.serving.registry import LoadedVersion, Registry, ServedEndpoint
@@ -49,6 +51,7 @@ from service.storage import KeyNotFoundError, Storage, encoder_mirror, gc, versi
 from service.storage.blobs import BlobCache
 from service.storage.manifest import Manifest
 from service.training import changes, compaction, steps
+from service.training.base import read_base
 from service.training.results import ChangeResult, ProgressFn, TrainResult
 from service.training.train import train
 
@@ -220,44 +223,48 @@ class Service:
         return self.jobs.submit(name, kind="duplicates", options={"threshold": chosen})
 
     def run_duplicates(self, job: Job, progress: ProgressFn) -> dict[str, Any]:
-        """A duplicates job's work: the report, stored beside the job; its outcome."""
-        loaded = self.endpoint(job.endpoint).current()
-        threshold = float(
-            job.options.get("threshold") or self.endpoint(job.endpoint).spec.duplicate_threshold
+        """A duplicates job's work (the runner's reporter): in a job child, like a train, so its
+        minute of Python never competes with this worker's requests."""
+        spec = self.endpoint(job.endpoint).spec
+        threshold = float(job.options.get("threshold") or spec.duplicate_threshold)
+        if not self.settings.train_in_child:
+            return duplicates.run_job(self.settings, spec, job.id, threshold, progress)
+        outcome: dict[str, Any] = child.run_in_child(
+            self.settings, spec, progress, duplicates.run_job, job.id, threshold, progress
         )
-        with steps.work_folder(self.settings, job.endpoint, "duplicates") as tmp:
-            report = duplicates.run(loaded, self.storage, threshold, Path(tmp), progress)
-        duplicate_records.save_report(self.storage, job.id, report)
-        return {"status": "succeeded", "version": loaded.version, "counts": report["counts"]}
+        return outcome
 
     def duplicates_report(self, name: str, job_id: str, route_url: RouteUrl) -> dict[str, Any]:
         """A duplicates job: its status, and once it has succeeded its report (its version, the
         version served now, `stale` when they differ), each item with its image URL."""
-        job = self.job_status(name, job_id)
+        try:
+            job = self.job_status(name, job_id)
+        except JobNotFoundError:
+            raise ReportNotFoundError(name, job_id) from None
         if job.kind != "duplicates":
-            raise JobNotFoundError(name, job_id)
+            raise ReportNotFoundError(name, job_id)
         status = {k: getattr(job, k) for k in ("id", "status", "stage", "done", "total", "error")}
         if job.status != "succeeded":
             return {"endpoint": name, **status, "threshold": job.options.get("threshold"), "groups": []}
         report = duplicate_records.load_report(self.storage, job.id)
-        current = self.endpoint(name).current().version
+        current = versions.read_current(self.storage, name).version  # not this worker's: the store's
         return {**status, **duplicates.for_client(report, current, route_url)}
 
     def duplicates_now(self, name: str, threshold: float | None) -> dict[str, Any]:
         """The CLI's report: run here, not as a job; images as file:// URIs where the store has them."""
-        served = self.endpoint(name)
-        chosen = duplicates.check_threshold(
-            served.spec.duplicate_threshold if threshold is None else threshold
-        )
-        loaded = served.current()
+        spec = self.endpoint(name).spec
+        chosen = duplicates.check_threshold(spec.duplicate_threshold if threshold is None else threshold)
+        base = read_base(self.storage, name, self.blobs, spec.search_k)
+        if base is None:
+            raise ConflictError(f"{name} has no trained version to report on; train it first")
         with steps.work_folder(self.settings, name, "duplicates") as tmp:
-            report = duplicates.run(loaded, self.storage, chosen, Path(tmp), lambda p: None)
+            report = duplicates.run(base.view, base.manifest, self.storage, chosen, Path(tmp), lambda p: None)
 
         def file_uri(item_id: int, photo: int, version: str) -> str:
             image = self.item_image(name, item_id, photo, version)
             return image.path.as_uri() if image.path else (image.url or "")
 
-        return duplicates.for_client(report, loaded.version, file_uri)
+        return duplicates.for_client(report, base.version, file_uri)
 
     def duplicates_csv(self, report: dict[str, Any]) -> str:
         return duplicates.to_csv(report)
@@ -267,9 +274,20 @@ class Service:
         return duplicate_records.read_marks(self.storage, name)
 
     def mark_not_duplicates(self, name: str, ids: list[int]) -> list[list[int]]:
-        """Remember a group as "not duplicates": the next reports leave it out."""
-        self.endpoint(name)
+        """Remember a group as "not duplicates": the next reports leave it out. Every id must be an
+        item of the current version (404 otherwise)."""
+        spec = self.endpoint(name).spec
+        duplicate_records.check_group(ids)
+        base = read_base(self.storage, name, self.blobs, spec.search_k)
+        unknown = sorted({i for i in ids if base is None or base.view.item_rows(i) is None})
+        if unknown:
+            raise ItemNotFoundError(f"{name} has no items {unknown[:20]}; nothing was marked")
         return duplicate_records.mark_not_duplicates(self.storage, name, ids)
+
+    def unmark_not_duplicates(self, name: str, ids: list[int]) -> list[list[int]]:
+        """Forget a "not duplicates" mark (404 when there is none of exactly these items)."""
+        self.endpoint(name)
+        return duplicate_records.unmark(self.storage, name, ids)
 
     def evaluate(self, name: str, zip_path: Path, k: int = 10) -> dict[str, Any]:
         """Precision@1, precision@k and mAP@k of the served version on a labelled zip."""

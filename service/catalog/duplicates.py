@@ -8,7 +8,6 @@ file Annoy builds on disk.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,6 @@ from annoy import AnnoyIndex
 NEIGHBOURS = 10
 N_TREES = 10
 SEARCH_K = 2_000
-
-
-def check_threshold(threshold: float) -> float:
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    return float(threshold)
 
 
 class UnionFind:
@@ -105,6 +98,20 @@ class Grouper:
         found.sort(key=lambda g: (-len(g), g[0][0]))
         return [[row for _, row in group] for group in found]
 
+    def copies(self) -> list[tuple[int, int]]:
+        """Every row of a group whose item is not the group's oldest, with the oldest item's first
+        row: all of an item's photos, not only its first (what a screening leaves out)."""
+        keeper: dict[int, tuple[int, int]] = {}  # root -> (oldest item, its first row)
+        live = np.flatnonzero(self.items >= 0).tolist()
+        roots = {row: self.sets.find(row) for row in live if self.sets.size[self.sets.find(row)] > 1}
+        for row, root in roots.items():
+            item = int(self.items[row])
+            if root not in keeper or item < keeper[root][0]:
+                keeper[root] = (item, row)
+        return [
+            (row, keeper[root][1]) for row, root in roots.items() if int(self.items[row]) != keeper[root][0]
+        ]
+
 
 class DescriptorIndex:
     """An Annoy index of unit descriptors built on disk: each row's nearest rows and cosines."""
@@ -137,12 +144,3 @@ class DescriptorIndex:
     def close(self) -> None:
         self.index.unload()
         self.path.unlink(missing_ok=True)
-
-
-@dataclass
-class Found:
-    """A row's duplicate at the door: the row, the existing (or earlier) row it copies, the score."""
-
-    row: int
-    of: int
-    score: float

@@ -23,6 +23,7 @@ METRICS = frozenset({"angular"})
 # are closest to each other here (docs/BENCHMARKS.md#duplicates).
 DUPLICATE_THRESHOLD = 0.62
 
+
 @dataclass(frozen=True)
 class HeadConfig:
     """The `[head]` table of an endpoint file."""
@@ -70,7 +71,7 @@ class EndpointSpec:
     default_k: int
     max_k: int
     path: Path
-    # cosine of whitened descriptors at or above which two images are duplicates (catalog/duplicates.py)
+    # the duplicate score at or above which two images are duplicates (catalog/descriptor.py)
     duplicate_threshold: float = DUPLICATE_THRESHOLD
 
     def summary(self) -> dict[str, Any]:

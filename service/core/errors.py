@@ -69,6 +69,11 @@ class ItemNotFoundError(NotFoundError):
     pass
 
 
+class ReportNotFoundError(NotFoundError):
+    def __init__(self, endpoint: str, job_id: str) -> None:
+        super().__init__(f"No duplicate report {shorten(job_id, 64)!r} for endpoint {endpoint!r}.")
+
+
 class BadImageError(ServiceError):
     """An uploaded image that cannot be decoded."""
 

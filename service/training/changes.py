@@ -197,6 +197,7 @@ class AddItems:
     embedded: embedding.Embedded = field(default_factory=embedding.Embedded)
     on_duplicate: str = "allow"
     duplicates: dict[str, Any] | None = None  # what screening found (on the last base built on)
+    dropped: int = 0  # images screening left out (on_duplicate=skip)
 
     @property
     def retrain(self) -> bool:
@@ -280,6 +281,7 @@ class AddItems:
         """on_duplicate=flag|skip: the new images that copy an item of `base` (not the one they
         replace) or an earlier image of the zip, listed; with skip, left out (all of them: the
         version is not published, see Unchanged)."""
+        self.dropped = 0
         if self.on_duplicate == "allow":
             return new
         head = base is not None and base.head is not None
@@ -290,6 +292,7 @@ class AddItems:
         if self.on_duplicate != "skip" or not found:
             return new
         dropped = {d.row for d in found}
+        self.dropped = len(dropped)
         kept = new.take(np.array([r for r in range(new.count) if r not in dropped], dtype=np.int64))
         if not kept.count:
             raise Unchanged(base) if base is not None else TrainingError("every image was skipped")
@@ -387,7 +390,7 @@ class AddItems:
             "change": {
                 "kind": "add",
                 "embedded": self.embedded.embedded,
-                "reused": new.count - self.embedded.embedded,
+                "reused": new.count + self.dropped - self.embedded.embedded,
                 "items": items,
             },
         }
@@ -410,7 +413,7 @@ class AddItems:
             "items": items,
             "images": new.count,
             "embedded": self.embedded.embedded,
-            "reused": new.count - self.embedded.embedded,
+            "reused": new.count + self.dropped - self.embedded.embedded,
             "skipped": len(self.skipped),
             "replaced": sorted(replaced),
             **({"duplicates": self.duplicates} if self.duplicates is not None else {}),

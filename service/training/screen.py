@@ -110,15 +110,10 @@ def within(
         finally:
             index.close()
     found = []
-    for group in grouper.groups():
-        keeper = group[0]
-        for n in group[1:]:
-            score = whitening.score(float(mine[n] @ mine[keeper]))
-            found.append(
-                Duplicate(
-                    int(rows[n]), int(new.items[rows[keeper]]), new.item_name(int(rows[keeper])), score, True
-                )
-            )
+    for n, keeper in grouper.copies():
+        score = whitening.score(float(mine[n] @ mine[keeper]))
+        of = int(rows[keeper])
+        found.append(Duplicate(int(rows[n]), int(new.items[of]), new.item_name(of), score, True))
     return found
 
 

@@ -56,6 +56,7 @@ class _Run:
     lease: blobs.Lease | None = None  # held while it builds: checked before it publishes
     on_duplicate: str = "allow"  # allow | flag | skip the zip's duplicates of each other (screen.py)
     duplicates: dict[str, Any] | None = None  # what screening found
+    dropped: int = 0  # images screening left out (on_duplicate=skip)
 
     @property
     def thumb_dim(self) -> int:
@@ -198,6 +199,7 @@ def _screen(run: _Run, catalog: Catalog) -> Catalog:
     run.duplicates = screen.describe(catalog, found, run.on_duplicate, threshold)
     if run.on_duplicate == "skip" and found:
         dropped = {d.row for d in found}
+        run.dropped = len(dropped)
         catalog = catalog.take(
             np.array([r for r in range(catalog.count) if r not in dropped], dtype=np.int64)
         )
@@ -297,7 +299,7 @@ def _manifest(
         change={
             "kind": "train",
             "embedded": run.embedded.embedded,
-            "reused": catalog.count - run.embedded.embedded,
+            "reused": catalog.count + run.dropped - run.embedded.embedded,
         },
         source_zip=run.zip_name,
     )
@@ -343,7 +345,7 @@ def _counts(run: _Run, manifest: Manifest) -> dict[str, Any]:
         "files": len(run.plan.entries) + len(run.plan.skipped),
         "images": manifest.rows,
         "embedded": run.embedded.embedded,
-        "reused": manifest.rows - run.embedded.embedded,
+        "reused": manifest.rows + run.dropped - run.embedded.embedded,
         "skipped": len(_skipped(run)),
         "labels": dict(manifest.labels),
         "metadata_file": run.plan.metadata_file,

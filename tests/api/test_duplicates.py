@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from PIL import Image, ImageEnhance, ImageOps
 
 from bench import demo
-from tests.helpers import make_zip, upload, wait_job, wait_serving
+from tests.helpers import make_zip, seed_cache, upload, wait_job, wait_serving
 
 
 def start_report(client: FlaskClient, endpoint: str = "food", **params: Any) -> dict[str, Any]:
@@ -79,6 +79,15 @@ def test_a_group_marked_not_duplicates_is_left_out_of_the_next_report(trained: F
     assert all(sorted(i["id"] for i in g["items"]) != sorted(ids) for g in second["groups"])
     assert trained.post("/food/duplicates/ignored", json={"ids": [ids[0]]}).status_code == 422
     assert trained.post("/food/duplicates/ignored", json={"ids": "x"}).status_code == 422
+    assert trained.post("/food/duplicates/ignored", json={"ids": list(range(101))}).status_code == 422
+    unknown = trained.post("/food/duplicates/ignored", json={"ids": [ids[0], 10**12]})
+    assert unknown.status_code == 404 and str(10**12) in unknown.get_json()["message"]
+    # A mark can be taken back; one that is not there is a 404.
+    assert trained.delete("/food/duplicates/ignored", json={"ids": ids}).status_code == 200
+    assert sorted(ids) not in trained.get("/food/duplicates/ignored").get_json()["ignored"]
+    assert trained.delete("/food/duplicates/ignored", json={"ids": ids}).status_code == 404
+    third = start_report(trained)
+    assert any(sorted(i["id"] for i in g["items"]) == sorted(ids) for g in third["groups"])
 
 
 @pytest.mark.parametrize("threshold", ["0", "-0.5", "1.01", "nan", "abc"])
@@ -96,9 +105,13 @@ def test_reports_of_nothing_or_of_another_endpoint_are_4xx(trained: FlaskClient)
     report = start_report(trained)
     other = trained.get(f"/fashion/duplicates/{report['id']}")
     assert other.status_code == 404 and other.get_json()["message"]
-    # A train's job is not a report.
-    train_job = trained.post("/food/train", data={"file": upload(b"not a zip")})
-    assert train_job.status_code == 422
+    # A train's job is not a report, nor is a report a job of another endpoint's.
+    job = trained.post("/food/compact")  # a 409 (nothing to merge) or a job: either way no report
+    if job.status_code == 202:
+        other_job = job.get_json()["job_id"]
+        answer = trained.get(f"/food/duplicates/{other_job}")
+        assert answer.status_code == 404 and "duplicate report" in answer.get_json()["message"]
+    assert "duplicate report" in trained.get("/food/duplicates/0123456789abcdef").get_json()["message"]
 
 
 def test_a_report_stays_tied_to_its_version(make_app: Any, photos_zip: Path) -> None:
@@ -153,7 +166,7 @@ def test_items_flag_and_skip_copies_of_the_catalogue_and_of_each_other(
             "new/chelsea-copy.jpg": copy_of("chelsea", "resize"),
             "new/rocket-copy.jpg": copy_of("rocket", "brightness"),
             "new/page-a.jpg": demo.jpeg(demo.photo("page")),  # not in the catalogue
-            "new/page-b.jpg": copy_of("page", "resize"),  # a copy of the zip's own image
+            "new/page-b.jpg": copy_of("page", "brightness"),  # a copy of the zip's own image
         }
     )
     flagged = client.post("/food/items", data={"file": upload(copies), "on_duplicate": "flag"})
@@ -209,3 +222,39 @@ def test_a_train_skips_the_zips_copies_of_itself(make_app: Any) -> None:
     assert client.get("/food").get_json()["count"] == 3
     bad = client.post("/food/items", data={"file": upload(make_zip(files)), "on_duplicate": "maybe"})
     assert bad.status_code == 422 and "on_duplicate" in str(bad.get_json())
+
+
+def test_a_report_is_on_the_version_current_in_the_store_not_the_one_this_instance_loaded(
+    make_app: Any, photos_zip: Path, tmp_path: Path
+) -> None:
+    # Two instances on one store, like a web and a worker instance: the worker loaded the first
+    # version and does not watch CURRENT (WARM_ON_START=false on the worker tier).
+    web = make_app().test_client()
+    job = wait_job(web, web.post("/food/train", data={"file": upload(photos_zip)}).get_json()["status_url"])
+    wait_serving(web, "food", job["version"])
+    worker = make_app(cache_dir=seed_cache(tmp_path / "worker-cache"), warm_on_start=False).test_client()
+    assert (
+        worker.post("/food/infer", data={"image": upload(copy_of("moon", "resize"), "q.jpg")}).status_code
+        == 200
+    )
+    first = start_report(worker)
+    doomed = first["groups"][0]["items"][-1]["id"]
+    deleted = web.delete("/food/items", json={"ids": [doomed]}).get_json()
+    second = start_report(worker)
+    assert second["version"] == deleted["version"] and second["stale"] is False
+    assert doomed not in {i["id"] for g in second["groups"] for i in g["items"]}
+
+
+def test_counts_after_a_skip_stay_whole(make_app: Any) -> None:
+    client = make_app().test_client()
+    files = {
+        "a/chelsea.jpg": demo.jpeg(demo.photo("chelsea")),
+        "a/chelsea-b.jpg": copy_of("chelsea", "resize"),
+        "b/rocket.jpg": demo.jpeg(demo.photo("rocket")),
+    }
+    response = client.post("/food/train", data={"file": upload(make_zip(files)), "on_duplicate": "skip"})
+    job = wait_job(client, response.get_json()["status_url"])
+    assert job["status"] == "succeeded", job
+    counts = job["counts"]
+    assert counts["images"] == 2 and counts["embedded"] == 3 and counts["reused"] == 0
+    assert counts["duplicates"]["skipped"] == 1

@@ -74,3 +74,10 @@ def test_too_few_images_to_fit_on_use_the_raw_vectors_on_the_same_scale() -> Non
     assert whitening.score(1.0) == 1.0 and whitening.score(descriptor.RAW_FLOOR) == 0.0
     assert whitening.cosine(0.5) == descriptor.RAW_FLOOR + (1 - descriptor.RAW_FLOOR) * 0.5
     assert whitening.score(whitening.cosine(0.5)) == 0.5
+
+
+def test_copies_name_every_photo_of_an_item_that_copies_an_older_one() -> None:
+    grouper = Grouper(np.array([1, 2, 2, 3]))  # item 2 has two photos, both copies of item 1
+    assert grouper.join(0, 1) and grouper.join(0, 2)
+    assert grouper.groups() == [[0, 1]]  # a report lists each item once
+    assert sorted(grouper.copies()) == [(1, 0), (2, 0)]  # a screening leaves out both photos

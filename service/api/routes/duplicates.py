@@ -68,6 +68,16 @@ def mark(args: dict[str, Any], name: str) -> dict[str, Any]:
     return {"endpoint": name, "ignored": svc().mark_not_duplicates(name, args["ids"])}
 
 
+@blp.route("/<endpoint:name>/duplicates/ignored", methods=["DELETE"])
+@requires("write")
+@blp.arguments(DuplicateMarkSchema, location="json", unknown=EXCLUDE)
+@blp.response(200, DuplicateMarksSchema)
+@blp.doc(responses=error_responses(404, 409, 422))
+def unmark(args: dict[str, Any], name: str) -> dict[str, Any]:
+    """Forget a "not duplicates" mark (the same ids as marked)"""
+    return {"endpoint": name, "ignored": svc().unmark_not_duplicates(name, args["ids"])}
+
+
 @blp.route("/<endpoint:name>/duplicates/ignored")
 @requires("query")
 @blp.response(200, DuplicateMarksSchema)

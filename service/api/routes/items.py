@@ -18,8 +18,8 @@ from service.api.schemas import (
     ChangeSchema,
     DeleteItemsSchema,
     EditItemSchema,
-    FineTuneSchema,
     JobCreatedSchema,
+    JobOptionsSchema,
 )
 from service.application.results import ChangeOutcome
 from service.core.errors import InvalidParameterError
@@ -35,7 +35,7 @@ blp = Blueprint("items", __name__, url_prefix="/", description="Change the catal
 def add_items(name: str) -> Created:
     """Add items from a zip or from images; an existing name is replaced (runs in the background)"""
     require_multipart("a zip in field 'file', or images in field 'image'")
-    options = load(FineTuneSchema(), request.form.to_dict())
+    options = load(JobOptionsSchema(), request.form.to_dict())
     upload = request.files.get("file")
     if upload is not None:
         return submit_zip(name, upload.save, options, kind="add")

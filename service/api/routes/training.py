@@ -11,8 +11,8 @@ from service.api.bodies import json_object, load, require_multipart, save_upload
 from service.api.context import svc
 from service.api.rules import Blueprint, accepts_upload, authorize, error_responses, multipart, requires
 from service.api.schemas import (
-    FineTuneSchema,
     JobCreatedSchema,
+    JobOptionsSchema,
     JobSchema,
     TrainAnyFormSchema,
     TrainFormSchema,
@@ -69,7 +69,7 @@ def _start_training(name: str) -> Created:
         job = svc().start_job_from_source(name, args["source"], args["fine_tune"], args["on_duplicate"])
         return created(name, job)
     require_multipart("a zip in field 'file' (or JSON with an s3:// 'source')")
-    options = load(FineTuneSchema(), request.form.to_dict())
+    options = load(JobOptionsSchema(), request.form.to_dict())
     upload = request.files.get("file")
     if upload is None:
         raise InvalidParameterError(
