@@ -1,4 +1,4 @@
-"""Duplicate reports as use cases: run one over the served version (a job's work), read one back
+"""Duplicate reports as use cases: run one over the current version (a job's work), read one back
 for a client (tied to its version, with image URLs), and the report as CSV."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ from service.training.base import read_base
 from service.training.results import Progress, ProgressFn
 
 # (item id, which of its photos, version) -> the image's URL
-ImageUrl = Any
+ImageUrl = Callable[[int, int, str], str]
 
 
 def check_threshold(threshold: float) -> float:
+    """A report's threshold, in (0, 1] (422 otherwise)."""
     if not 0 < threshold <= 1:
         raise InvalidParameterError(
             f"threshold must be in (0, 1], got {threshold}",
