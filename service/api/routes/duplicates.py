@@ -28,7 +28,7 @@ blp = Blueprint("duplicates", __name__, url_prefix="/", description="Find duplic
 @requires("write")
 @blp.arguments(DuplicatesArgsSchema, location="query", as_kwargs=True)
 @blp.response(202, JobCreatedSchema)
-@blp.doc(responses=error_responses(404, 409, 422))
+@blp.doc(responses=error_responses(404, 409, 413, 422))
 def start(name: str, threshold: float | None = None) -> Created:
     """Report the served version's groups of duplicates (runs in the background, like a train)"""
     return created(name, svc().start_duplicates(name, threshold))
@@ -62,7 +62,7 @@ def report(name: str, job_id: str) -> Any:
 @requires("write")
 @blp.arguments(DuplicateMarkSchema, location="json", unknown=EXCLUDE)
 @blp.response(200, DuplicateMarksSchema)
-@blp.doc(responses=error_responses(404, 409, 422))
+@blp.doc(responses=error_responses(404, 409, 413, 422))
 def mark(args: dict[str, Any], name: str) -> dict[str, Any]:
     """Mark a group "not duplicates": the next reports leave it out"""
     return {"endpoint": name, "ignored": svc().mark_not_duplicates(name, args["ids"])}
@@ -72,7 +72,7 @@ def mark(args: dict[str, Any], name: str) -> dict[str, Any]:
 @requires("write")
 @blp.arguments(DuplicateMarkSchema, location="json", unknown=EXCLUDE)
 @blp.response(200, DuplicateMarksSchema)
-@blp.doc(responses=error_responses(404, 409, 422))
+@blp.doc(responses=error_responses(404, 409, 413, 422))
 def unmark(args: dict[str, Any], name: str) -> dict[str, Any]:
     """Forget a "not duplicates" mark (the same ids as marked)"""
     return {"endpoint": name, "ignored": svc().unmark_not_duplicates(name, args["ids"])}
