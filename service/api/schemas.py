@@ -235,6 +235,12 @@ class EndpointSchema(Schema):
     index = fields.Dict()
     default_k = fields.Integer()
     max_k = fields.Integer()
+    duplicate_threshold = fields.Float(metadata={"description": "The endpoint file's [duplicates] threshold"})
+    query = fields.Dict(
+        metadata={
+            "description": "The endpoint file's query treatment: {mirror, expansion, alpha} (docs/API.md)"
+        }
+    )
     trained_at = fields.String(allow_none=True)
     runtime = fields.Dict(
         metadata={

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ METRICS = frozenset({"angular"})
 # otherwise: on `make bench`'s planted set (part `duplicates`) the report's precision and recall
 # are closest to each other here (docs/BENCHMARKS.md#duplicates).
 DUPLICATE_THRESHOLD = 0.62
+# The query treatment unless an endpoint file says otherwise (QueryConfig): chosen by `make bench`'s
+# quality part (docs/BENCHMARKS.md#retrieval-quality-fashion-mnist).
+MIRROR_QUERY = False
+QUERY_EXPANSION = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,18 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
+class QueryConfig:
+    """How a query is made better than its plain vector (`[query]`; docs/BENCHMARKS.md measures each):
+    `mirror`: the query averaged with its mirror image's vector (one forward pass of two images);
+    `expansion`: alpha-query expansion (Radenovic et al., TPAMI 2018): the query plus its
+    `expansion` best matches weighted by score**alpha, searched again (0: off)."""
+
+    mirror: bool = MIRROR_QUERY
+    expansion: int = QUERY_EXPANSION
+    alpha: float = 3.0
+
+
+@dataclass(frozen=True)
 class EndpointSpec:
     """A validated endpoint definition."""
 
@@ -71,6 +88,7 @@ class EndpointSpec:
     default_k: int
     max_k: int
     path: Path
+    query: QueryConfig = QueryConfig()
     # the duplicate score at or above which two images are duplicates (catalog/descriptor.py)
     duplicate_threshold: float = DUPLICATE_THRESHOLD
 
@@ -84,6 +102,7 @@ class EndpointSpec:
             "default_k": self.default_k,
             "max_k": self.max_k,
             "duplicate_threshold": self.duplicate_threshold,
+            "query": dataclasses.asdict(self.query),
         }
 
 
@@ -188,6 +207,11 @@ def parse_endpoint(path: Path) -> EndpointSpec:
         max_k=max_k,
         path=path,
         duplicate_threshold=f.number("duplicates.threshold", DUPLICATE_THRESHOLD, 0.01, 1.0),
+        query=QueryConfig(
+            mirror=f.get("query.mirror", bool, MIRROR_QUERY),
+            expansion=f.positive_int("query.expansion", QUERY_EXPANSION, minimum=0),
+            alpha=f.number("query.alpha", 3.0, 0.0, 100.0),
+        ),
     )
     f.check_unknown()
     return spec

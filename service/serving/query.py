@@ -14,13 +14,15 @@ import numpy as np
 from service.catalog import descriptor, images, ingest
 from service.catalog.evaluation import evaluate
 from service.catalog.head import HeadEncoder, thumbnails
+from service.catalog.view import View
 from service.core import metrics
 from service.core.config import Settings
-from service.core.endpoint import EndpointSpec
+from service.core.endpoint import EndpointSpec, QueryConfig
 from service.core.errors import BadImageError, InvalidParameterError, ItemNotFoundError, TrainingError
+from service.core.vectors import normalise
 from service.serving import filters
 from service.serving.registry import LoadedVersion
-from service.serving.search import Hit, MaskFn, entry_of, filter_mask, one_row_per_item, search
+from service.serving.search import Hit, MaskFn, entry_of, filter_mask, one_row_per_item, row_vector, search
 
 # Decodes at once per process (each within the decode memory budget), and images per forward pass.
 DECODE_SLOTS = max(2, os.cpu_count() or 2)
@@ -66,19 +68,57 @@ def embed_uploads(
             raise BadImageError(f"{filename}: {exc.message}") from None
         metrics.IMAGES_DECODED.labels("ok").inc()
     chunks = [np.stack(arrays[i : i + FORWARD_CHUNK]) for i in range(0, len(arrays), FORWARD_CHUNK)]
-    if backbone is None:
-        return np.concatenate([loaded.encoder.encode(chunk) for chunk in chunks])
+    return np.concatenate([query_vectors(loaded, chunk, backbone) for chunk in chunks])
+
+
+def query_vectors(
+    loaded: LoadedVersion, chunk: np.ndarray, backbone: list[np.ndarray] | None = None
+) -> np.ndarray:
+    """A batch of encoder inputs as query vectors: with `[query] mirror`, each averaged with its
+    mirror image's (both in one forward pass). `backbone`: gets the images' backbone vectors."""
+    n = len(chunk)
+    mirror = loaded.query.mirror
+    batch = np.concatenate([chunk, chunk[:, :, ::-1]]) if mirror else chunk
+    vectors, backbone_vectors = _encode(loaded, batch, backbone is not None)
+    if backbone is not None:
+        backbone.extend(backbone_vectors[:n])  # duplicates are judged on the image itself
+    return normalise(vectors[:n] + vectors[n:]) if mirror else vectors
+
+
+def _encode(loaded: LoadedVersion, batch: np.ndarray, backbone: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The served vectors of a batch, and (when asked) the backbone's."""
     encoder = loaded.encoder
-    served = []
-    for chunk in chunks:
-        if isinstance(encoder, HeadEncoder):
-            vectors = encoder.backbone.encode(chunk)
-            served.append(encoder.head.embed(vectors, thumbnails(chunk, encoder.head.thumbnail)))
-        else:
-            vectors = encoder.encode(chunk)
-            served.append(vectors)
-        backbone.extend(vectors)
-    return np.concatenate(served)
+    if not backbone:
+        return encoder.encode(batch), batch[:0]
+    if isinstance(encoder, HeadEncoder):
+        vectors = encoder.backbone.encode(batch)
+        return encoder.head.embed(vectors, thumbnails(batch, encoder.head.thumbnail)), vectors
+    vectors = encoder.encode(batch)
+    return vectors, vectors
+
+
+def expand(view: View, vector: np.ndarray, hits: list[Hit], config: QueryConfig) -> np.ndarray:
+    """Alpha-query expansion: the query plus its best `config.expansion` matches, each weighted
+    by its score ** alpha (their vectors as the index holds them), normalised."""
+    out = normalise(np.asarray(vector, dtype=np.float32)[None, :])[0]
+    for hit in hits[: config.expansion]:
+        out = out + max(hit.score, 0.0) ** config.alpha * row_vector(view, hit.segment, hit.row)
+    return normalise(out[None, :])[0]
+
+
+def ranked(
+    view: View,
+    vector: np.ndarray,
+    k: int,
+    config: QueryConfig,
+    mask: MaskFn | None = None,
+    exclude: int | None = None,
+) -> list[Hit]:
+    """The k best items for a query vector, with the endpoint's query expansion (one more search)."""
+    hits = search(view, vector, max(k, config.expansion), mask, exclude)
+    if config.expansion and hits:
+        hits = search(view, expand(view, vector, hits, config), k, mask, exclude)
+    return hits[:k]
 
 
 def matches(loaded: LoadedVersion, hits: list[Hit], image_url: ImageUrlFn) -> list[dict[str, Any]]:
@@ -128,13 +168,16 @@ def search_images(
     backbone: list[np.ndarray] | None = None if duplicates is None else []
     vectors = embed_uploads(loaded, uploads, max_pixels, allowed, backbone)
     mask = None if flt is None else filter_mask(flt)
+    config = loaded.query
     if duplicates is None or backbone is None:
-        return [matches(loaded, search(loaded.view, v, k, mask), image_url) for v in vectors]
+        return [matches(loaded, ranked(loaded.view, v, k, config, mask), image_url) for v in vectors]
     found = []
     for vector, mine in zip(vectors, backbone, strict=True):
         # Only-duplicates asks for more candidates: a copy ranks first by the descriptors, not
         # always by the served vectors.
-        hits = search(loaded.view, vector, max(k, DUPLICATE_CANDIDATES) if duplicates.only else k, mask)
+        hits = ranked(
+            loaded.view, vector, max(k, DUPLICATE_CANDIDATES) if duplicates.only else k, config, mask
+        )
         scores = duplicate_scores(loaded, mine, hits)
         results = matches(loaded, hits, image_url)
         for result, score in zip(results, scores, strict=True):
@@ -191,12 +234,12 @@ def similar_items(
     mask: MaskFn | None = None if flt is None else filter_mask(flt)
     best: dict[tuple[int, int], Hit] = {}
     for vector in vectors:
-        for hit in search(loaded.view, vector, k, mask, exclude=item_id):
+        for hit in ranked(loaded.view, vector, k, loaded.query, mask, exclude=item_id):
             item = (hit.segment, int(loaded.view.segments[hit.segment].items[hit.row]))
             if item not in best or hit.score > best[item].score:
                 best[item] = hit
-    ranked = sorted(best.values(), reverse=True)[:k]
-    return matches(loaded, ranked, image_url)
+    top = sorted(best.values(), reverse=True)[:k]
+    return matches(loaded, top, image_url)
 
 
 def check_item(loaded: LoadedVersion, item_id: int) -> None:
@@ -220,13 +263,13 @@ def evaluate_zip(loaded: LoadedVersion, zip_path: Path, settings: Settings, k: i
     inputs, query_labels, skipped = _labelled_inputs(loaded, zip_path, settings)
     size = settings.encode_batch_size
     queries = np.concatenate(
-        [loaded.encoder.encode(np.stack(inputs[i : i + size])) for i in range(0, len(inputs), size)]
+        [query_vectors(loaded, np.stack(inputs[i : i + size])) for i in range(0, len(inputs), size)]
     )
 
     def indexed_search(vectors: np.ndarray, k: int) -> np.ndarray:
         found = np.full((len(vectors), k), -1, dtype=np.int64)
         for row, vector in enumerate(vectors):
-            hits = [int(offsets[h.segment] + h.row) for h in search(view, vector, k)]
+            hits = [int(offsets[h.segment] + h.row) for h in ranked(view, vector, k, loaded.query)]
             found[row, : len(hits)] = hits
         return found
 

@@ -22,7 +22,7 @@ from service.catalog.segment import Segment
 from service.catalog.view import View
 from service.core import metrics
 from service.core.config import Settings
-from service.core.endpoint import EndpointSpec
+from service.core.endpoint import EndpointSpec, QueryConfig
 from service.core.errors import (
     EncoderUnavailableError,
     EndpointLoadingError,
@@ -52,6 +52,7 @@ class LoadedVersion:
     encoder: Embedder  # the backbone, or backbone + the version's own head
     view: View  # its segments, with its deletions and edits
     runtime: dict[str, Any]  # {"name": "litert" | "tensorflow", ...}: what runs the encoder, and why
+    query: QueryConfig = QueryConfig()  # how its queries are treated (the endpoint file's [query])
 
     @property
     def count(self) -> int:
@@ -139,7 +140,7 @@ def load_version(
         )
     for segment in view.segments:
         _open(segment)
-    return LoadedVersion(spec.name, version, manifest, encoder, view, runtime)
+    return LoadedVersion(spec.name, version, manifest, encoder, view, runtime, spec.query)
 
 
 def _open(segment: Segment) -> None:

@@ -176,6 +176,14 @@ def filter_mask(flt: filters.Filter) -> MaskFn:
     return mask
 
 
+def row_vector(view: View, segment: int, row: int) -> np.ndarray:
+    """One row's served vector (float32, unit), as its segment holds it."""
+    held = view.segments[segment]
+    if held.index is not None:
+        return held.index.item_vectors(np.array([row]))[0]
+    return np.asarray(held.vectors[row], dtype=np.float32)
+
+
 def entry_of(view: View, hit: Hit) -> tuple[int, dict[str, Any], str]:
     """A hit's item id, entry (edits applied) and image name."""
     segment = view.segments[hit.segment]

@@ -8,7 +8,7 @@ import pytest
 
 from service import create_app
 from service.core.config import ROOT
-from service.core.endpoint import load_endpoints, parse_endpoint
+from service.core.endpoint import QueryConfig, load_endpoints, parse_endpoint
 from service.core.errors import EndpointConfigError
 
 GOOD = """
@@ -48,6 +48,9 @@ def test_a_valid_file_is_read_into_a_frozen_spec(tmp_path: Path) -> None:
     assert (spec.default_k, spec.max_k, spec.head.feature_dim) == (5, 20, 256)
     with pytest.raises(AttributeError):
         spec.name = "other"  # type: ignore[misc]
+    assert spec.query == QueryConfig()  # the bench's choice unless the file says otherwise
+    (tmp_path / "plain.toml").write_text(GOOD + "mirror = false\nexpansion = 0\nalpha = 1.5\n")
+    assert parse_endpoint(tmp_path / "plain.toml").query == QueryConfig(False, 0, 1.5)
 
 
 def test_a_relative_saved_model_path_is_relative_to_the_file(tmp_path: Path) -> None:
@@ -71,6 +74,10 @@ def test_a_relative_saved_model_path_is_relative_to_the_file(tmp_path: Path) -> 
         ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\ndefault_k = 50\nmax_k = 10\n', "query.default_k"),
         ('[encoder]\nsource = "x"\ninput_size = 9\nn_tres = 3\n', "n_tres"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[index]\nntrees = 3\n', "index.ntrees"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nmirror = 1\n', "query.mirror"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nexpansion = -1\n', "query.expansion"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nalpha = "x"\n', "query.alpha"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[duplicates]\nthreshold = 0\n', "duplicates.threshold"),
         ("[encoder\n", "not a readable TOML file"),
     ],
 )

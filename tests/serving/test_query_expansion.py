@@ -1,0 +1,57 @@
+"""Alpha-query expansion (serving/query.py `expand`, `ranked`): the query plus its best matches,
+weighted by score ** alpha, searched again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.catalog.rows import Catalog
+from service.catalog.segment import Segment
+from service.catalog.view import View
+from service.core.endpoint import QueryConfig
+from service.serving.query import expand, ranked
+from service.serving.search import search
+from service.training.stage import Stager
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def view_of(tmp_path: Path, vectors: np.ndarray) -> View:
+    n = len(vectors)
+    digests = [f"{i:064x}" for i in range(n)]
+    catalog = Catalog(
+        items=np.arange(n, dtype=np.int64),
+        names=[f"x/{i}.jpg" for i in range(n)],
+        entries=[{"label": "x", "metadata": {}, "image": f"{d}.jpg", "sha256": d} for d in digests],
+        vectors=vectors,
+        backbone=vectors,
+        thumbs=np.zeros((n, 0), np.float32),
+        mirrored=None,
+        next_id=n,
+    )
+    stager = Stager(tmp_path / "stage")
+    ref = stager.segment(catalog, n_trees=8, head=False)
+    paths = {blob.sha256: path for path, blob in stager.files}
+    return View(None, [Segment(ref, lambda blob, label: paths[blob.sha256], vectors.shape[1])])  # type: ignore[arg-type]
+
+
+def test_expansion_brings_up_what_the_best_match_is_like(tmp_path: Path) -> None:
+    q = unit(np.array([1.0, 0.0, 0.0, 0.0]))
+    a = unit(np.array([0.95, 0.3, 0.0, 0.0]))  # the best match
+    b = unit(np.array([0.6, 0.8, 0.0, 0.0]))  # like a, less like the query
+    c = unit(np.array([0.7, 0.0, 0.71, 0.0]))  # like the query only
+    far = unit(np.array([0.0, 0.0, 0.0, 1.0]))
+    view = view_of(tmp_path, np.stack([a, b, c, far]))
+    plain = [h.row for h in ranked(view, q, 3, QueryConfig(False, 0))]
+    assert plain == [0, 2, 1]
+    expanded = [h.row for h in ranked(view, q, 3, QueryConfig(False, 1, 1.0))]
+    assert expanded == [0, 1, 2]
+
+    hits = search(view, q, 2)
+    want = unit(q + hits[0].score ** 3 * a + hits[1].score ** 3 * c)
+    assert np.allclose(expand(view, q, hits, QueryConfig(False, 2, 3.0)), want, atol=1e-5)
+    assert np.allclose(expand(view, q, [], QueryConfig(False, 2, 3.0)), q)  # nothing to expand with
