@@ -216,6 +216,22 @@ def run() -> dict[str, Any]:
             replace(spec.head, hidden_dim=0),
         ),
     ]
+    # Issue 23 (d): the endpoint's head, then stronger variants of it, on the same vectors.
+    ablations += [
+        (
+            "the endpoint's head config",
+            "hidden 1024 + feature 256, thumbnail, margin 0.2, mirrors",
+            spec.head,
+        ),
+        ("(d) + hidden 2048", "twice the hidden units", replace(spec.head, hidden_dim=2048)),
+        (
+            "(d) + margin 0.35, scale 30",
+            "a stronger CosFace margin",
+            replace(spec.head, margin=0.35, scale=30.0),
+        ),
+        ("(d) + feature 512", "a wider embedding", replace(spec.head, feature_dim=512)),
+        ("(d) + 120 epochs", "twice the epoch budget (early stopping)", replace(spec.head, max_epochs=120)),
+    ]
     for name, how, config in ablations:
         started = time.perf_counter()
         head, _ = train_head(data, list(demo.FASHION_CLASSES), config)
