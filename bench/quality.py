@@ -26,7 +26,7 @@ from service.catalog.evaluation import evaluate, exact_search
 from service.catalog.head import HeadEncoder, thumbnails
 from service.catalog.images import to_input
 from service.core.config import ROOT, Settings
-from service.core.endpoint import QueryConfig, parse_endpoint
+from service.core.endpoint import HeadConfig, QueryConfig, parse_endpoint
 from service.serving.query import query_vectors, ranked, search_images
 from service.serving.registry import LoadedVersion, load_version
 from service.storage.blobs import BlobCache
@@ -198,39 +198,38 @@ def run() -> dict[str, Any]:
     row("frozen offline encoder", "MobileNetV2 (ImageNet) pooled 1280-d", db_vectors, q_vectors)
 
     mirrored, mirrored_thumbs = embed(backbone, train_x[:, :, ::-1])
+    # The ablations start from the service's default head (the endpoint file may differ: its own
+    # row says how)
+    base = replace(spec.head, margin=HeadConfig().margin, scale=HeadConfig().scale)
     data = TrainingData(db_vectors, db_thumbs, train_y, mirrored, mirrored_thumbs)
     ablations = [
         (
             "plain two-layer head",
             "Dense(256) + cosine softmax classifier; no margin, thumbnail or mirrors",
-            replace(spec.head, hidden_dim=0, thumbnail=0, margin=0.0, augment=False),
+            replace(base, hidden_dim=0, thumbnail=0, margin=0.0, augment=False),
         ),
         (
             "+ cosine margin, mirrors",
             "CosFace margin 0.2, mirrored copies",
-            replace(spec.head, hidden_dim=0, thumbnail=0),
+            replace(base, hidden_dim=0, thumbnail=0),
         ),
         (
             "+ thumbnail input",
             "two layers on backbone vector + 16x16 thumbnail",
-            replace(spec.head, hidden_dim=0),
+            replace(base, hidden_dim=0),
         ),
     ]
     # Issue 23 (d): the endpoint's head, then stronger variants of it, on the same vectors.
     ablations += [
-        (
-            "the endpoint's head config",
-            "hidden 1024 + feature 256, thumbnail, margin 0.2, mirrors",
-            spec.head,
-        ),
-        ("(d) + hidden 2048", "twice the hidden units", replace(spec.head, hidden_dim=2048)),
+        ("the default head", "hidden 1024 + feature 256, thumbnail, margin 0.2 (scale 16), mirrors", base),
+        ("(d) + hidden 2048", "twice the hidden units", replace(base, hidden_dim=2048)),
         (
             "(d) + margin 0.35, scale 30",
             "a stronger CosFace margin",
-            replace(spec.head, margin=0.35, scale=30.0),
+            replace(base, margin=0.35, scale=30.0),
         ),
-        ("(d) + feature 512", "a wider embedding", replace(spec.head, feature_dim=512)),
-        ("(d) + 120 epochs", "twice the epoch budget (early stopping)", replace(spec.head, max_epochs=120)),
+        ("(d) + feature 512", "a wider embedding", replace(base, feature_dim=512)),
+        ("(d) + 120 epochs", "twice the epoch budget (early stopping)", replace(base, max_epochs=120)),
     ]
     for name, how, config in ablations:
         started = time.perf_counter()
@@ -263,7 +262,8 @@ def run() -> dict[str, Any]:
         )
         row(
             "fine-tuned head (the endpoint's, via /train)",
-            f"hidden {spec.head.hidden_dim} + feature {spec.head.feature_dim}, thumbnail, margin, mirrors",
+            f"hidden {spec.head.hidden_dim} + feature {spec.head.feature_dim}, thumbnail, margin "
+            f"{spec.head.margin:g} (scale {spec.head.scale:g}), mirrors",
             database,
             queries,
             train_s,
