@@ -209,12 +209,22 @@ def parse_endpoint(path: Path) -> EndpointSpec:
         duplicate_threshold=f.number("duplicates.threshold", DUPLICATE_THRESHOLD, 0.01, 1.0),
         query=QueryConfig(
             mirror=f.get("query.mirror", bool, MIRROR_QUERY),
-            expansion=f.positive_int("query.expansion", QUERY_EXPANSION, minimum=0),
-            alpha=f.number("query.alpha", 3.0, 0.0, 100.0),
+            expansion=_expansion(f),
+            alpha=f.number("query.alpha", QueryConfig.alpha, 0.01, 100.0),
         ),
     )
     f.check_unknown()
     return spec
+
+
+MAX_EXPANSION = 50  # matches an expanded query adds (each one a vector read; Annoy's n is an int)
+
+
+def _expansion(f: _Fields) -> int:
+    value = f.positive_int("query.expansion", QUERY_EXPANSION, minimum=0)
+    if value > MAX_EXPANSION:
+        raise f.fail("query.expansion", f"must be <= {MAX_EXPANSION}, got {value}")
+    return value
 
 
 def _head(f: _Fields) -> HeadConfig:

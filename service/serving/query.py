@@ -115,10 +115,10 @@ def ranked(
     exclude: int | None = None,
 ) -> list[Hit]:
     """The k best items for a query vector, with the endpoint's query expansion (one more search)."""
-    hits = search(view, vector, max(k, config.expansion), mask, exclude)
-    if config.expansion and hits:
-        hits = search(view, expand(view, vector, hits, config), k, mask, exclude)
-    return hits[:k]
+    if not config.expansion:
+        return search(view, vector, k, mask, exclude)
+    hits = search(view, vector, config.expansion, mask, exclude)
+    return search(view, expand(view, vector, hits, config), k, mask, exclude) if hits else hits
 
 
 def matches(loaded: LoadedVersion, hits: list[Hit], image_url: ImageUrlFn) -> list[dict[str, Any]]:
@@ -175,9 +175,12 @@ def search_images(
     for vector, mine in zip(vectors, backbone, strict=True):
         # Only-duplicates asks for more candidates: a copy ranks first by the descriptors, not
         # always by the served vectors.
-        hits = ranked(
-            loaded.view, vector, max(k, DUPLICATE_CANDIDATES) if duplicates.only else k, config, mask
-        )
+        # Only-duplicates: candidates from the plain query (expansion pulls it towards its class,
+        # away from a copy).
+        if duplicates.only:
+            hits = search(loaded.view, vector, max(k, DUPLICATE_CANDIDATES), mask)
+        else:
+            hits = ranked(loaded.view, vector, k, config, mask)
         scores = duplicate_scores(loaded, mine, hits)
         results = matches(loaded, hits, image_url)
         for result, score in zip(results, scores, strict=True):

@@ -1,6 +1,7 @@
 """The endpoint's query treatment (`[query]` mirror and expansion): off by default (the bench found
-it does not pay, docs/BENCHMARKS.md), and when an endpoint file turns it on, every query path
-(/infer, /items/<id>/similar, filters) ranks with it."""
+it does not pay, docs/BENCHMARKS.md), and when an endpoint file turns it on, /infer and filters
+rank with it (similar items expand their stored vectors) while duplicates stay judged on the
+image itself."""
 
 from __future__ import annotations
 
@@ -69,3 +70,17 @@ def test_similar_items_and_filters_rank_with_the_treatment_too(treated: FlaskCli
     assert similar and all(r["id"] != item_id for r in similar)
     filtered = results(treated, rocket, "/food/infer?k=5&label=moon")
     assert filtered and all(name.startswith("moon/") for name, _ in filtered)
+
+
+def test_with_the_treatment_on_infer_ranks_with_it_and_duplicates_still_see_the_image(
+    treated: FlaskClient, photos_zip: Path
+) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(photos_zip) as zf:
+        exact = zf.read("rocket/rocket-original.jpg")  # a catalogue image's own bytes
+    found = treated.post("/food/infer?k=5&duplicates=true", data={"image": upload(exact, "q.jpg")})
+    results_ = found.get_json()["results"]
+    assert results_[0]["score"] < 0.999  # the treated vector, not the image's own
+    own = next(r for r in results_ if r["name"] == "rocket/rocket-original.jpg")
+    assert own["duplicate"] is True and own["duplicate_score"] == 1.0  # judged on the image itself

@@ -76,6 +76,8 @@ def test_a_relative_saved_model_path_is_relative_to_the_file(tmp_path: Path) -> 
         ('[encoder]\nsource = "x"\ninput_size = 9\n[index]\nntrees = 3\n', "index.ntrees"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nmirror = 1\n', "query.mirror"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nexpansion = -1\n', "query.expansion"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nexpansion = 10000000000\n', "query.expansion"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nalpha = 0\n', "query.alpha"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nalpha = "x"\n', "query.alpha"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[duplicates]\nthreshold = 0\n', "duplicates.threshold"),
         ("[encoder\n", "not a readable TOML file"),

@@ -55,3 +55,20 @@ def test_expansion_brings_up_what_the_best_match_is_like(tmp_path: Path) -> None
     want = unit(q + hits[0].score ** 3 * a + hits[1].score ** 3 * c)
     assert np.allclose(expand(view, q, hits, QueryConfig(False, 2, 3.0)), want, atol=1e-5)
     assert np.allclose(expand(view, q, [], QueryConfig(False, 2, 3.0)), q)  # nothing to expand with
+
+
+def test_off_it_answers_as_today_and_on_it_expands_through_an_annoy_index(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    vectors = unit(rng.standard_normal((2500, 16)))  # over INDEX_MIN_ROWS: an Annoy index
+    view = view_of(tmp_path, vectors)
+    assert view.segments[0].index is not None
+    keep = np.zeros(2500, dtype=bool)
+    keep[::2] = True
+    mask = lambda index, segment: keep  # noqa: E731
+    for q in unit(rng.standard_normal((5, 16))):
+        assert ranked(view, q, 7, QueryConfig(), mask, exclude=4) == search(view, q, 7, mask, exclude=4)
+        hits = search(view, q, 3, mask)
+        want = unit(q + sum(h.score**3 * vectors[h.row] for h in hits))
+        assert np.allclose(expand(view, q, hits, QueryConfig(False, 3, 3.0)), want, atol=1e-5)
+        treated = ranked(view, q, 7, QueryConfig(False, 3, 3.0), mask, exclude=4)
+        assert len(treated) == 7 and all(keep[h.row] and h.row != 4 for h in treated)
