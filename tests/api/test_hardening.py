@@ -363,6 +363,7 @@ def test_decodes_are_bounded_per_process_and_forward_passes_are_chunked(
 
     import numpy as np
 
+    from service.core.endpoint import QueryConfig
     from service.serving import query
 
     running, peak, lock = [0], [0], threading.Lock()
@@ -384,7 +385,7 @@ def test_decodes_are_bounded_per_process_and_forward_passes_are_chunked(
     encoder = SimpleNamespace(
         input_size=32, encode=lambda batch: passes.append(len(batch)) or np.zeros((len(batch), 4))
     )
-    loaded = SimpleNamespace(encoder=encoder)
+    loaded = SimpleNamespace(encoder=encoder, query=QueryConfig())  # the plain query: one pass
     tiny = png(Image.new("RGB", (8, 8)))
     threads = [
         threading.Thread(target=query.embed_uploads, args=(loaded, [("x.png", tiny)] * 20, 10_000))
