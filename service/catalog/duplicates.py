@@ -19,6 +19,10 @@ from annoy import AnnoyIndex
 NEIGHBOURS = 10
 N_TREES = 10
 SEARCH_K = 2_000
+# Nearest items by the served index re-scored by descriptor when a new image or a query is checked
+# against the catalogue (screening, ?duplicates_only): `make bench` part `duplicates` measures how
+# often a copy's original is among them.
+CANDIDATES = 20
 
 
 class UnionFind:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from service.catalog import descriptor, images, ingest
+from service.catalog.duplicates import CANDIDATES
 from service.catalog.evaluation import evaluate
 from service.catalog.head import HeadEncoder, thumbnails
 from service.catalog.view import View
@@ -173,12 +174,11 @@ def search_images(
         return [matches(loaded, ranked(loaded.view, v, k, config, mask), image_url) for v in vectors]
     found = []
     for vector, mine in zip(vectors, backbone, strict=True):
-        # Only-duplicates asks for more candidates: a copy ranks first by the descriptors, not
-        # always by the served vectors.
-        # Only-duplicates: candidates from the plain query (expansion pulls it towards its class,
-        # away from a copy).
+        # Only-duplicates asks for more candidates (a copy ranks first by the descriptors, not
+        # always by the served vectors), from the plain query (expansion pulls it towards its
+        # class, away from a copy).
         if duplicates.only:
-            hits = search(loaded.view, vector, max(k, DUPLICATE_CANDIDATES), mask)
+            hits = search(loaded.view, vector, max(k, CANDIDATES), mask)
         else:
             hits = ranked(loaded.view, vector, k, config, mask)
         scores = duplicate_scores(loaded, mine, hits)
@@ -190,10 +190,6 @@ def search_images(
             results = sorted((r for r in results if r["duplicate"]), key=lambda r: -r["duplicate_score"])[:k]
         found.append(results)
     return found
-
-
-# Candidates an only-duplicates query re-scores (screen.CANDIDATES, for the same reason).
-DUPLICATE_CANDIDATES = 20
 
 
 @dataclass(frozen=True)
@@ -208,13 +204,12 @@ def duplicate_scores(loaded: LoadedVersion, backbone: np.ndarray, hits: list[Hit
     """Each hit's duplicate score to a query: its whitened descriptors' cosine."""
     head = loaded.manifest.head is not None
     whitening = descriptor.of_view(loaded.view, head)
+    if not hits:
+        return []
     mine = whitening.apply(np.asarray(backbone, dtype=np.float32)[None, :])[0]
-    scores = []
-    for hit in hits:
-        segment = loaded.view.segments[hit.segment]
-        theirs = whitening.apply(descriptor.backbone_of(segment, head, np.array([hit.row])))[0]
-        scores.append(whitening.score(float(theirs @ mine)))
-    return scores
+    rows = [descriptor.backbone_of(loaded.view.segments[h.segment], head, np.array([h.row])) for h in hits]
+    theirs = whitening.apply(np.concatenate(rows))  # one projection for every hit
+    return [whitening.score(float(cosine)) for cosine in theirs @ mine]
 
 
 # The most photos of one item `similar` searches with (an item may have up to MAX_PHOTOS_PER_ITEM).

@@ -18,15 +18,11 @@ from typing import Any
 import numpy as np
 
 from service.catalog import descriptor
-from service.catalog.duplicates import DescriptorIndex, Grouper
+from service.catalog.duplicates import CANDIDATES, DescriptorIndex, Grouper
 from service.catalog.rows import Catalog
 from service.catalog.view import View
 
 MODES = ("allow", "flag", "skip")
-# Nearest catalogue items re-scored per new image (the served index ranks by the served vectors,
-# the descriptors decide): the planted set's copies are within the backbone's 10 nearest 99.75 %
-# of the time.
-CANDIDATES = 20
 # Duplicates listed in a job's result (the count is always whole).
 LISTED = 1000
 
