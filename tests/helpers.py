@@ -26,15 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import numpy as np
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
 from bench import demo
+from service.catalog.rows import Catalog
+from service.catalog.segment import Segment
+from service.catalog.view import View
 from service.core.config import ROOT
 from service.encoders import OFFLINE_NAME
 from service.storage.blobs import ref_of
 from service.storage.manifest import BlobRef, Manifest, SegmentRef
+from service.training.stage import Stager
 
 ERROR_KEYS = {"code", "status", "message"}  # every error answer's JSON
 # A handful of real photos keeps the suite fast; five variants each, one folder per photo.
@@ -465,3 +470,29 @@ class Sqsd:
         for loop in self._loops:
             loop.result(timeout=330)
         self._pool.shutdown()
+
+
+def headless_rows(vectors: np.ndarray, first_id: int = 0, digests: list[str] | None = None) -> Catalog:
+    """Rows of unit vectors with no head (the backbone's vectors are the served ones), one item
+    each, ids from `first_id`, images named by their sha256 (`digests`, or made up from the ids)."""
+    n = len(vectors)
+    digests = digests or [f"{first_id + i:064x}" for i in range(n)]
+    return Catalog(
+        items=np.arange(first_id, first_id + n, dtype=np.int64),
+        names=[f"x/{first_id + i}.jpg" for i in range(n)],
+        entries=[{"label": "x", "metadata": {}, "image": f"images/{d}.jpg", "sha256": d} for d in digests],
+        vectors=vectors,
+        backbone=vectors,
+        thumbs=np.zeros((n, 0), np.float32),
+        mirrored=None,
+        next_id=first_id + n,
+    )
+
+
+def staged_view(folder: Path, *parts: tuple[Catalog, int]) -> View:
+    """A View (no manifest) of segments staged in `folder`, one per (rows, index_min_rows)."""
+    stager = Stager(folder / "stage")
+    refs = [stager.segment(rows, n_trees=8, head=False, index_min_rows=least) for rows, least in parts]
+    paths = {blob.sha256: path for path, blob in stager.files}
+    dim = parts[0][0].vectors.shape[1]
+    return View(None, [Segment(ref, lambda blob, label: paths[blob.sha256], dim) for ref in refs])  # type: ignore[arg-type]

@@ -8,36 +8,17 @@ import numpy as np
 
 from service.catalog import descriptor
 from service.catalog.duplicates import Ignored
-from service.catalog.rows import Catalog
-from service.catalog.segment import Segment
 from service.catalog.view import View
 from service.serving.duplicate_report import report
-from service.training.stage import Stager
-
-
-def rows(n: int, first_id: int, vectors: np.ndarray, digests: list[str]) -> Catalog:
-    return Catalog(
-        items=np.arange(first_id, first_id + n, dtype=np.int64),
-        names=[f"x/{first_id + i}.jpg" for i in range(n)],
-        entries=[{"label": "x", "metadata": {}, "image": f"images/{d}.jpg", "sha256": d} for d in digests],
-        vectors=vectors,
-        backbone=vectors,
-        thumbs=np.zeros((n, 0), np.float32),
-        mirrored=None,
-        next_id=first_id + n,
-    )
+from tests.helpers import headless_rows, staged_view
 
 
 def view_of(tmp_path: Path, big: np.ndarray, small: np.ndarray, small_digests: list[str]) -> View:
-    digests = [f"{i:064x}" for i in range(len(big))]
-    stager = Stager(tmp_path / "stage")
-    first = stager.segment(rows(len(big), 0, big, digests), n_trees=8, head=False, index_min_rows=10)
-    second = stager.segment(rows(len(small), len(big), small, small_digests), n_trees=8, head=False)
-    paths = {ref.sha256: path for path, ref in stager.files}
-    dim = big.shape[1]
-    segments = [Segment(ref, lambda blob, label: paths[blob.sha256], dim) for ref in (first, second)]
-    assert segments[0].index is not None and segments[1].index is None
-    return View(None, segments)  # type: ignore[arg-type]
+    view = staged_view(
+        tmp_path, (headless_rows(big), 10), (headless_rows(small, len(big), small_digests), 2000)
+    )
+    assert view.segments[0].index is not None and view.segments[1].index is None
+    return view
 
 
 def test_duplicates_are_found_across_an_indexed_segment_and_a_small_one(tmp_path: Path) -> None:

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service.catalog.rows import Catalog
-from service.catalog.segment import Segment
 from service.catalog.view import View
 from service.core.endpoint import QueryConfig
 from service.serving.query import expand, ranked
 from service.serving.search import search
-from service.training.stage import Stager
+from tests.helpers import headless_rows, staged_view
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -21,22 +19,7 @@ def unit(v: np.ndarray) -> np.ndarray:
 
 
 def view_of(tmp_path: Path, vectors: np.ndarray) -> View:
-    n = len(vectors)
-    digests = [f"{i:064x}" for i in range(n)]
-    catalog = Catalog(
-        items=np.arange(n, dtype=np.int64),
-        names=[f"x/{i}.jpg" for i in range(n)],
-        entries=[{"label": "x", "metadata": {}, "image": f"{d}.jpg", "sha256": d} for d in digests],
-        vectors=vectors,
-        backbone=vectors,
-        thumbs=np.zeros((n, 0), np.float32),
-        mirrored=None,
-        next_id=n,
-    )
-    stager = Stager(tmp_path / "stage")
-    ref = stager.segment(catalog, n_trees=8, head=False)
-    paths = {blob.sha256: path for path, blob in stager.files}
-    return View(None, [Segment(ref, lambda blob, label: paths[blob.sha256], vectors.shape[1])])  # type: ignore[arg-type]
+    return staged_view(tmp_path, (headless_rows(vectors), 2000))
 
 
 def test_expansion_brings_up_what_the_best_match_is_like(tmp_path: Path) -> None:
