@@ -76,13 +76,12 @@ def fine_tune(
         return not_trained(mode, config)
     split = _split(labels, names, config)
     db, train_labels = split.members[split.keep], split.label_ids[split.keep]
-    data = TrainingData(
-        backbone[db],
-        thumbs[db],
-        train_labels,
-        None if mirrored_backbone is None else mirrored_backbone[db],
-        None if mirrored_thumbs is None else mirrored_thumbs[db],
+    mirrored = (
+        []
+        if mirrored_backbone is None or mirrored_thumbs is None
+        else [(mirrored_backbone[db], mirrored_thumbs[db])]
     )
+    data = TrainingData(backbone[db], thumbs[db], train_labels, mirrored)
     head, summary = train_head(data, names, config)
     frozen, tuned = _scores(head, backbone, thumbs, split)
     kept = mode == "always" or tuned[DECIDING_METRIC] > frozen[DECIDING_METRIC]

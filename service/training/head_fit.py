@@ -4,7 +4,7 @@ an additive margin (CosFace) over the labels, on stored backbone vectors and thu
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,13 +17,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainingData:
-    """What the head trains on: backbone unit vectors, thumbnails, label ids; mirrored copies."""
+    """What the head trains on: backbone unit vectors, thumbnails, label ids; and augmented copies
+    of the same images ((backbone, thumbnails) each, row for row: the mirrored images, and in the
+    bench other augmentations) that join the training rows when `augment` is on."""
 
     backbone: np.ndarray
     thumbs: np.ndarray
     labels: np.ndarray
-    mirrored_backbone: np.ndarray | None = None
-    mirrored_thumbs: np.ndarray | None = None
+    copies: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
 def train_head(data: TrainingData, label_names: list[str], config: HeadConfig) -> tuple[Head, dict[str, Any]]:
@@ -35,12 +36,13 @@ def train_head(data: TrainingData, label_names: list[str], config: HeadConfig) -
     shell = _shell(data, train_idx, label_names, config)
     x, y = shell.inputs(data.backbone, data.thumbs), data.labels
     x_train, y_train = x[train_idx], y[train_idx]
-    if config.augment and data.mirrored_backbone is not None and data.mirrored_thumbs is not None:
-        mirrored = shell.inputs(data.mirrored_backbone, data.mirrored_thumbs)
-        x_train = np.concatenate([x_train, mirrored[train_idx]])
-        y_train = np.concatenate([y_train, y[train_idx]])
+    if config.augment and data.copies:
+        x_train = np.concatenate([x_train, *(shell.inputs(b, t)[train_idx] for b, t in data.copies)])
+        y_train = np.concatenate([y_train] + [y[train_idx]] * len(data.copies))
     model = _model(x.shape[1], len(label_names), config)
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=6, restore_best_weights=True)
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=config.patience, restore_best_weights=True
+    )
     fit = {"epochs": config.max_epochs, "batch_size": 128, "shuffle": True, "verbose": 0, "callbacks": [stop]}
     history = model.fit(x_train, y_train, validation_data=(x[val_idx], y[val_idx]), **fit)
     summary = {
@@ -84,7 +86,8 @@ def _model(width: int, n_labels: int, config: HeadConfig) -> Any:
         n_labels, use_bias=False, name="classes", kernel_constraint=keras.constraints.UnitNorm(axis=0)
     )(unit)
     model = keras.Model(inputs, cosine)
-    model.compile(keras.optimizers.Adam(1e-3), loss=CosFaceLoss(n_labels, config.scale, config.margin))
+    loss = (ArcFaceLoss if config.loss == "arcface" else CosFaceLoss)(n_labels, config.scale, config.margin)
+    model.compile(keras.optimizers.Adam(config.learning_rate), loss=loss)
     return model
 
 
@@ -101,6 +104,19 @@ class CosFaceLoss:
         tf = self.tf
         onehot = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), self.n_labels)
         logits = self.scale * (cosines - self.margin * onehot)
+        return tf.nn.softmax_cross_entropy_with_logits(onehot, logits)
+
+
+class ArcFaceLoss(CosFaceLoss):
+    """Softmax cross-entropy over scaled cosines, the right label's angle plus an additive margin
+    (Deng et al., CVPR 2019). Measured against CosFace in docs/BENCHMARKS.md."""
+
+    def __call__(self, labels: Any, cosines: Any) -> Any:
+        tf = self.tf
+        onehot = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), self.n_labels)
+        cosines = tf.clip_by_value(cosines, -1.0 + 1e-6, 1.0 - 1e-6)  # acos' gradient is infinite at ±1
+        target = tf.cos(tf.acos(cosines) + self.margin)
+        logits = self.scale * tf.where(onehot > 0, target, cosines)
         return tf.nn.softmax_cross_entropy_with_logits(onehot, logits)
 
 
