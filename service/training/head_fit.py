@@ -43,13 +43,24 @@ def train_head(data: TrainingData, label_names: list[str], config: HeadConfig) -
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=config.patience, restore_best_weights=True
     )
-    fit = {"epochs": config.max_epochs, "batch_size": 128, "shuffle": True, "verbose": 0, "callbacks": [stop]}
+    # Batches of 128, smaller for small catalogues so that an epoch is still ~32 steps (with few
+    # steps per epoch, the learning rate that suits thousands of images would barely move the head)
+    batch = int(np.clip(len(x_train) // 32, 16, 128))
+    fit = {
+        "epochs": config.max_epochs,
+        "batch_size": batch,
+        "shuffle": True,
+        "verbose": 0,
+        "callbacks": [stop],
+    }
     history = model.fit(x_train, y_train, validation_data=(x[val_idx], y[val_idx]), **fit)
     summary = {
         "epochs": len(history.history["loss"]),
         "train_images": int(len(train_idx)),
         "validation_images": int(len(val_idx)),
         "augmented": bool(len(x_train) > len(train_idx)),
+        "training_rows": int(len(x_train)),  # the train split and its augmented copies
+        "batch_size": batch,
         "best_val_loss": round(float(min(history.history["val_loss"])), 4),
     }
     log.info("trained head: %s", summary)

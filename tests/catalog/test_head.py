@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from service.catalog.evaluation import evaluate, exact_search, ranking_metrics
 from service.catalog.head import Head, thumbnails
 from service.core.endpoint import HeadConfig
-from service.training.head_fit import TrainingData, stratified_split, train_head
+from service.training.head_fit import ArcFaceLoss, CosFaceLoss, TrainingData, stratified_split, train_head
 
 
 def test_thumbnails_are_block_means() -> None:
@@ -63,10 +64,11 @@ def clusters() -> TrainingData:
     return TrainingData(backbone.astype(np.float32), thumbs.astype(np.float32), labels)
 
 
+@pytest.mark.parametrize("loss", ["cosface", "arcface"])
 def test_a_trained_head_separates_labels_and_survives_save_and_load(
-    clusters: TrainingData, tmp_path: Path
+    clusters: TrainingData, tmp_path: Path, loss: str
 ) -> None:
-    config = HeadConfig(feature_dim=8, hidden_dim=16, thumbnail=2, augment=False, max_epochs=80)
+    config = HeadConfig(feature_dim=8, hidden_dim=16, thumbnail=2, augment=False, max_epochs=80, loss=loss)
     head, summary = train_head(clusters, ["a", "b", "c"], config)
     assert summary["epochs"] >= 1 and summary["train_images"] + summary["validation_images"] == 120
     vectors = head.embed(clusters.backbone, clusters.thumbs)
@@ -79,3 +81,39 @@ def test_a_trained_head_separates_labels_and_survives_save_and_load(
     loaded = Head.load(tmp_path)
     assert loaded.fingerprint == head.fingerprint
     assert np.array_equal(loaded.embed(clusters.backbone, clusters.thumbs), vectors)
+
+
+def test_arcface_adds_its_margin_to_the_angle_and_cosface_to_the_cosine() -> None:
+    labels, cosines = np.array([0]), np.array([[0.5, 0.2]], np.float32)
+    scale, margin = 10.0, 0.3
+
+    def cross_entropy(logits: list[float]) -> float:
+        return float(-np.log(np.exp(logits[0]) / np.sum(np.exp(logits))))
+
+    arc = float(ArcFaceLoss(2, scale, margin)(labels, cosines).numpy()[0])
+    cos = float(CosFaceLoss(2, scale, margin)(labels, cosines).numpy()[0])
+    assert arc == pytest.approx(
+        cross_entropy([scale * np.cos(np.arccos(0.5) + margin), scale * 0.2]), rel=1e-5
+    )
+    assert cos == pytest.approx(cross_entropy([scale * (0.5 - margin), scale * 0.2]), rel=1e-5)
+    # A cosine of exactly 1 (acos' gradient is infinite there) still gives a finite loss
+    assert np.isfinite(
+        ArcFaceLoss(2, scale, margin)(labels, np.array([[1.0, 0.0]], np.float32)).numpy()
+    ).all()
+
+
+def test_augmented_copies_join_the_training_rows_only_when_augmenting(clusters: TrainingData) -> None:
+    rng = np.random.default_rng(1)
+    copies = [
+        (
+            clusters.backbone + rng.normal(scale=0.1, size=clusters.backbone.shape).astype(np.float32),
+            clusters.thumbs,
+        )
+        for _ in range(2)
+    ]
+    data = TrainingData(clusters.backbone, clusters.thumbs, clusters.labels, copies)
+    config = HeadConfig(feature_dim=8, hidden_dim=0, thumbnail=2, max_epochs=2)
+    _, on = train_head(data, ["a", "b", "c"], config)
+    _, off = train_head(data, ["a", "b", "c"], replace(config, augment=False))
+    assert on["training_rows"] == 3 * on["train_images"] and on["augmented"]
+    assert off["training_rows"] == off["train_images"] and not off["augmented"]

@@ -8,7 +8,7 @@ import pytest
 
 from service import create_app
 from service.core.config import ROOT
-from service.core.endpoint import QueryConfig, load_endpoints, parse_endpoint
+from service.core.endpoint import HeadConfig, QueryConfig, load_endpoints, parse_endpoint
 from service.core.errors import EndpointConfigError
 
 GOOD = """
@@ -80,6 +80,10 @@ def test_a_relative_saved_model_path_is_relative_to_the_file(tmp_path: Path) -> 
         ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nalpha = 0\n', "query.alpha"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nalpha = "x"\n', "query.alpha"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[duplicates]\nthreshold = 0\n', "duplicates.threshold"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\nloss = "triplet"\n', "head.loss"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\nlearning_rate = 0\n', "head.learning_rate"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\nlearning_rate = nan\n', "head.learning_rate"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\npatience = 0\n', "head.patience"),
         ("[encoder\n", "not a readable TOML file"),
     ],
 )
@@ -90,6 +94,15 @@ def test_a_bad_file_names_the_file_and_the_field(tmp_path: Path, text: str, fiel
         parse_endpoint(path)
     assert str(path) in str(info.value)
     assert field in str(info.value)
+
+
+def test_the_head_table_sets_the_loss_and_its_schedule(tmp_path: Path) -> None:
+    path = tmp_path / "arc.toml"
+    path.write_text(GOOD + '[head]\nloss = "arcface"\nmargin = 0.3\nlearning_rate = 0.001\npatience = 4\n')
+    head = parse_endpoint(path).head
+    assert (head.loss, head.margin, head.learning_rate, head.patience) == ("arcface", 0.3, 0.001, 4)
+    path.write_text(GOOD)
+    assert parse_endpoint(path).head == HeadConfig()  # the defaults bench/quality.py chose
 
 
 def test_two_files_with_one_name_are_refused(tmp_path: Path) -> None:
