@@ -3,7 +3,7 @@
 Input: the backbone's unit vector and a 16x16 colour thumbnail of the same encoder input (the
 layout and colour that ImageNet features mostly discard). Layers: an optional hidden ReLU
 layer, then the feature-vector layer (the embedding, L2-normalised). Training adds a cosine
-softmax classifier over the labels with an additive margin (CosFace), which pulls each label's
+softmax classifier over the labels with an additive margin (CosFace, or ArcFace), which pulls each label's
 embeddings together: what nearest-neighbour search needs. Only the head trains; backbone
 vectors are computed once (plus once for mirrored images when augmenting).
 

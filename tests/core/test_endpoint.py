@@ -8,7 +8,7 @@ import pytest
 
 from service import create_app
 from service.core.config import ROOT
-from service.core.endpoint import HeadConfig, QueryConfig, load_endpoints, parse_endpoint
+from service.core.endpoint import QueryConfig, load_endpoints, parse_endpoint
 from service.core.errors import EndpointConfigError
 
 GOOD = """
@@ -80,10 +80,16 @@ def test_a_relative_saved_model_path_is_relative_to_the_file(tmp_path: Path) -> 
         ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nalpha = 0\n', "query.alpha"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[query]\nalpha = "x"\n', "query.alpha"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[duplicates]\nthreshold = 0\n', "duplicates.threshold"),
-        ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\nloss = "triplet"\n', "head.loss"),
-        ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\nlearning_rate = 0\n', "head.learning_rate"),
-        ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\nlearning_rate = nan\n', "head.learning_rate"),
-        ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\npatience = 0\n', "head.patience"),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\nloss = "triplet"\n', "head.loss: must be one of"),
+        (
+            '[encoder]\nsource = "x"\ninput_size = 9\n[head]\nlearning_rate = 0\n',
+            "head.learning_rate: must be",
+        ),
+        (
+            '[encoder]\nsource = "x"\ninput_size = 9\n[head]\nlearning_rate = nan\n',
+            "head.learning_rate: must",
+        ),
+        ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\npatience = 0\n', "head.patience: must be >= 1"),
         ("[encoder\n", "not a readable TOML file"),
     ],
 )
@@ -102,7 +108,14 @@ def test_the_head_table_sets_the_loss_and_its_schedule(tmp_path: Path) -> None:
     head = parse_endpoint(path).head
     assert (head.loss, head.margin, head.learning_rate, head.patience) == ("arcface", 0.3, 0.001, 4)
     path.write_text(GOOD)
-    assert parse_endpoint(path).head == HeadConfig()  # the defaults bench/quality.py chose
+    head = parse_endpoint(path).head  # the defaults bench/quality.py chose (docs/BENCHMARKS.md)
+    assert (head.loss, head.margin, head.scale, head.learning_rate, head.patience) == (
+        "cosface",
+        0.35,
+        30.0,
+        3e-4,
+        10,
+    )
 
 
 def test_two_files_with_one_name_are_refused(tmp_path: Path) -> None:
