@@ -237,7 +237,7 @@ HEAD_LOSSES = ("cosface", "arcface")
 
 
 def _loss(f: _Fields) -> str:
-    value = f.get("head.loss", str, HeadConfig.loss)
+    value: str = f.get("head.loss", str, HeadConfig.loss)
     if value not in HEAD_LOSSES:
         raise f.fail("head.loss", f"must be one of {', '.join(HEAD_LOSSES)}, got {value!r}")
     return value
