@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from PIL import Image, ImageEnhance, ImageOps
 
 from bench import demo
 from service.catalog.images import prepare
 from service.storage import versions
-from tests.helpers import cli, make_zip, upload, wait_job, wait_serving
+from tests.helpers import TEST_PHOTOS, cli, make_zip, upload, wait_job, wait_serving
 
 
 def train_with(client: FlaskClient, zip_bytes: bytes, fine_tune: str) -> dict:
@@ -148,3 +149,28 @@ def test_the_evaluate_command_scores_the_served_version(
     assert result["queries"] == 3 and result["labels_not_in_index"] == ["mystery"]
     assert result["precision@1"] == pytest.approx(2 / 3, abs=1e-3)  # coffee and moon find their own
     assert 0.0 < result["map@10"] <= 1.0 and result["fine_tuned"] is False
+
+
+def test_with_the_default_head_copies_and_new_photos_find_their_catalogue_photos(
+    client: FlaskClient, photos_zip: Path
+) -> None:
+    """Issue 23's check on the demo's photos: a resized, recompressed (and mirrored) copy of a
+    catalogue photo comes back first, and a new photo of the same object (another crop, darker)
+    ranks that object's catalogue photos first."""
+    job = train_with(client, photos_zip.read_bytes(), "always")
+    assert job["evaluation"]["kept"] == "fine_tuned"
+
+    def top(image: Image.Image, k: int) -> list[dict]:
+        data = demo.jpeg(image, quality=35)
+        return client.post(f"/food/infer?k={k}", data=data, content_type="image/jpeg").get_json()["results"]
+
+    for name in TEST_PHOTOS:
+        original = demo.photo(name)
+        small = original.resize((original.width // 2, original.height // 2))
+        assert top(small, 1)[0]["name"] == f"{name}/{name}-original.jpg"
+        mirrored = top(ImageOps.mirror(small), 1)[0]["name"]
+        assert mirrored in (f"{name}/{name}-original.jpg", f"{name}/{name}-mirror.jpg")
+        w, h = original.size
+        crop = original.crop((w // 5, h // 4, w // 5 + int(w * 0.6), h // 4 + int(h * 0.6)))
+        new_photo = ImageEnhance.Brightness(crop).enhance(0.8)
+        assert [r["label"] for r in top(new_photo, 5)] == [name] * 5
