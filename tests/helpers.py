@@ -134,6 +134,9 @@ def settings_for(tmp: Path, models: Path, **extra: Any) -> dict[str, Any]:
         # Jobs in a thread: a child process per job would cost each of the suite's ~100 jobs a
         # TensorFlow import. The child-process path has its own tests (test_runtime_lite.py).
         "train_in_child": False,
+        # Fusing a head costs each fine-tuned train a conversion of the encoder (seconds); the
+        # fused path has its own tests (tests/training/test_fuse.py).
+        "fuse_head": False,
         **extra,
     }
 

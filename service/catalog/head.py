@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEAD_FILES = ("head.json", "head.npz")
+FUSED_FILE = "head.tflite"  # the backbone and this head in one converted model (training/fuse.py)
 BACKBONE_SCALE = 30.0  # puts the unit backbone vector on the scale of the standardised thumbnail
 
 
@@ -106,13 +107,37 @@ class Head:
 
 
 class HeadEncoder:
-    """Backbone + head, with the Encoder's interface: what a fine-tuned version queries with."""
+    """Backbone + head, with the Encoder's interface: what a fine-tuned version queries with.
 
-    def __init__(self, backbone: Embedder, head: Head) -> None:
+    With `fused` (the version's head.tflite, service/training/fuse.py: backbone and head in one
+    graph whose rows are the head's unit vector then the backbone's raw vector) a batch is one
+    invoke; without it, the backbone's invoke and the head in NumPy."""
+
+    def __init__(self, backbone: Embedder, head: Head, fused: Fused | None = None) -> None:
         self.backbone = backbone
         self.head = head
+        self.fused = fused
         self.input_size = backbone.input_size
         self.dim = head.dim
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
+        if self.fused is not None:
+            return self.fused.raw(batch)[:, : self.dim]  # unit length already, in the graph
         return self.head.embed(self.backbone.encode(batch), thumbnails(batch, self.head.thumbnail))
+
+    def encode_both(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The head's vectors and the backbone's unit vectors of a batch (duplicates need both)."""
+        if self.fused is not None:
+            out = self.fused.raw(batch)
+            return out[:, : self.dim], normalise(out[:, self.dim :])
+        backbone = self.backbone.encode(batch)
+        return self.head.embed(backbone, thumbnails(batch, self.head.thumbnail)), backbone
+
+
+class Fused(Protocol):
+    """A converted model run without normalisation (litert.LiteEncoder)."""
+
+    input_size: int
+    dim: int
+
+    def raw(self, batch: np.ndarray) -> np.ndarray: ...

@@ -83,6 +83,9 @@ class Settings:
     encoder_runtime: str = "litert"
     # The least cosine between a converted model's vector and TensorFlow's, per image checked.
     converted_min_cosine: float = 0.9999
+    # A trained head is fused with the converted backbone into one TFLite model (training/fuse.py),
+    # so a query is one invoke; 0: the head runs in NumPy after the backbone's invoke.
+    fuse_head: bool = True
     cache_dir: Path = ROOT / "cache"
     tfhub_cache_dir: Path | None = None
     # Seconds between checks of each endpoint's CURRENT pointer.

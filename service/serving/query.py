@@ -14,7 +14,7 @@ import numpy as np
 from service.catalog import descriptor, images, ingest
 from service.catalog.duplicates import CANDIDATES
 from service.catalog.evaluation import evaluate
-from service.catalog.head import HeadEncoder, thumbnails
+from service.catalog.head import HeadEncoder
 from service.catalog.view import View
 from service.core import metrics
 from service.core.config import Settings
@@ -92,8 +92,7 @@ def _encode(loaded: LoadedVersion, batch: np.ndarray, backbone: bool) -> tuple[n
     if not backbone:
         return encoder.encode(batch), batch[:0]
     if isinstance(encoder, HeadEncoder):
-        vectors = encoder.backbone.encode(batch)
-        return encoder.head.embed(vectors, thumbnails(batch, encoder.head.thumbnail)), vectors
+        return encoder.encode_both(batch)
     vectors = encoder.encode(batch)
     return vectors, vectors
 

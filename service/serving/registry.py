@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service import encoders
-from service.catalog.head import Head, HeadEncoder
+from service.catalog.head import FUSED_FILE, Head, HeadEncoder
 from service.catalog.segment import Segment
 from service.catalog.view import View
 from service.core import metrics
@@ -58,6 +58,25 @@ class LoadedVersion:
     def count(self) -> int:
         """Items (not rows: replaced and deleted rows stay in their segment until compaction)."""
         return self.manifest.count
+
+
+def _fused(
+    spec: EndpointSpec, manifest: Manifest, cache: BlobCache, backbone: Embedder, runtime: dict[str, Any]
+) -> litert.LiteEncoder | None:
+    """The version's backbone and head in one converted model (service/training/fuse.py), when it
+    has one and runs on LiteRT; None: the head runs in NumPy after the backbone's invoke."""
+    assert manifest.head is not None
+    ref = manifest.head.files.get(FUSED_FILE)
+    if ref is None or runtime.get("name") != litert.RUNTIME:
+        return None
+    try:
+        fused = litert.load(cache.path(spec.name, ref, FUSED_FILE), ref.sha256, dict(manifest.encoder))
+        if fused.input_size != backbone.input_size or fused.dim != manifest.head.feature_dim + backbone.dim:
+            raise EncoderUnavailableError(f"{FUSED_FILE} maps {fused.input_size}px to {fused.dim} values")
+    except EncoderUnavailableError as exc:
+        log.warning("%s version %s: the head runs in NumPy: %s", spec.name, manifest.version, exc.message)
+        return None
+    return fused
 
 
 def _backbone(
@@ -132,7 +151,7 @@ def load_version(
         )
         if head.fingerprint != manifest.head.fingerprint:
             raise IntegrityError(f"{spec.name} version {version}: the head does not match its manifest")
-        encoder = HeadEncoder(backbone, head)
+        encoder = HeadEncoder(backbone, head, _fused(spec, manifest, cache, backbone, runtime))
     if encoder.dim != manifest.dim:
         raise IntegrityError(
             f"{spec.name} version {version}: encoder gives {encoder.dim}-d vectors, "

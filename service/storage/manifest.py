@@ -113,7 +113,7 @@ class Head:
     feature_dim: int
     labels: list[str]
     thumbnail: int
-    files: Mapping[str, BlobRef]  # head.json, head.npz
+    files: Mapping[str, BlobRef]  # head.json, head.npz; head.tflite when fused (training/fuse.py)
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "files"}
@@ -256,8 +256,9 @@ def _head(where: str, raw: Any) -> Head | None:
         return None
     r = _Reader(where, raw)
     files = {name: _blob(f"{where}: {name}", ref) for name, ref in r.get("files", dict).items()}
-    if set(files) != {"head.json", "head.npz"}:
-        raise IntegrityError(f"{where}: a head has head.json and head.npz")
+    # head.tflite: the head fused with the converted backbone (training/fuse.py), when it was made
+    if not {"head.json", "head.npz"} <= set(files) <= {"head.json", "head.npz", "head.tflite"}:
+        raise IntegrityError(f"{where}: a head has head.json and head.npz (and maybe head.tflite)")
     return Head(
         r.get("fingerprint", str),
         r.get("feature_dim", int),

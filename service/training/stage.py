@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from service.catalog import segment
-from service.catalog.head import HEAD_FILES, Head
+from service.catalog.head import FUSED_FILE, HEAD_FILES, Head
 from service.catalog.rows import Catalog
 from service.storage import manifest
 from service.storage.blobs import ref_of
@@ -54,10 +54,13 @@ class Stager:
         path = segment.write_overlay(edits, self._new_folder("overlay") / "overlay.json")
         return None if path is None else self.file(path)
 
-    def head(self, head: Head) -> manifest.Head:
+    def head(self, head: Head, fused: Path | None = None) -> manifest.Head:
+        """The head's files; with `fused`, also the backbone and head as one converted model."""
         folder = self._new_folder("head")
         head.save(folder)
         files = {name: self.file(folder / name) for name in HEAD_FILES}
+        if fused is not None:
+            files[FUSED_FILE] = self.file(fused)
         return manifest.Head(
             head.fingerprint, head.dim, list(head.definition["labels"]), head.thumbnail, files
         )

@@ -17,6 +17,7 @@ import numpy as np
 
 from service import encoders
 from service.catalog import images, ingest
+from service.catalog.head import Head
 from service.catalog.rows import Catalog
 from service.core.config import Settings
 from service.core.endpoint import EndpointSpec, HeadConfig
@@ -25,7 +26,7 @@ from service.encoders import convert
 from service.storage import Storage, encoder_mirror, gc, versions
 from service.storage.blobs import BlobCache
 from service.storage.manifest import BlobRef, Manifest
-from service.training import finetune
+from service.training import finetune, fuse
 from service.training.embedding import mirror_thumbs
 from service.training.results import Progress, ProgressFn
 from service.training.stage import Stager
@@ -106,17 +107,35 @@ def stage_converted(
 def check_converted(encoder: convert.Verified, originals: Iterable[bytes], settings: Settings) -> None:
     """Check the converted model against TensorFlow on the first CHECK_IMAGES of `originals` (a
     job's images) that decode; one that disagrees switches the job to TensorFlow."""
+    inputs = _first_inputs(originals, encoder.input_size, settings)
+    if len(inputs):
+        encoder.check(inputs)
+
+
+def fuse_head(
+    encoder: convert.Verified, head: Head, settings: Settings, folder: Path, job_images: Iterable[Path]
+) -> tuple[Path | None, dict[str, Any]]:
+    """The head fused with the converted backbone (training/fuse.py), checked on sample inputs and
+    the job's first images; None and why when it is not (FUSE_HEAD=0, TensorFlow serving, ...)."""
+    if not settings.fuse_head:
+        return None, {"fused": False, "reason": "FUSE_HEAD=0"}
+    checks = _first_inputs((p.read_bytes() for p in sorted(job_images)), encoder.input_size, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    return fuse.fuse(encoder, head, checks, folder, settings.converted_min_cosine)
+
+
+def _first_inputs(originals: Iterable[bytes], size: int, settings: Settings) -> np.ndarray:
+    """Encoder inputs of the first CHECK_IMAGES of `originals` that decode (the rest unread)."""
     inputs: list[np.ndarray] = []
     limits = (settings.max_image_pixels, settings.allowed_formats)
     for data in originals:
         if len(inputs) == convert.CHECK_IMAGES:
             break
         try:
-            inputs.append(images.prepare(data, encoder.input_size, *limits)[0])
+            inputs.append(images.prepare(data, size, *limits)[0])
         except BadImageError:
             continue
-    if inputs:
-        encoder.check(np.stack(inputs))
+    return np.stack(inputs) if inputs else np.zeros((0, size, size, 3), np.uint8)
 
 
 def index_manifest(spec: EndpointSpec) -> dict[str, Any]:

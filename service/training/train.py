@@ -254,15 +254,25 @@ def _stage(run: _Run, catalog: Catalog, base: Base | None, stager: Stager) -> Ma
                 stager.image(images_dir / Path(accepted.image).name, accepted.sha256)
     run.report(Progress("index", 0, catalog.count))
     segment = stager.segment(catalog, run.spec.n_trees, head=run.outcome.head is not None)
-    head = stager.head(run.outcome.head) if run.outcome.head is not None else None
     runtime: dict[str, Any]
     model: BlobRef | None
+    fused: Path | None = None
     if run.gathered is not None:  # the converted encoder every shard embedded with, in the store
         runtime, model = run.gathered.runtime, run.gathered.model
+        if run.outcome.head is not None:  # no TensorFlow backbone here to fuse the head with
+            runtime = {**runtime, "head": {"fused": False, "reason": "a sharded train"}}
     else:
         assert isinstance(run.encoder, convert.Verified)
         job_images = [images_dir / Path(a.image).name for a in run.embedded.accepted]
         runtime, model = steps.stage_converted(run.encoder, stager, run.settings, job_images)
+        if run.outcome.head is not None:
+            run.report(Progress("fuse", 0, 1))
+            fused, how = steps.fuse_head(
+                run.encoder, run.outcome.head, run.settings, stager.folder / "fused", job_images
+            )
+            runtime = {**runtime, "head": how}
+            run.report(Progress("fuse", 1, 1))
+    head = stager.head(run.outcome.head, fused) if run.outcome.head is not None else None
     return _manifest(run, catalog, segment, head, runtime, model, base)
 
 
