@@ -13,6 +13,7 @@ from service.core.config import ROOT
 SECTIONS = (
     "quality",
     "perf",
+    "request_path",
     "filters",
     "lifecycle",
     "size",

@@ -84,7 +84,8 @@ class Settings:
     # The least cosine between a converted model's vector and TensorFlow's, per image checked.
     converted_min_cosine: float = 0.9999
     # A trained head is fused with the converted backbone into one TFLite model (training/fuse.py),
-    # so a query is one invoke; 0: the head runs in NumPy after the backbone's invoke.
+    # so a query is one invoke; 0: none is made, and versions that have one are served with the
+    # head in NumPy after the backbone's invoke (the same answers, to 1e-4).
     fuse_head: bool = True
     cache_dir: Path = ROOT / "cache"
     tfhub_cache_dir: Path | None = None

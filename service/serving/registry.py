@@ -151,7 +151,8 @@ def load_version(
         )
         if head.fingerprint != manifest.head.fingerprint:
             raise IntegrityError(f"{spec.name} version {version}: the head does not match its manifest")
-        encoder = HeadEncoder(backbone, head, _fused(spec, manifest, cache, backbone, runtime))
+        fused = _fused(spec, manifest, cache, backbone, runtime) if settings.fuse_head else None
+        encoder = HeadEncoder(backbone, head, fused)
     if encoder.dim != manifest.dim:
         raise IntegrityError(
             f"{spec.name} version {version}: encoder gives {encoder.dim}-d vectors, "

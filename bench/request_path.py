@@ -1,0 +1,144 @@
+"""The request path at the encoder's limit: a query's cost beside LiteRT on the same converted model.
+
+A fine-tuned 10,000-image Fashion-MNIST version (the product's usual shape: a labelled catalogue,
+its head kept) served by the Procfile's gunicorn (2 workers), side by side in one run: with its
+head fused into the converted model (FUSE_HEAD=1, the default: one invoke per query) and with the
+head in NumPy after the backbone's invoke (FUSE_HEAD=0, the path before). For each: p50 of
+single requests, requests/s with 8 and 32 clients, and one worker's CPU-ms per request split by
+part (bench/overhead.py). The reference is LiteRT on the endpoint's converted backbone, the same
+file the service runs (batch-1 forward on all cores, best images/s over batch sizes); the fused
+model's own forward is shown beside it. The two paths' answers are compared score by score.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench import demo, overhead, perf, quality
+from service.catalog.head import FUSED_FILE, HeadEncoder
+from service.core.config import ROOT, Settings
+from service.core.endpoint import parse_endpoint
+from service.serving.query import ranked
+from service.serving.registry import load_version
+from service.storage import versions
+from service.storage.blobs import BlobCache
+from service.storage.local import LocalStorage
+from service.training import train as training
+
+INDEXED = 10_000
+COMPARED = 300  # test images whose answers are compared between the two paths
+
+
+def run() -> dict[str, Any]:
+    settings = Settings.load({"warm_on_start": False})
+    spec = parse_endpoint(ROOT / "endpoints" / "fashion.toml")
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
+        work = Path(tmp)
+        store = LocalStorage(work / "store")
+        local = replace(settings, cache_dir=work / "cache", fuse_head=True)
+        zip_path = perf.fashion_zip(work / "fashion.zip", INDEXED)
+        started = time.perf_counter()
+        trained = training.train(spec, zip_path, store, local, fine_tune="always")
+        result["train_s"] = round(time.perf_counter() - started, 1)
+        manifest = versions.read_manifest(store, "fashion", trained.version)
+        assert manifest.head is not None and FUSED_FILE in manifest.head.files, manifest.runtime
+        result["fused"] = dict(manifest.runtime["head"])
+        cache = BlobCache(store, local.cache_dir)
+        assert manifest.encoder_model is not None
+        backbone_file = cache.path("fashion", manifest.encoder_model, "encoder.tflite")
+        fused_file = cache.path("fashion", manifest.head.files[FUSED_FILE], FUSED_FILE)
+        size = int(manifest.encoder["input_size"])
+        result["raw"] = perf.raw_litert(backbone_file, size)
+        result["raw_fused"] = perf.raw_litert(fused_file, size)
+        print(f"  raw: {result['raw']}\n  raw fused: {result['raw_fused']}", flush=True)
+        result["answers"] = same_answers(store, spec, trained.version, local)
+        print(f"  answers: {result['answers']}", flush=True)
+        result["paths"] = [serve(store.root, work, fuse) for fuse in (True, False)]
+    return result
+
+
+def same_answers(store: LocalStorage, spec: Any, version: str, settings: Settings) -> dict[str, Any]:
+    """Top-10 ids and scores of COMPARED test images through the fused model and the NumPy head."""
+    loaded = load_version(store, spec, version, settings, BlobCache(store, settings.cache_dir))
+    assert isinstance(loaded.encoder, HeadEncoder) and loaded.encoder.fused is not None
+    numpy_head = HeadEncoder(loaded.encoder.backbone, loaded.encoder.head)
+    test_x, _ = demo.load_fashion_mnist("t10k")
+    inputs = quality.encoder_inputs(test_x[:COMPARED], loaded.encoder.input_size)
+    worst, differ = 0.0, 0
+    for fused_vector, plain_vector in zip(
+        loaded.encoder.encode(inputs), numpy_head.encode(inputs), strict=True
+    ):
+        a = ranked(loaded.view, fused_vector, 10, loaded.query)
+        b = ranked(loaded.view, plain_vector, 10, loaded.query)
+        differ += [h.row for h in a] != [h.row for h in b]
+        worst = max(worst, max(abs(x.score - y.score) for x, y in zip(a, b, strict=True)))
+    return {"queries": COMPARED, "max_score_difference": float(f"{worst:.2e}"), "orders_differ": int(differ)}
+
+
+def serve(store: Path, work: Path, fuse: bool) -> dict[str, Any]:
+    """The Procfile's gunicorn on `store` with FUSE_HEAD on or off: latency, load, CPU split."""
+    env = {"FUSE_HEAD": "1" if fuse else "0"}
+    body = work / "query.png"
+    body.write_bytes(overhead.query_body())
+    body.with_suffix(".lua").write_text(perf.WRK_SCRIPT)
+    row: dict[str, Any] = {"path": "fused head (one invoke)" if fuse else "head in NumPy"}
+    with perf.gunicorn(store, work / f"cache-serve-{fuse}", 2, extra_env=env) as (url, _):
+        row["latency"] = perf.latency(url, body.read_bytes(), "image/png")
+        row["load"] = [perf.concurrency(url, body, "image/png", c) for c in (8, 32)]
+    one = {**env, "TF_INTRA_OP_THREADS": "1"}
+    with perf.gunicorn(store, work / f"cache-split-{fuse}", 1, extra_env=one) as (url, process):
+        pid = int(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()[0])
+        row["split"] = overhead.split(url, pid, body, perf.wrk)
+    print(f"  {row['path']}: {row}", flush=True)
+    return row
+
+
+def markdown(r: dict[str, Any]) -> str:
+    raw, fused = r["raw"], r["raw_fused"]
+    best = raw["best_images_per_s"]
+    lines = [
+        "## The request path at the encoder's limit",
+        "",
+        f"A fine-tuned {INDEXED:,}-image Fashion-MNIST version (trained in {r['train_s']} s with its "
+        f"head fused: {r['fused']}), served by the Procfile's gunicorn. Reference: LiteRT on the same "
+        f"converted backbone, **{raw['batch1_ms']} ms** batch-1 forward on all cores, best **{best}** "
+        f"images/s (batch {raw['best_batch']}); the fused model (backbone + head) itself: "
+        f"{fused['batch1_ms']} ms, best {fused['best_images_per_s']} images/s. Latency: 300 sequential "
+        "`POST /fashion/infer?k=10` of a 28x28 PNG on one keep-alive connection (2 workers); load: wrk, "
+        "three 8 s runs, the median; split: one worker (one thread per forward pass) under 4 clients, "
+        "py-spy.",
+        "",
+        "| path | p50 ms | p50 − raw batch-1 | req/s, 8 clients (× raw best) | req/s, 32 clients "
+        "(× raw best) | failed | CPU-ms per request | outside the encoder |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in r["paths"]:
+        load = {c["connections"]: c for c in p["load"]}
+        split = p["split"]
+        outside = split["cpu_ms"] - sum(v for k, v in split["parts_ms"].items() if k.startswith("encoder"))
+        rates = [f"{load[c]['requests_per_s']} ({load[c]['requests_per_s'] / best:.2f}×)" for c in (8, 32)]
+        lines.append(
+            f"| {p['path']} | {p['latency']['p50']} | +{p['latency']['p50'] - raw['batch1_ms']:.2f} ms | "
+            f"{rates[0]} | {rates[1]} | {load[8]['failed'] + load[32]['failed']} | {split['cpu_ms']} | "
+            f"{outside:.2f} |"
+        )
+    a = r["answers"]
+    lines += [
+        "",
+        f"Answers: {a['queries']} test images through both paths: the largest difference of a result's "
+        f"score {a['max_score_difference']}, {a['orders_differ']} queries ranked differently.",
+        "",
+        "Where each path's CPU goes (CPU-ms per request):",
+        "",
+        "| part | " + " | ".join(p["path"] for p in r["paths"]) + " |",
+        "|---|" + "---|" * len(r["paths"]),
+    ]
+    for part in sorted({k for p in r["paths"] for k in p["split"]["parts_ms"]}):
+        values = [str(p["split"]["parts_ms"].get(part, 0)) for p in r["paths"]]
+        lines.append(f"| {part} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
