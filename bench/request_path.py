@@ -59,6 +59,10 @@ def run() -> dict[str, Any]:
         result["answers"] = same_answers(store, spec, trained.version, local)
         print(f"  answers: {result['answers']}", flush=True)
         result["paths"] = [serve(store.root, work, fuse) for fuse in (True, False)]
+        # gunicorn's sync worker (behind nginx on Elastic Beanstalk it would not meet slow clients;
+        # without it, it fails the slow-client tests): what the threaded worker's machinery costs
+        sync = {"GUNICORN_CMD_ARGS": "--worker-class sync", "GUNICORN_THREADS": "1"}
+        result["paths"].append(serve(store.root, work, True, sync, "fused head, gunicorn sync worker"))
     return result
 
 
@@ -80,18 +84,20 @@ def same_answers(store: LocalStorage, spec: Any, version: str, settings: Setting
     return {"queries": COMPARED, "max_score_difference": float(f"{worst:.2e}"), "orders_differ": int(differ)}
 
 
-def serve(store: Path, work: Path, fuse: bool) -> dict[str, Any]:
+def serve(
+    store: Path, work: Path, fuse: bool, extra: dict[str, str] | None = None, name: str | None = None
+) -> dict[str, Any]:
     """The Procfile's gunicorn on `store` with FUSE_HEAD on or off: latency, load, CPU split."""
-    env = {"FUSE_HEAD": "1" if fuse else "0"}
+    env = {"FUSE_HEAD": "1" if fuse else "0", **(extra or {})}
     body = work / "query.png"
     body.write_bytes(overhead.query_body())
     body.with_suffix(".lua").write_text(perf.WRK_SCRIPT)
-    row: dict[str, Any] = {"path": "fused head (one invoke)" if fuse else "head in NumPy"}
-    with perf.gunicorn(store, work / f"cache-serve-{fuse}", 2, extra_env=env) as (url, _):
+    row: dict[str, Any] = {"path": name or ("fused head (one invoke)" if fuse else "head in NumPy")}
+    with perf.gunicorn(store, work / f"cache-serve-{len(row['path'])}", 2, extra_env=env) as (url, _):
         row["latency"] = perf.latency(url, body.read_bytes(), "image/png")
         row["load"] = [perf.concurrency(url, body, "image/png", c) for c in (8, 32)]
     one = {**env, "TF_INTRA_OP_THREADS": "1"}
-    with perf.gunicorn(store, work / f"cache-split-{fuse}", 1, extra_env=one) as (url, process):
+    with perf.gunicorn(store, work / f"cache-split-{len(row['path'])}", 1, extra_env=one) as (url, process):
         pid = int(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()[0])
         row["split"] = overhead.split(url, pid, body, perf.wrk)
     print(f"  {row['path']}: {row}", flush=True)
