@@ -35,6 +35,12 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # Split the cores between workers so they do not oversubscribe the CPU.
 os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 os.environ.setdefault("TF_INTER_OP_THREADS", "1")
+# NumPy's BLAS (OpenBLAS in the wheels) starts a thread per core for every product; a query's
+# products are small (a head's two layers, a whitening), and those threads spin between them:
+# measured in bench/request_path.py, a NumPy head cost ~10 CPU-ms per request that way. One
+# thread per worker; the workers and their request threads share the cores.
+for blas in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(blas, "1")
 # Gunicorn's control socket lives at one fixed path per user; several servers on one machine
 # (tests, make run beside a deploy) would fight over it, and nothing here uses it.
 control_socket_disable = True
