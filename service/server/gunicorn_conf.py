@@ -35,12 +35,6 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # Split the cores between workers so they do not oversubscribe the CPU.
 os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 os.environ.setdefault("TF_INTER_OP_THREADS", "1")
-# NumPy's BLAS (OpenBLAS in the wheels) starts a thread per core for every product; a query's
-# products are small (a head's two layers, a whitening), and those threads spin between them:
-# measured in bench/request_path.py, a NumPy head cost ~10 CPU-ms per request that way. One
-# thread per worker; the workers and their request threads share the cores.
-for blas in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(blas, "1")
 # Gunicorn's control socket lives at one fixed path per user; several servers on one machine
 # (tests, make run beside a deploy) would fight over it, and nothing here uses it.
 control_socket_disable = True
@@ -52,6 +46,16 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 # Connections per worker, shared with the workers (room for workers added with TTIN).
 balanced.table = balanced.ConnectionTable(slots=2 * workers + 8)
+
+
+def post_worker_init(worker: Any) -> None:  # gunicorn's hook: the app (and NumPy) is loaded
+    # NumPy's BLAS (OpenBLAS in the wheels) runs every product on a thread per core; a query's
+    # products are small (a head's two layers, a whitening) and those threads spin between them:
+    # measured in bench/request_path.py, the head in NumPy cost ~10 CPU-ms a query that way. One
+    # BLAS thread in a web worker; a job's child process (spawned, its own BLAS) keeps them all.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
 
 
 def pre_fork(server: Any, worker: Any) -> None:  # gunicorn's hook: its Arbiter and Worker
