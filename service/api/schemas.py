@@ -139,7 +139,9 @@ class JobSchema(Schema):
     )
     stage = fields.String(
         allow_none=True,
-        metadata={"description": "ingest, convert, plan, embed, reduce, gather, fine-tune, index, publish"},
+        metadata={
+            "description": "ingest, convert, plan, embed, reduce, gather, fine-tune, index, fuse, publish"
+        },
     )
     done = fields.Integer(required=True)
     total = fields.Integer(required=True)

@@ -122,22 +122,22 @@ class HeadEncoder:
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         if self.fused is not None:
-            return self.fused.raw(batch)[:, : self.dim]  # unit length already, in the graph
+            return self.fused.rows(batch)[:, : self.dim]  # unit length already, in the graph
         return self.head.embed(self.backbone.encode(batch), thumbnails(batch, self.head.thumbnail))
 
     def encode_both(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The head's vectors and the backbone's unit vectors of a batch (duplicates need both)."""
         if self.fused is not None:
-            out = self.fused.raw(batch)
+            out = self.fused.rows(batch)
             return out[:, : self.dim], normalise(out[:, self.dim :])
         backbone = self.backbone.encode(batch)
         return self.head.embed(backbone, thumbnails(batch, self.head.thumbnail)), backbone
 
 
 class Fused(Protocol):
-    """A converted model run without normalisation (litert.LiteEncoder)."""
+    """A converted model whose rows are not normalised (litert.LiteEncoder.rows)."""
 
     input_size: int
     dim: int
 
-    def raw(self, batch: np.ndarray) -> np.ndarray: ...
+    def rows(self, batch: np.ndarray) -> np.ndarray: ...

@@ -158,8 +158,14 @@ class Batcher:
 def encode(batcher: Batcher, batch: np.ndarray, size: int, dim: int) -> np.ndarray:
     """What every encoder's `encode` does, whatever runs it: check a uint8 RGB batch
     [N, size, size, 3] (see images.to_input), run it through the batcher, unit-length rows."""
+    return normalise(run(batcher, batch, size, dim))
+
+
+def run(batcher: Batcher, batch: np.ndarray, size: int, dim: int) -> np.ndarray:
+    """`encode` without the normalisation: the model's rows as they come (a fused head's row holds
+    two vectors, service/training/fuse.py)."""
     if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
         raise ValueError(f"expected uint8 [N, {size}, {size}, 3], got {batch.dtype} {batch.shape}")
     if len(batch) == 0:
         return np.zeros((0, dim), np.float32)
-    return normalise(batcher(batch))
+    return batcher(batch)

@@ -97,6 +97,10 @@ class LiteEncoder:
         """Embed a uint8 RGB batch [N, size, size, 3]; rows have unit length."""
         return batching.encode(self.batcher, batch, self.input_size, self.dim)
 
+    def rows(self, batch: np.ndarray) -> np.ndarray:
+        """`encode` without the normalisation, through the same batcher (and its metrics)."""
+        return batching.run(self.batcher, batch, self.input_size, self.dim)
+
     def describe(self) -> dict[str, Any]:
         return dict(self._describe)
 

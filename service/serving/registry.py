@@ -62,21 +62,26 @@ class LoadedVersion:
 
 def _fused(
     spec: EndpointSpec, manifest: Manifest, cache: BlobCache, backbone: Embedder, runtime: dict[str, Any]
-) -> litert.LiteEncoder | None:
+) -> tuple[litert.LiteEncoder | None, str]:
     """The version's backbone and head in one converted model (service/training/fuse.py), when it
-    has one and runs on LiteRT; None: the head runs in NumPy after the backbone's invoke."""
+    has one and runs on LiteRT, and how its head is served. None: the head runs in NumPy after the
+    backbone's invoke, the same answers (to 1e-4): a missing, damaged or foreign head.tflite only
+    costs speed. Loaded for this version alone, not cached by content like a backbone (each train
+    makes a new one): it goes when the version does."""
     assert manifest.head is not None
     ref = manifest.head.files.get(FUSED_FILE)
-    if ref is None or runtime.get("name") != litert.RUNTIME:
-        return None
+    if ref is None:
+        return None, "numpy (the version has no fused model)"
+    if runtime.get("name") != litert.RUNTIME:
+        return None, "numpy (the backbone runs on TensorFlow)"
     try:
-        fused = litert.load(cache.path(spec.name, ref, FUSED_FILE), ref.sha256, dict(manifest.encoder))
+        fused = litert.LiteEncoder(cache.path(spec.name, ref, FUSED_FILE), dict(manifest.encoder))
         if fused.input_size != backbone.input_size or fused.dim != manifest.head.feature_dim + backbone.dim:
             raise EncoderUnavailableError(f"{FUSED_FILE} maps {fused.input_size}px to {fused.dim} values")
-    except EncoderUnavailableError as exc:
+    except (EncoderUnavailableError, IntegrityError, StorageError) as exc:
         log.warning("%s version %s: the head runs in NumPy: %s", spec.name, manifest.version, exc.message)
-        return None
-    return fused
+        return None, f"numpy ({exc.message})"
+    return fused, "fused"
 
 
 def _backbone(
@@ -151,7 +156,13 @@ def load_version(
         )
         if head.fingerprint != manifest.head.fingerprint:
             raise IntegrityError(f"{spec.name} version {version}: the head does not match its manifest")
-        fused = _fused(spec, manifest, cache, backbone, runtime) if settings.fuse_head else None
+        fused, how = (
+            _fused(spec, manifest, cache, backbone, runtime)
+            if settings.fuse_head
+            else (None, "numpy (FUSE_HEAD=0)")
+        )
+        # How the head was fused when trained (the manifest), and what serves it in this process
+        runtime = {**runtime, "head": {**(runtime.get("head") or {}), "served": how}}
         encoder = HeadEncoder(backbone, head, fused)
     if encoder.dim != manifest.dim:
         raise IntegrityError(

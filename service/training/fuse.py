@@ -24,11 +24,15 @@ from service.encoders import Encoder, convert, litert, tfruntime
 
 log = logging.getLogger(__name__)
 
+MAX_DIFFERENCE = 1e-4  # the most any value of a fused vector may differ from the NumPy head's
+
 
 def fused_bytes(encoder: Encoder, head: Head) -> bytes:
     """The backbone and the head as one float32 TFLite model: uint8 [N, S, S, 3] in,
     [N, head dim + backbone dim] out (the head's unit vector, then the backbone's raw vector)."""
     tf = tfruntime.tensorflow()
+    for noisy in ("absl", "tensorflow"):  # the converter logs every renamed input
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     size, side = encoder.input_size, head.thumbnail
     if side and size % side:
         raise ValueError(f"a {side}x{side} thumbnail of {size}px inputs averages uneven blocks")
@@ -74,22 +78,30 @@ def fuse(
         if len(checks):
             inputs = np.concatenate([inputs, checks])
         worst = worst_agreement(fused, HeadEncoder(encoder.reference, head), inputs)
+        # Against what would serve without it (the converted backbone, the NumPy head): the same
+        # scores to 1e-4, not only the same directions
+        served = HeadEncoder(encoder.converted, head).encode(inputs)
+        difference = float(np.abs(fused.rows(inputs)[:, : head.dim] - served).max())
     except Exception as exc:  # the converter raises many types; a foreign model may not trace
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         reason = f"the head could not be fused: {type(exc).__name__}: {first_line}"
         log.warning("%s", reason)
         return None, {"fused": False, "reason": reason}
-    if worst < min_cosine:
-        reason = f"the fused model disagreed with the NumPy head (cosine {worst:.6f} < {min_cosine})"
+    if worst < min_cosine or not difference <= MAX_DIFFERENCE:
+        reason = (
+            f"the fused model disagreed with the NumPy head (cosine {worst:.6f}, min {min_cosine}; "
+            f"largest difference {difference:.2e}, max {MAX_DIFFERENCE:g})"
+        )
         log.warning("%s", reason)
         return None, {"fused": False, "reason": reason}
-    return path, {"fused": True, "checked_images": int(len(inputs)), "min_cosine": round(worst, 7)}
+    entry = {"fused": True, "checked_images": int(len(inputs)), "min_cosine": round(worst, 7)}
+    return path, {**entry, "max_difference": float(f"{difference:.2e}")}
 
 
 def worst_agreement(fused: litert.LiteEncoder, reference: HeadEncoder, inputs: np.ndarray) -> float:
     """The least cosine, over `inputs`, between the fused model's two parts and the reference's
     (TensorFlow backbone + NumPy head)."""
-    out = fused.raw(inputs)
+    out = fused.rows(inputs)
     dim = reference.dim
     backbone = reference.backbone.raw(inputs)  # type: ignore[attr-defined]  # an Encoder
     feature = reference.head.embed(backbone, thumbnails(inputs, reference.head.thumbnail))

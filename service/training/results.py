@@ -12,7 +12,7 @@ from service.storage.manifest import Manifest
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "ingest", "convert", "embed", "fine-tune", "index", "publish"
+    stage: str  # "ingest", "convert", "embed", "fine-tune", "index", "fuse", "publish"
     done: int
     total: int
 

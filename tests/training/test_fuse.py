@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,11 @@ from service.catalog.images import prepare
 from service.core.config import Settings
 from service.encoders import convert
 from service.serving.query import ranked
+from service.serving.registry import load_version
 from service.serving.search import entry_of
 from service.storage import versions
+from service.storage.blobs import BlobCache
+from service.storage.manifest import blob_key
 from service.training import fuse
 from tests.helpers import make_zip, upload, wait_job, wait_serving
 
@@ -77,6 +81,20 @@ def test_a_trained_head_is_fused_and_answers_like_the_numpy_head(
             assert abs(result["score"] - hit.score) < 1e-4
     duplicates = client.post("/food/infer?k=3&duplicates=true", data=originals[0], content_type="image/jpeg")
     assert duplicates.get_json()["results"][0]["duplicate"] is True
+    assert client.get("/food").get_json()["runtime"]["head"]["served"] == "fused"
+
+    # FUSE_HEAD=0 serves the same version with the head in NumPy; so does a damaged head.tflite
+    spec, settings = service.specs["food"], service.settings
+    off = load_version(
+        service.storage, spec, job["version"], replace(settings, fuse_head=False), service.blobs
+    )
+    assert off.encoder.fused is None and off.runtime["head"]["served"] == "numpy (FUSE_HEAD=0)"
+    blob = service.storage.local_path(blob_key("food", manifest.head.files[FUSED_FILE].sha256))
+    blob.write_bytes(b"not a model")
+    fresh = BlobCache(service.storage, settings.cache_dir / "fresh")
+    damaged = load_version(service.storage, spec, job["version"], settings, fresh)
+    assert damaged.encoder.fused is None and damaged.runtime["head"]["served"].startswith("numpy (")
+    assert np.abs(damaged.encoder.encode(inputs[:4]) - numpy_vectors[:4]).max() < 1e-4
 
 
 def test_an_add_keeps_the_fused_head_of_its_version(make_app: Callable[..., Flask], photos_zip: Path) -> None:
