@@ -94,7 +94,8 @@ def serve(
     body.write_bytes(overhead.query_body())
     body.with_suffix(".lua").write_text(perf.WRK_SCRIPT)
     row: dict[str, Any] = {"path": name}
-    folder = work / f"caches-{len(list(work.glob('caches-*')))}"  # a fresh cache per server
+    folder = work / f"caches-{len(list(work.glob('caches-*')))}"  # fresh caches per path
+    folder.mkdir()
     with perf.gunicorn(store, folder / "serve", 2, extra_env=env) as (url, _):
         row["latency"] = perf.latency(url, body.read_bytes(), "image/png")
         row["load"] = [perf.concurrency(url, body, "image/png", c) for c in (8, 32)]
