@@ -64,6 +64,13 @@ def run() -> dict[str, Any]:
         # without it, it fails the slow-client tests): what the threaded worker's machinery costs
         sync = {"GUNICORN_CMD_ARGS": "--worker-class sync", "GUNICORN_THREADS": "1"}
         result["paths"].append(serve(store.root, work, True, sync, name="fused head, gunicorn's sync worker"))
+        # A worker class on a compiled HTTP parser: uvicorn-worker (httptools), the Flask app through
+        # uvicorn's WSGI bridge (a thread pool). Measured only: the service's slow-client guard, its
+        # balanced accept and its 408s live in the threaded worker (requirements-dev.txt installs it).
+        uvicorn = {"GUNICORN_CMD_ARGS": "--worker-class bench.uvicorn_wsgi.WsgiUvicornWorker"}
+        result["paths"].append(
+            serve(store.root, work, True, uvicorn, name="fused head, uvicorn worker (httptools)")
+        )
     return result
 
 
@@ -138,6 +145,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"{rates[0]} | {rates[1]} | {load[8]['failed'] + load[32]['failed']} | {split['cpu_ms']} | "
             f"{outside:.2f} |"
         )
+    if "uvicorn_failed" in r:
+        lines += ["", f"The uvicorn worker did not serve: {r['uvicorn_failed']}."]
     a = r["answers"]
     lines += [
         "",

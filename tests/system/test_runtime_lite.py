@@ -208,7 +208,9 @@ def test_a_fine_tuned_version_answers_the_same_on_litert_and_on_tensorflow(
     assert isinstance(served[0].backbone, litert.LiteEncoder)
     assert not isinstance(served[1].backbone, litert.LiteEncoder)
     switched = {"name": "tensorflow", "reason": "ENCODER_RUNTIME=tensorflow"}
-    assert tf.get("/food").get_json()["runtime"] == switched
+    # ... and says what serves the head here (the tests make no fused model: FUSE_HEAD=0)
+    expected = {**switched, "head": {"served": "numpy (FUSE_HEAD=0)"}}
+    assert tf.get("/food").get_json()["runtime"] == expected
     for name in ("rocket", "chelsea", "coffee"):
         answers = [
             c.post("/food/infer?k=8", data=photo_jpeg(name), content_type="image/jpeg").get_json()["results"]
@@ -246,7 +248,8 @@ def test_a_model_tflite_cannot_express_trains_and_serves_on_tensorflow_and_says_
     assert job["status"] == "succeeded", job
     assert job["runtime"]["name"] == "tensorflow" and "Svd" in job["runtime"]["reason"], job["runtime"]
     wait_serving(client, "spectral", job["version"])
-    assert client.get("/spectral").get_json()["runtime"] == job["runtime"]
+    head = {**job["runtime"]["head"], "served": "numpy (FUSE_HEAD=0)"}  # and what serves its head
+    assert client.get("/spectral").get_json()["runtime"] == {**job["runtime"], "head": head}
     answer = client.post("/spectral/infer", data=photo_jpeg("rocket"), content_type="image/jpeg")
     assert answer.status_code == 200, answer.get_json()
 
