@@ -83,6 +83,14 @@ def test_a_trained_head_is_fused_and_answers_like_the_numpy_head(
     assert duplicates.get_json()["results"][0]["duplicate"] is True
     assert client.get("/food").get_json()["runtime"]["head"]["served"] == "fused"
 
+    # An add that keeps the head keeps its fused model (the same blob)
+    extra = make_zip({"new/page.jpg": demo.jpeg(demo.photo("page"))})
+    added = submit(client, "/food/items", {"file": upload(extra)})
+    after = versions.read_manifest(service.storage, "food", added["version"])
+    assert after.head is not None and after.head.files[FUSED_FILE] == manifest.head.files[FUSED_FILE]
+    assert after.runtime["head"] == manifest.runtime["head"]
+    assert service.registry.get("food").current().encoder.fused is not None
+
     # FUSE_HEAD=0 serves the same version with the head in NumPy; so does a damaged head.tflite
     spec, settings = service.specs["food"], service.settings
     off = load_version(
@@ -95,27 +103,6 @@ def test_a_trained_head_is_fused_and_answers_like_the_numpy_head(
     damaged = load_version(service.storage, spec, job["version"], settings, fresh)
     assert damaged.encoder.fused is None and damaged.runtime["head"]["served"].startswith("numpy (")
     assert np.abs(damaged.encoder.encode(inputs[:4]) - numpy_vectors[:4]).max() < 1e-4
-
-
-def test_an_add_keeps_the_fused_head_of_its_version(make_app: Callable[..., Flask], photos_zip: Path) -> None:
-    client = make_app(fuse_head=True).test_client()
-    first = submit(client, "/food/train", {"file": upload(photos_zip), "fine_tune": "always"})
-    extra = make_zip({"new/page.jpg": demo.jpeg(demo.photo("page"))})
-    added = submit(client, "/food/items", {"file": upload(extra)})
-    store = client.application.extensions["simsvc"].storage
-    before = versions.read_manifest(store, "food", first["version"]).head
-    after = versions.read_manifest(store, "food", added["version"]).head
-    assert before is not None and after is not None and after.files[FUSED_FILE] == before.files[FUSED_FILE]
-    assert client.application.extensions["simsvc"].registry.get("food").current().encoder.fused is not None
-
-
-def test_without_fusing_the_version_says_why(make_app: Callable[..., Flask], photos_zip: Path) -> None:
-    client = make_app().test_client()  # the tests' default: FUSE_HEAD=0
-    job = submit(client, "/food/train", {"file": upload(photos_zip), "fine_tune": "always"})
-    manifest = versions.read_manifest(client.application.extensions["simsvc"].storage, "food", job["version"])
-    assert manifest.runtime["head"] == {"fused": False, "reason": "FUSE_HEAD=0"}
-    assert manifest.head is not None and FUSED_FILE not in manifest.head.files
-    assert client.application.extensions["simsvc"].registry.get("food").current().encoder.fused is None
 
 
 def test_a_head_whose_thumbnail_does_not_divide_the_input_is_not_fused(
