@@ -370,13 +370,16 @@ class AddItems:
         items = sorted({int(i) for i in new.items})
         before = [_first_entry(base, found) for found in replaced.values()] if base else []
         after = [new.entries[int(r)] for r in np.unique(new.items, return_index=True)[1]]
-        head_ref = base.manifest.head if base and head is base.head else (stager.head(head) if head else None)
-        # Whether the head is fused (training/fuse.py): a kept head keeps its fused model; one trained
+        # A kept head keeps its files, its fused model among them (training/fuse.py); one trained
         # again here runs in NumPy until the next train fuses one (no TensorFlow backbone here).
-        if head is not None and not (base and head is base.head):
+        head_ref = None
+        if base and head is base.head:
+            head_ref = base.manifest.head
+            if "head" in base.manifest.runtime:
+                runtime = {**runtime, "head": base.manifest.runtime["head"]}
+        elif head:
+            head_ref = stager.head(head)
             runtime = {**runtime, "head": {"fused": False, "reason": "trained again by a change"}}
-        elif base is not None and "head" in base.manifest.runtime:
-            runtime = {**runtime, "head": base.manifest.runtime["head"]}
         fields: dict[str, Any] = {
             "encoder": self._describe_encoder(base),
             "runtime": runtime,

@@ -77,11 +77,12 @@ def fuse(
         inputs = convert.sample_inputs(encoder.input_size)
         if len(checks):
             inputs = np.concatenate([inputs, checks])
-        worst = worst_agreement(fused, HeadEncoder(encoder.reference, head), inputs)
+        out = fused.rows(inputs)
+        worst = worst_agreement(out, encoder.reference, head, inputs)
         # Against what would serve without it (the converted backbone, the NumPy head): the same
         # scores to 1e-4, not only the same directions
         served = HeadEncoder(encoder.converted, head).encode(inputs)
-        difference = float(np.abs(fused.rows(inputs)[:, : head.dim] - served).max())
+        difference = float(np.abs(out[:, : head.dim] - served).max())
     except Exception as exc:  # the converter raises many types; a foreign model may not trace
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         reason = f"the head could not be fused: {type(exc).__name__}: {first_line}"
@@ -98,14 +99,12 @@ def fuse(
     return path, {**entry, "max_difference": float(f"{difference:.2e}")}
 
 
-def worst_agreement(fused: litert.LiteEncoder, reference: HeadEncoder, inputs: np.ndarray) -> float:
-    """The least cosine, over `inputs`, between the fused model's two parts and the reference's
-    (TensorFlow backbone + NumPy head)."""
-    out = fused.rows(inputs)
-    dim = reference.dim
-    backbone = reference.backbone.raw(inputs)  # type: ignore[attr-defined]  # an Encoder
-    feature = reference.head.embed(backbone, thumbnails(inputs, reference.head.thumbnail))
+def worst_agreement(out: np.ndarray, backbone: Encoder, head: Head, inputs: np.ndarray) -> float:
+    """The least cosine, over `inputs`, between the fused model's rows `out` (both parts) and the
+    reference's: the TensorFlow backbone, and the NumPy head on it."""
+    reference = backbone.raw(inputs)
+    feature = head.embed(reference, thumbnails(inputs, head.thumbnail))
     return min(
-        convert.worst_cosine(feature, out[:, :dim]),
-        convert.worst_cosine(backbone, out[:, dim:]),
+        convert.worst_cosine(feature, out[:, : head.dim]),
+        convert.worst_cosine(reference, out[:, head.dim :]),
     )
