@@ -114,6 +114,7 @@ class _ReadDeadline:
         self.deadline: float | None = None
         self.reading_body = False
         self.cut = False  # this request's body was cut off: the connection closes, never drains it
+        self.closing = False  # being closed on the worker's main loop: reads never wait
         self._body_since = 0.0
         self._grace = 0.0
         self._received = 0
@@ -122,7 +123,7 @@ class _ReadDeadline:
         return getattr(self._sock, name)
 
     def headers_now(self) -> None:
-        self.deadline, self.reading_body = time.monotonic() + HEADER_TIMEOUT_S, False
+        self.deadline, self.reading_body, self.closing = time.monotonic() + HEADER_TIMEOUT_S, False, False
 
     def body_now(self, grace: float) -> None:
         self.cut = False
@@ -137,6 +138,9 @@ class _ReadDeadline:
         return SlowHeadersError(f"no complete request headers within {HEADER_TIMEOUT_S:g} s")
 
     def recv(self, size: int, *flags: int) -> bytes:
+        if self.closing:  # what has arrived, never a wait (BlockingIOError ends gunicorn's drain)
+            self._sock.setblocking(False)  # MSG_DONTWAIT alone: Python still polls for the timeout
+            return self._sock.recv(size)
         if self.deadline is None:
             return self._sock.recv(size, *flags)
         remaining = self.deadline - time.monotonic()
@@ -268,7 +272,15 @@ class BalancedThreadWorker(ThreadWorker):
 
     # Publish the count as soon as a connection closes: a peer deciding where the next client
     # goes must not see a count from before the last benchmark run, or it takes them all.
+    #
+    # gunicorn 27 closes a connection "gracefully" on this loop: it half-closes, then reads until the
+    # client closes too, for up to 2 s. A client that keeps sending (a trickled body cut off above,
+    # or any request with "Connection: close" followed by a byte now and then) held the loop, and
+    # with it every accept and every finished response of the worker, for 2 s per connection: 20
+    # such clients stopped both workers. Here the drain takes what has arrived and never waits.
     def finish_request(self, conn: Any, fs: Any) -> None:
+        if isinstance(conn.sock, _ReadDeadline):
+            conn.sock.closing = True  # a connection kept alive is reset by its next handle()
         super().finish_request(conn, fs)
         self._publish()
 

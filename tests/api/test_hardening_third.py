@@ -326,6 +326,52 @@ def test_health_and_queries_answer_while_40_clients_trickle_bodies(tmp_path: Pat
             stop.set()
 
 
+@pytest.mark.slow
+def test_clients_that_never_close_do_not_hold_the_workers_loop(tmp_path: Path, models_dir: Path) -> None:
+    """gunicorn 27 closes a connection by reading until the client closes too, for up to 2 s, on
+    the worker's main loop: six clients that ask for "Connection: close" and then send a byte now
+    and then kept one worker from accepting anyone (server/worker.py never waits there)."""
+    import socket
+    import threading
+    import time
+
+    import requests
+
+    from tests.helpers import procfile_server
+
+    env = {"WEB_CONCURRENCY": "1", "MODELS_DIR": str(models_dir), "WARM_ON_START": "0"}
+    with procfile_server(tmp_path, env) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        stop = threading.Event()
+
+        def lingering() -> None:
+            while not stop.is_set():
+                try:
+                    with socket.create_connection((host, int(port)), timeout=5) as s:
+                        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                        while not stop.is_set():  # never reads the answer, never closes
+                            s.sendall(b"x")
+                            time.sleep(0.25)
+                except OSError:
+                    continue
+
+        for _ in range(6):
+            threading.Thread(target=lingering, daemon=True).start()
+        try:
+            time.sleep(2)
+            probes = []
+            for _ in range(6):
+                started = time.monotonic()
+                try:
+                    code = requests.get(f"{server.url}/health", timeout=5).status_code
+                except requests.RequestException:
+                    code = None
+                probes.append((code, round(time.monotonic() - started, 2)))
+            assert sum(code == 200 and seconds < 1 for code, seconds in probes) >= 5, probes
+        finally:
+            stop.set()
+
+
 # --- smaller: TensorFlow stays out of web workers ---------------------------------------------------
 
 
