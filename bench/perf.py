@@ -33,11 +33,13 @@ from PIL import Image
 from bench import demo
 from service import encoders
 from service.catalog import jsonmap
+from service.catalog.head import thumbnails
 from service.catalog.index import auto_search_k, build_index
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.storage import versions
 from service.training import train as training
+from service.training.results import Progress
 
 DIM = 256  # the endpoints' feature_dim: what a fine-tuned version indexes
 BATCH_SIZES = (1, 8, 16, 32, 64, 128)
@@ -114,6 +116,32 @@ def raw_litert(model: Path, size: int) -> dict[str, Any]:
     }
 
 
+def strided_thumbnails(batch: np.ndarray, side: int) -> np.ndarray:
+    """The thumbnails as the service computed them before: a mean over strided blocks (the reference)."""
+    n, size = batch.shape[0], batch.shape[1]
+    step = size // side
+    small = (batch.astype(np.float32) / 255.0).reshape(n, side, step, side, step, 3).mean(axis=(2, 4))
+    return small.reshape(n, -1).astype(np.float32)
+
+
+def thumbnail_cost(size: int, side: int = 16) -> list[dict[str, Any]]:
+    """ms per image of a head's thumbnail input, before and now, at a training batch and one query."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in (64, 1):
+        x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        repeat = max(20, 640 // batch)
+        row: dict[str, Any] = {"batch": batch}
+        for name, fn in (("strided mean", strided_thumbnails), ("matrix products", thumbnails)):
+            fn(x, side)  # warm
+            row[name] = round(
+                float(np.median(timed(lambda fn=fn, x=x: fn(x, side), repeat))) / batch * 1000, 3
+            )
+        row["max difference"] = float(np.abs(thumbnails(x, side) - strided_thumbnails(x, side)).max())
+        rows.append(row)
+    return rows
+
+
 # --- training ---------------------------------------------------------------------------------
 
 
@@ -146,9 +174,19 @@ def training_throughput(
             # last one, kept in work/store.
             last = count == sizes[-1] and run == runs - 1
             store = LocalStorage(work / ("store" if last else f"store-{count}-{run}"))
+            marks: list[tuple[str, float]] = []  # (stage, when it began): where a training second goes
+
+            def mark(progress: Progress, marks: list[tuple[str, float]] = marks) -> None:
+                if not marks or marks[-1][0] != progress.stage:
+                    marks.append((progress.stage, time.perf_counter()))
+
             started = time.perf_counter()
-            result = training.train(spec, zip_path, store, settings, fine_tune="never")
+            result = training.train(spec, zip_path, store, settings, on_progress=mark, fine_tune="never")
             seconds = time.perf_counter() - started
+            marks.append(("end", started + seconds))
+            stages: dict[str, float] = {}
+            for (stage, began), (_, ended) in zip(marks, marks[1:], strict=False):
+                stages[stage] = stages.get(stage, 0.0) + ended - began
             prefix = versions.version_prefix("fashion", result.version)
             index_bytes = store.local_path(prefix + "index.ann").stat().st_size
             measured.append(
@@ -158,6 +196,7 @@ def training_throughput(
                     "images_per_s": round(count / seconds, 1),
                     "index_mb": round(index_bytes / 2**20, 1),
                     "version": result.version,
+                    "stages": {stage: round(s, 2) for stage, s in stages.items()},
                 }
             )
             if not last:
@@ -556,6 +595,8 @@ def run() -> dict[str, Any]:
         result["raw"] = raw = max(result["raw_all"], key=lambda r: r["best_images_per_s"])
         print(f"  raw encoder: {result['raw_all']}", flush=True)
         local = replace(settings, cache_dir=work / "cache", encode_batch_size=64)
+        result["thumbnails"] = thumbnail_cost(encoder.input_size)
+        print(f"  thumbnails: {result['thumbnails']}", flush=True)
         result["training"] = training_throughput(work, local, (1_000, 10_000))
         result["serving"] = serving(work / "store", work, raw)
         result["overhead"] = overhead_split(work / "store", work)
@@ -622,14 +663,32 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "Three runs per size; the table gives the median run and every run's images/s.",
         "",
-        "| images | seconds | images/s | × raw best | index MB | runs (images/s) |",
-        "|---|---|---|---|---|---|",
+        "| images | seconds | images/s | × raw best | index MB | runs (images/s) | seconds by stage |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["training"]:
         lines.append(
             f"| {row['images']:,} | {row['seconds']} | {row['images_per_s']} | "
             f"**{row['images_per_s'] / best:.2f}** | {row['index_mb']} | "
-            f"{', '.join(str(x) for x in row['runs'])} |"
+            f"{', '.join(str(x) for x in row['runs'])} | "
+            + ", ".join(f"{stage} {s}" for stage, s in row.get("stages", {}).items())
+            + " |"
+        )
+    lines += [
+        "",
+        "Stages as the job's progress reports them (`embed` includes decoding, the forward passes and "
+        "each image's 16x16 thumbnail, which every version keeps for a head a later change may train).",
+        "",
+        "A head's thumbnail input (ms per image, 160 px inputs, one process): the service computes it "
+        "with two small matrix products per channel; before, a mean over strided blocks.",
+        "",
+        "| batch | strided mean (before) | matrix products (now) | max difference |",
+        "|---|---|---|---|",
+    ]
+    for row in r.get("thumbnails", []):
+        lines.append(
+            f"| {row['batch']} | {row['strided mean']} | **{row['matrix products']}** | "
+            f"{row['max difference']:.1e} |"
         )
     lines += [
         "",

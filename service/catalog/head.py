@@ -14,6 +14,7 @@ in NumPy at inference: a few matrix products, no second TensorFlow model per ver
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,28 +38,28 @@ BACKBONE_SCALE = 30.0  # puts the unit backbone vector on the scale of the stand
 def thumbnails(batch: np.ndarray, side: int) -> np.ndarray:
     """[N, side*side*3] box-filtered thumbnails (values in [0, 1]) of a [N, S, S, 3] uint8 batch."""
     n, size = batch.shape[0], batch.shape[1]
-    batch = batch.astype(np.float32) / 255.0 if batch.dtype == np.uint8 else batch
     if side <= 0:
         return np.zeros((n, 0), np.float32)
-    if size % side == 0:
-        step = size // side
-        small = batch.reshape(n, side, step, side, step, 3).mean(axis=(2, 4))
-    else:  # sizes that do not divide: average over the nearest block edges
-        edges = np.linspace(0, size, side + 1).astype(int)
-        small = np.stack(
-            [
-                np.stack(
-                    [
-                        batch[:, a:b, c:d].mean(axis=(1, 2))
-                        for c, d in zip(edges[:-1], edges[1:], strict=True)
-                    ],
-                    1,
-                )
-                for a, b in zip(edges[:-1], edges[1:], strict=True)
-            ],
-            1,
-        )
-    return small.reshape(n, -1).astype(np.float32)
+    # Two small matrix products (BLAS) per channel: 0.07 ms an image where a mean over strided
+    # blocks took 0.5-0.6 (bench/request_path.py; training computes one for every image).
+    pool = _box(size, side)
+    x = batch.astype(np.float32).transpose(0, 3, 1, 2)  # [N, 3, S, S]
+    small = pool.T @ (x @ pool)  # [N, 3, side, side]
+    scale = np.float32(1 / 255) if batch.dtype == np.uint8 else np.float32(1)
+    return (small.transpose(0, 2, 3, 1).reshape(n, -1) * scale).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _box(size: int, side: int) -> np.ndarray:
+    """[size, side]: column j averages the block of rows between edges j and j+1 (equal blocks where
+    side divides size, which is what the fused model's average pooling computes; else the nearest
+    whole pixels)."""
+    edges = np.linspace(0, size, side + 1).astype(int)
+    pool = np.zeros((size, side), np.float32)
+    for j, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        pool[a:b, j] = 1.0 / (b - a)
+    pool.flags.writeable = False
+    return pool
 
 
 class Head:

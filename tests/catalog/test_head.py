@@ -25,6 +25,19 @@ def test_thumbnails_are_block_means() -> None:
     assert thumbnails(batch, 0).shape == (1, 0)
 
 
+def test_thumbnails_of_uint8_inputs_are_the_blocks_means_even_where_blocks_are_uneven() -> None:
+    rng = np.random.default_rng(0)
+    for size, side in ((160, 16), (10, 3)):
+        batch = rng.integers(0, 256, (3, size, size, 3), np.uint8)
+        edges = np.linspace(0, size, side + 1).astype(int)
+        blocks = list(zip(edges[:-1], edges[1:], strict=True))
+        expected = np.array(
+            [[batch[:, a:b, c:d].mean(axis=(1, 2)) / 255 for c, d in blocks] for a, b in blocks]
+        )
+        expected = expected.transpose(2, 0, 1, 3).reshape(3, -1)  # [N, side * side * 3], row-major
+        assert np.abs(thumbnails(batch, side) - expected).max() < 1e-6
+
+
 def test_stratified_split_holds_out_some_of_every_label_but_never_all() -> None:
     labels = np.array([0] * 20 + [1] * 10 + [2] * 2 + [3])
     keep, held = stratified_split(labels, 0.1, seed=0)
