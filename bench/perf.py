@@ -125,13 +125,15 @@ def strided_thumbnails(batch: np.ndarray, side: int) -> np.ndarray:
 
 
 def thumbnail_cost(size: int, side: int = 16) -> list[dict[str, Any]]:
-    """ms per image of a head's thumbnail input, before and now, at a training batch and one query."""
+    """ms per image of a head's thumbnail input, before and now, at a training batch and one query
+    (on inputs of the largest size that `side` divides, the only ones the strided mean took)."""
+    size -= size % side
     rng = np.random.default_rng(0)
     rows = []
     for batch in (64, 1):
         x = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
         repeat = max(20, 640 // batch)
-        row: dict[str, Any] = {"batch": batch}
+        row: dict[str, Any] = {"batch": batch, "size": size}
         for name, fn in (("strided mean", strided_thumbnails), ("matrix products", thumbnails)):
             fn(x, side)  # warm
             row[name] = round(
@@ -679,15 +681,15 @@ def markdown(r: dict[str, Any]) -> str:
         "Stages as the job's progress reports them (`embed` includes decoding, the forward passes and "
         "each image's 16x16 thumbnail, which every version keeps for a head a later change may train).",
         "",
-        "A head's thumbnail input (ms per image, 160 px inputs, one process): the service computes it "
-        "with two small matrix products per channel; before, a mean over strided blocks.",
+        "A head's 16x16 thumbnail input (ms per image, one process): the service computes it with two "
+        "small matrix products per channel; before, a mean over strided blocks.",
         "",
-        "| batch | strided mean (before) | matrix products (now) | max difference |",
-        "|---|---|---|---|",
+        "| batch | input px | strided mean (before) | matrix products (now) | max difference |",
+        "|---|---|---|---|---|",
     ]
     for row in r.get("thumbnails", []):
         lines.append(
-            f"| {row['batch']} | {row['strided mean']} | **{row['matrix products']}** | "
+            f"| {row['batch']} | {row['size']} | {row['strided mean']} | **{row['matrix products']}** | "
             f"{row['max difference']:.1e} |"
         )
     lines += [

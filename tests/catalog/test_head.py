@@ -36,6 +36,9 @@ def test_thumbnails_of_uint8_inputs_are_the_blocks_means_even_where_blocks_are_u
         )
         expected = expected.transpose(2, 0, 1, 3).reshape(3, -1)  # [N, side * side * 3], row-major
         assert np.abs(thumbnails(batch, side) - expected).max() < 1e-6
+    white = np.full((1, 224, 224, 3), 255, np.uint8)  # blocks of 14 x 14: exactly 1, as pooling says
+    assert (thumbnails(white, 16) == 1.0).all()
+    assert thumbnails(white[:0], 16).shape == (0, 768)
 
 
 def test_stratified_split_holds_out_some_of_every_label_but_never_all() -> None:
