@@ -11,15 +11,17 @@ so new connections go to the least loaded one (nginx calls this least_conn).
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
+import select
 import socket
 import threading
 import time
 from typing import Any
 
 from gunicorn.http.errors import NoMoreData
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import _DEFER, ThreadWorker
 
 FREE = -1  # a slot no serving worker holds
 # A worker's main loop turns at least once a second (gthread's select timeout); a slot not
@@ -88,6 +90,12 @@ HEADER_TIMEOUT_S = float(os.environ.get("GUNICORN_HEADER_TIMEOUT", "5"))
 BODY_TIMEOUT_S = float(os.environ.get("GUNICORN_BODY_TIMEOUT", "5"))
 BODY_BUSY_TIMEOUT_S = float(os.environ.get("GUNICORN_BODY_BUSY_TIMEOUT", "0.5"))
 BODY_MIN_RATE = float(os.environ.get("GUNICORN_BODY_MIN_RATE", str(256 * 1024)))
+# How long a pool thread waits for a new connection's first byte before handing it to the poller.
+FIRST_BYTE_WAIT_S = 0.05
+# Responses: a client that stops reading fills its socket's buffers, and the thread writing to it
+# would wait for ever. A response that makes no progress for WRITE_STALL_S is cut (the connection
+# closes); a client that reads, however slowly, keeps freeing buffer space and is never cut.
+WRITE_STALL_S = float(os.environ.get("GUNICORN_WRITE_STALL_TIMEOUT", "5"))
 
 
 def has_body(req: Any) -> bool:
@@ -152,6 +160,32 @@ class _ReadDeadline:
             self.deadline = self._body_since + self._grace + self._received / BODY_MIN_RATE
         return data
 
+    def sendall(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            try:  # the socket is blocking (no timeout): MSG_DONTWAIT makes this one call not wait
+                sent = self._sock.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            view = view[sent:]
+            if view and not _writable(self._sock, WRITE_STALL_S):
+                raise self._stalled()
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        previous = self._sock.gettimeout()
+        self._sock.settimeout(WRITE_STALL_S)  # socket.sendfile waits at most this for each chunk
+        try:
+            return int(self._sock.sendfile(file, offset, count))
+        except TimeoutError:
+            raise self._stalled() from None
+        finally:
+            self._sock.settimeout(previous)
+
+    def _stalled(self) -> OSError:
+        self.cut = True  # never drained or kept alive
+        # EPIPE: gunicorn treats the connection as gone (a debug line, no traceback) and closes it
+        return BrokenPipeError(errno.EPIPE, f"the client took none of its response for {WRITE_STALL_S:g} s")
+
     def _recv(self, size: int, remaining: float, *flags: int) -> bytes:
         if not flags:
             # Usually the bytes are there already: one non-blocking recv, and none of the four
@@ -168,6 +202,13 @@ class _ReadDeadline:
             raise self._too_slow() from None
         finally:
             self._sock.settimeout(previous)
+
+
+def _writable(sock: Any, timeout: float) -> bool:
+    """Whether `sock` can take more bytes within `timeout` seconds (poll: any descriptor number)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(timeout * 1000))
 
 
 class BalancedThreadWorker(ThreadWorker):
@@ -225,6 +266,11 @@ class BalancedThreadWorker(ThreadWorker):
         super().enqueue_req(conn)
 
     def handle(self, conn: Any) -> Any:
+        # gunicorn waits up to 5 s in a pool thread for a new connection's first byte: a few idle
+        # connections every few seconds kept every thread waiting. One with nothing to read yet goes
+        # back to the poller at once, where waiting costs no thread (and closes after `keepalive`).
+        if not conn.initialized and not conn.data_ready and not conn.wait_for_data(FIRST_BYTE_WAIT_S):
+            return _DEFER
         if isinstance(conn.sock, _ReadDeadline):  # headers from now on
             conn.sock.headers_now()
         return super().handle(conn)

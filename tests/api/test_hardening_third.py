@@ -372,6 +372,75 @@ def test_clients_that_never_close_do_not_hold_the_workers_loop(tmp_path: Path, m
             stop.set()
 
 
+@pytest.mark.slow
+def test_clients_that_never_read_their_responses_do_not_hold_the_threads(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    """20 connections (more than a worker's 16 threads) each ask for a 1.5 MB file eight times
+    over, with a tiny receive buffer, and never read: every thread waited on a full socket for
+    ever. A response that makes no progress for GUNICORN_WRITE_STALL_TIMEOUT is cut."""
+    import socket
+    import time
+
+    import requests
+
+    from tests.helpers import procfile_server
+
+    env = {
+        "WEB_CONCURRENCY": "1",
+        "MODELS_DIR": str(models_dir),
+        "WARM_ON_START": "0",
+        "GUNICORN_WRITE_STALL_TIMEOUT": "1",
+    }
+    with procfile_server(tmp_path, env) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        ask = b"GET /docs/assets/swagger-ui-bundle.js.map HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 8
+        assert (
+            len(requests.get(f"{server.url}/docs/assets/swagger-ui-bundle.js.map", timeout=10).content)
+            > 10**6
+        )
+        readers = []
+        for _ in range(20):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((host, int(port)))
+            s.sendall(ask)
+            readers.append(s)
+        try:
+            time.sleep(1)
+            started = time.monotonic()
+            assert requests.get(f"{server.url}/health", timeout=20).status_code == 200
+            assert time.monotonic() - started < 10
+        finally:
+            for s in readers:
+                s.close()
+
+
+@pytest.mark.slow
+def test_idle_connections_wait_in_the_poller_not_in_threads(tmp_path: Path, models_dir: Path) -> None:
+    """gunicorn waits up to 5 s for a new connection's first byte in a pool thread: 20 connections
+    that send nothing held one worker's 16 threads, and /health waited seconds behind them."""
+    import socket
+    import time
+
+    import requests
+
+    from tests.helpers import procfile_server
+
+    env = {"WEB_CONCURRENCY": "1", "MODELS_DIR": str(models_dir), "WARM_ON_START": "0"}
+    with procfile_server(tmp_path, env) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(20)]
+        try:
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+            assert time.monotonic() - started < 1.5
+        finally:
+            for s in idle:
+                s.close()
+
+
 # --- smaller: TensorFlow stays out of web workers ---------------------------------------------------
 
 

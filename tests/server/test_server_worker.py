@@ -72,3 +72,56 @@ def test_a_stopping_worker_leaves_the_table(monkeypatch: pytest.MonkeyPatch) -> 
     stopping.alive, peer.alive = False, True
     assert not stopping._fair()  # it takes no one...
     assert table.counts[0] == FREE and peer._fair()  # ...and no longer holds the busier peer back
+
+
+def test_a_response_the_client_never_reads_is_cut_after_the_stall_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+    import threading
+    import time
+
+    monkeypatch.setattr(balanced, "WRITE_STALL_S", 0.3)
+    server, client = socket.socketpair()
+    with server, client:
+        server.setblocking(True)
+        wrapped = balanced._ReadDeadline(server)
+        wrapped.sendall(b"x" * 1000)  # room in the buffers: sent at once
+        assert client.recv(2000) == b"x" * 1000
+        failures: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                wrapped.sendall(b"y" * 50_000_000)  # far more than the buffers hold, never read
+            except OSError as exc:
+                failures.append(exc)
+
+        started = time.monotonic()
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        writer.join(5)
+        assert not writer.is_alive(), "the write waited for a client that never reads"
+        assert 0.3 <= time.monotonic() - started < 5 and wrapped.cut
+        assert isinstance(failures[0], BrokenPipeError) and "took none of its response" in str(failures[0])
+
+
+def test_a_client_that_reads_slowly_gets_all_of_its_response(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import threading
+    import time
+
+    monkeypatch.setattr(balanced, "WRITE_STALL_S", 1.0)
+    server, client = socket.socketpair()
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < 4_000_000:
+            got.extend(client.recv(500_000))
+            time.sleep(0.05)  # slowly, but it reads
+
+    with server, client:
+        reader = threading.Thread(target=read)
+        reader.start()
+        balanced._ReadDeadline(server).sendall(b"z" * 4_000_000)
+        reader.join(10)
+    assert len(got) == 4_000_000
