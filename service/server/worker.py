@@ -12,10 +12,13 @@ so new connections go to the least loaded one (nginx calls this least_conn).
 from __future__ import annotations
 
 import errno
+import fcntl
 import multiprocessing
 import os
 import select
 import socket
+import struct
+import termios
 import threading
 import time
 from typing import Any
@@ -94,8 +97,10 @@ BODY_MIN_RATE = float(os.environ.get("GUNICORN_BODY_MIN_RATE", str(256 * 1024)))
 FIRST_BYTE_WAIT_S = 0.05
 # Responses: a client that stops reading fills its socket's buffers, and the thread writing to it
 # would wait for ever. A response that makes no progress for WRITE_STALL_S is cut (the connection
-# closes); a client that reads, however slowly, keeps freeing buffer space and is never cut.
+# closes); a client that reads, however slowly, shrinks its send queue and is never cut.
 WRITE_STALL_S = float(os.environ.get("GUNICORN_WRITE_STALL_TIMEOUT", "5"))
+if not WRITE_STALL_S > 0:
+    raise ValueError(f"GUNICORN_WRITE_STALL_TIMEOUT must be over 0 seconds, not {WRITE_STALL_S:g}")
 
 
 def has_body(req: Any) -> bool:
@@ -168,21 +173,51 @@ class _ReadDeadline:
             except BlockingIOError:
                 sent = 0
             view = view[sent:]
-            if view and not _writable(self._sock, WRITE_STALL_S):
-                raise self._stalled()
+            if view:
+                self._wait_for_room()
+
+    def send(self, data: Any, flags: int = 0) -> int:  # gunicorn's "100 Continue" goes out this way
+        self.sendall(data)
+        return len(memoryview(data).cast("B"))
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
-        previous = self._sock.gettimeout()
-        self._sock.settimeout(WRITE_STALL_S)  # socket.sendfile waits at most this for each chunk
+        """socket.sendfile's work (os.sendfile from `offset`, `count` bytes or to the end), with
+        the stall rule between chunks."""
+        total, out, source = 0, self._sock.fileno(), file.fileno()
+        self._sock.setblocking(False)
         try:
-            return int(self._sock.sendfile(file, offset, count))
-        except TimeoutError:
-            raise self._stalled() from None
+            while count is None or total < count:
+                size = 1 << 20 if count is None else min(count - total, 1 << 20)
+                try:
+                    sent = os.sendfile(out, source, offset + total, size)
+                except BlockingIOError:
+                    self._wait_for_room()
+                    continue
+                if sent == 0:  # the end of the file
+                    break
+                total += sent
         finally:
-            self._sock.settimeout(previous)
+            self._sock.setblocking(True)
+            file.seek(offset + total)
+        return total
+
+    def _wait_for_room(self) -> None:
+        """Wait until the socket takes more bytes; cut the response once the client has taken
+        none for WRITE_STALL_S. Progress is the send queue shrinking (the kernel reports room only
+        once a third of the buffer is free, which a slow reader may take seconds to make)."""
+        since, queued = time.monotonic(), _queued(self._sock)
+        while not _writable(self._sock, min(0.25, WRITE_STALL_S)):
+            now = _queued(self._sock)
+            if now < queued:  # the client reads
+                since, queued = time.monotonic(), now
+            elif time.monotonic() - since >= WRITE_STALL_S:
+                raise self._stalled()
 
     def _stalled(self) -> OSError:
         self.cut = True  # never drained or kept alive
+        # Reset rather than linger: the kernel would otherwise keep probing a client that reads
+        # nothing, with megabytes queued, for minutes after the close.
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         # EPIPE: gunicorn treats the connection as gone (a debug line, no traceback) and closes it
         return BrokenPipeError(errno.EPIPE, f"the client took none of its response for {WRITE_STALL_S:g} s")
 
@@ -202,6 +237,11 @@ class _ReadDeadline:
             raise self._too_slow() from None
         finally:
             self._sock.settimeout(previous)
+
+
+def _queued(sock: Any) -> int:
+    """Bytes sent to `sock` that its peer has not taken yet (Linux: SIOCOUTQ)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
 
 
 def _writable(sock: Any, timeout: float) -> bool:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
 from service.server import worker as balanced
@@ -74,54 +80,100 @@ def test_a_stopping_worker_leaves_the_table(monkeypatch: pytest.MonkeyPatch) -> 
     assert table.counts[0] == FREE and peer._fair()  # ...and no longer holds the busier peer back
 
 
-def test_a_response_the_client_never_reads_is_cut_after_the_stall_timeout(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import socket
-    import threading
-    import time
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected (server side, client side) pair over loopback TCP, the server side blocking."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    server.setblocking(True)
+    return server, client
 
+
+def _in_thread(fn: Callable[[], object], wait: float) -> list[BaseException]:
+    """Run `fn` in a thread for at most `wait` seconds; what it raised (fails if it still runs)."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(wait)
+    assert not thread.is_alive(), "the write waited for a client that does not read"
+    return failures
+
+
+@pytest.mark.parametrize("how", ["sendall", "sendfile"])
+def test_a_response_the_client_never_reads_is_cut_after_the_stall_timeout(
+    how: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(balanced, "WRITE_STALL_S", 0.3)
-    server, client = socket.socketpair()
-    with server, client:
-        server.setblocking(True)
+    server, client = _tcp_pair()
+    big = tmp_path / "big"
+    big.write_bytes(b"y" * 30_000_000)  # far more than the buffers hold, never read
+    with server, client, big.open("rb") as file:
         wrapped = balanced._ReadDeadline(server)
         wrapped.sendall(b"x" * 1000)  # room in the buffers: sent at once
         assert client.recv(2000) == b"x" * 1000
-        failures: list[BaseException] = []
-
-        def write() -> None:
-            try:
-                wrapped.sendall(b"y" * 50_000_000)  # far more than the buffers hold, never read
-            except OSError as exc:
-                failures.append(exc)
-
+        write = {
+            "sendall": lambda: wrapped.sendall(big.read_bytes()),
+            "sendfile": lambda: wrapped.sendfile(file, 0, None),
+            # gunicorn's "100 Continue" is a plain send(): after the buffers are full it must not wait
+            "send": lambda: (
+                _in_thread(lambda: wrapped.sendall(big.read_bytes()), 5),
+                wrapped.send(b"x" * 25),
+            ),
+        }[how]
         started = time.monotonic()
-        writer = threading.Thread(target=write, daemon=True)
-        writer.start()
-        writer.join(5)
-        assert not writer.is_alive(), "the write waited for a client that never reads"
-        assert 0.3 <= time.monotonic() - started < 5 and wrapped.cut
-        assert isinstance(failures[0], BrokenPipeError) and "took none of its response" in str(failures[0])
+        failures = _in_thread(write, 10)
+        assert failures and isinstance(failures[-1], BrokenPipeError), failures
+        assert "took none of its response" in str(failures[-1]) and wrapped.cut
+        assert time.monotonic() - started >= 0.3
 
 
-def test_a_client_that_reads_slowly_gets_all_of_its_response(monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-    import threading
-    import time
-
-    monkeypatch.setattr(balanced, "WRITE_STALL_S", 1.0)
-    server, client = socket.socketpair()
+@pytest.mark.parametrize("how", ["sendall", "sendfile"])
+def test_a_client_that_reads_slowly_gets_all_of_its_response(
+    how: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Over TCP the kernel reports room only once a third of the send buffer is free: a client
+    reading 300 KB/s takes seconds to make it, yet it reads, so it is never cut."""
+    monkeypatch.setattr(balanced, "WRITE_STALL_S", 0.5)
+    server, client = _tcp_pair()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    size = 1_000_000
+    source = tmp_path / "file"
+    source.write_bytes(b"z" * size)
     got = bytearray()
 
     def read() -> None:
-        while len(got) < 4_000_000:
-            got.extend(client.recv(500_000))
-            time.sleep(0.05)  # slowly, but it reads
+        while len(got) < size:
+            chunk = client.recv(15_000)
+            if not chunk:
+                return
+            got.extend(chunk)
+            time.sleep(0.05)  # ~300 KB/s
 
-    with server, client:
+    with server, client, source.open("rb") as file:
         reader = threading.Thread(target=read)
         reader.start()
-        balanced._ReadDeadline(server).sendall(b"z" * 4_000_000)
-        reader.join(10)
-    assert len(got) == 4_000_000
+        wrapped = balanced._ReadDeadline(server)
+        if how == "sendall":
+            wrapped.sendall(source.read_bytes())
+        else:
+            assert wrapped.sendfile(file, 0, size) == size
+        reader.join(30)
+    assert len(got) == size
+
+
+def test_a_plain_send_goes_through_the_same_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gunicorn answers "Expect: 100-continue" with sock.send(): unguarded, a full buffer held the
+    thread for ever."""
+    calls: list[bytes] = []
+    monkeypatch.setattr(balanced._ReadDeadline, "sendall", lambda self, data: calls.append(bytes(data)))
+    server, client = _tcp_pair()
+    with server, client:
+        assert balanced._ReadDeadline(server).send(b"HTTP/1.1 100 Continue\r\n\r\n") == 25
+    assert calls == [b"HTTP/1.1 100 Continue\r\n\r\n"]
