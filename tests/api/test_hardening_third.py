@@ -271,6 +271,23 @@ def test_a_404_for_a_long_unknown_name_does_not_echo_it_whole(client: FlaskClien
     assert len(json.dumps(body)) < 1000
 
 
+def _probe_health(url: str, count: int, timeout: float) -> list[tuple[int | None, float]]:
+    """`count` GET /health one after another: each one's status (None: no answer) and seconds."""
+    import time
+
+    import requests
+
+    probes: list[tuple[int | None, float]] = []
+    for _ in range(count):
+        started = time.monotonic()
+        try:
+            code: int | None = requests.get(f"{url}/health", timeout=timeout).status_code
+        except requests.RequestException:
+            code = None
+        probes.append((code, round(time.monotonic() - started, 2)))
+    return probes
+
+
 # --- 1. slow request bodies on bare gunicorn ------------------------------------------------------
 
 
@@ -310,14 +327,7 @@ def test_health_and_queries_answer_while_40_clients_trickle_bodies(tmp_path: Pat
             thread.start()
         try:
             time.sleep(4)  # every thread of both workers is taken by now, without the fix
-            probes = []
-            for _ in range(8):
-                started = time.monotonic()
-                try:
-                    code = requests.get(f"{server.url}/health", timeout=10).status_code
-                except requests.RequestException:
-                    code = None
-                probes.append((code, round(time.monotonic() - started, 2)))
+            probes = _probe_health(server.url, 8, timeout=10)
             assert sum(code == 200 and seconds < 3 for code, seconds in probes) >= 7, probes
             query = requests.post(f"{server.url}/food/infer", data=photo_jpeg("moon"), timeout=10,
                                   headers={"Content-Type": "image/jpeg"})  # fmt: skip
@@ -334,8 +344,6 @@ def test_clients_that_never_close_do_not_hold_the_workers_loop(tmp_path: Path, m
     import socket
     import threading
     import time
-
-    import requests
 
     from tests.helpers import procfile_server
 
@@ -359,14 +367,7 @@ def test_clients_that_never_close_do_not_hold_the_workers_loop(tmp_path: Path, m
             threading.Thread(target=lingering, daemon=True).start()
         try:
             time.sleep(2)
-            probes = []
-            for _ in range(6):
-                started = time.monotonic()
-                try:
-                    code = requests.get(f"{server.url}/health", timeout=5).status_code
-                except requests.RequestException:
-                    code = None
-                probes.append((code, round(time.monotonic() - started, 2)))
+            probes = _probe_health(server.url, 6, timeout=5)
             assert sum(code == 200 and seconds < 1 for code, seconds in probes) >= 5, probes
         finally:
             stop.set()
