@@ -7,11 +7,17 @@ import { refreshView } from "./search.js";
 import { loadVersions } from "./versions.js";
 import { resetDuplicates } from "./duplicates.js";
 
+// Each loadEndpoints call's number: an older call's answer (say, the 401 of the load before a token
+// was entered, arriving after the load with it) is dropped, or it would undo the newer one.
+let loads = 0;
+
 export async function loadEndpoints() {
+  const mine = ++loads;
   let data;
   try {
     data = await api("/endpoints");
   } catch (err) {
+    if (mine !== loads) return;
     const summary = $("endpoint-summary");
     summary.replaceChildren(
       el("p", {
@@ -24,6 +30,7 @@ export async function loadEndpoints() {
     showError(err);
     return;
   }
+  if (mine !== loads) return;
   state.endpoints = data.endpoints;
   const select = $("endpoint");
   const wanted = new URLSearchParams(location.search).get("endpoint");
