@@ -23,7 +23,7 @@ import pytest
 import requests
 from flask import Flask
 from PIL import Image
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
 
 from bench import demo
 from service.api.app import API_CSP
@@ -360,6 +360,43 @@ def test_errors_show_the_message_the_api_returned(pages: Pages, server: Server) 
     page.get_by_role("button", name="Train", exact=True).click()
     expect(page.locator("#error-text")).to_have_text("this token may not do that")
     expect(page.locator("#job")).to_have_attribute("data-status", "failed")
+
+
+def test_an_older_answer_arriving_last_does_not_undo_a_newer_one(pages: Pages, server: Server) -> None:
+    # The page loads the endpoints at once, without a token (a 401), and again when one is entered.
+    # Here the first answer is held back until the second has been shown: arriving last, it must
+    # not put back "needs an access token" (it did once in CI, on a slow machine).
+    held: list[Route] = []
+
+    def hold_the_tokenless_load(route: Route) -> None:
+        if "authorization" in route.request.headers:
+            route.continue_()
+        else:
+            held.append(route)
+
+    context = pages.browser.new_context(viewport={"width": 1280, "height": 900})
+    pages.contexts.append(context)
+    context.on("request", lambda request: pages.requests.append(request.url))
+    context.route(re.compile(r".*/endpoints$"), hold_the_tokenless_load)
+    page = context.new_page()
+    pages.pages.append(page)
+    page.on("pageerror", lambda error: pages.console.append(f"pageerror: {error}"))
+    page.goto(f"{server.url}/?endpoint=food")
+    page.wait_for_function("() => document.readyState === 'complete'")
+    deadline = time.monotonic() + 30
+    while not held:
+        assert time.monotonic() < deadline, "the page did not load the endpoints"
+        page.wait_for_timeout(20)
+    page.get_by_label("Access token").fill(QUERY)
+    page.get_by_role("button", name="Use", exact=True).click()
+    expect(page.locator("#summary-facts")).to_contain_text("ready")
+
+    with page.expect_response(lambda response: response.status == 401):
+        held[0].continue_()  # the older load's 401 arrives now, after the newer load's answer
+    page.wait_for_timeout(300)  # the page handles an answer as soon as it arrives
+    expect(page.locator("#summary-facts")).to_contain_text("ready")
+    expect(page.locator("#endpoint-summary")).not_to_contain_text("needs an access token")
+    expect(page.locator("#error")).to_be_hidden()
 
 
 def test_a_photo_can_be_dropped_or_pasted(pages: Pages) -> None:
