@@ -8,6 +8,8 @@ single requests, requests/s with 8 and 32 clients, and one worker's CPU-ms per r
 part (bench/overhead.py). The reference is LiteRT on the endpoint's converted backbone, the same
 file the service runs (batch-1 forward on all cores, best images/s over batch sizes); the fused
 model's own forward is shown beside it. The two paths' answers are compared score by score.
+Beside them, the fused path through other servers: the threaded worker without its keep-alive
+linger (gunicorn's own hand-back to the main loop), gunicorn's sync worker, and a uvicorn worker.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def run() -> dict[str, Any]:
         result["answers"] = same_answers(store, spec, trained.version, local)
         print(f"  answers: {result['answers']}", flush=True)
         result["paths"] = [serve(store.root, work, fuse, name=name) for fuse, name in PATHS]
+        # The threaded worker handing every kept-alive connection back to its main loop between
+        # requests, as gunicorn does (server/worker.py's linger off): what the linger saves
+        no_linger = {"GUNICORN_KEEPALIVE_LINGER_MS": "0"}
+        result["paths"].append(
+            serve(store.root, work, True, no_linger, name="fused head, no keep-alive linger (gunicorn's own)")
+        )
         # gunicorn's sync worker (behind nginx on Elastic Beanstalk it would not meet slow clients;
         # without it, it fails the slow-client tests): what the threaded worker's machinery costs
         sync = {"GUNICORN_CMD_ARGS": "--worker-class sync", "GUNICORN_THREADS": "1"}

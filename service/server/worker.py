@@ -101,6 +101,13 @@ FIRST_BYTE_WAIT_S = 0.05
 WRITE_STALL_S = float(os.environ.get("GUNICORN_WRITE_STALL_TIMEOUT", "5"))
 if not WRITE_STALL_S > 0:
     raise ValueError(f"GUNICORN_WRITE_STALL_TIMEOUT must be over 0 seconds, not {WRITE_STALL_S:g}")
+# Keep-alive: after a response, the thread that wrote it waits this long for the connection's next
+# request while no other work is queued, and serves it at once. Handing the connection back to the
+# main loop (which registers it with the poller, waits, then queues it for a thread again) costs a
+# few syscalls and two thread switches per request (docs/BENCHMARKS.md measures both). 0: off.
+KEEPALIVE_LINGER_S = float(os.environ.get("GUNICORN_KEEPALIVE_LINGER_MS", "2")) / 1000
+if not KEEPALIVE_LINGER_S >= 0:
+    raise ValueError(f"GUNICORN_KEEPALIVE_LINGER_MS must be 0 or more, not {KEEPALIVE_LINGER_S * 1000:g}")
 
 
 def has_body(req: Any) -> bool:
@@ -244,6 +251,13 @@ def _queued(sock: Any) -> int:
     return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
 
 
+def _readable(sock: Any, timeout: float) -> bool:
+    """Whether `sock` has bytes (or its end) to read within `timeout` seconds."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 def _writable(sock: Any, timeout: float) -> bool:
     """Whether `sock` can take more bytes within `timeout` seconds (poll: any descriptor number)."""
     poller = select.poll()
@@ -311,9 +325,23 @@ class BalancedThreadWorker(ThreadWorker):
         # back to the poller at once, where waiting costs no thread (and closes after `keepalive`).
         if not conn.initialized and not conn.data_ready and not conn.wait_for_data(FIRST_BYTE_WAIT_S):
             return _DEFER
-        if isinstance(conn.sock, _ReadDeadline):  # headers from now on
-            conn.sock.headers_now()
-        return super().handle(conn)
+        while True:
+            if isinstance(conn.sock, _ReadDeadline):  # headers from now on
+                conn.sock.headers_now()
+            keepalive = super().handle(conn)
+            if keepalive is not True or not self._next_request_here(conn):
+                return keepalive
+
+    def _next_request_here(self, conn: Any) -> bool:
+        """Whether this thread serves the connection's next request itself: it has arrived (or
+        arrives within KEEPALIVE_LINGER_S) while no other connection waits for a thread."""
+        if not self.alive:
+            return False  # stopping: the main loop answers it with "Connection: close"
+        if conn.parser.unreader.buf.getvalue():
+            return True  # read ahead with the last body: gunicorn would queue it for a thread
+        if KEEPALIVE_LINGER_S <= 0 or not self.tpool._work_queue.empty():
+            return False
+        return _readable(conn.sock, KEEPALIVE_LINGER_S)
 
     _bodies = 0  # requests of this worker reading their bodies now
     _bodies_lock = threading.Lock()

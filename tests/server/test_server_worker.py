@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -177,3 +180,67 @@ def test_a_plain_send_goes_through_the_same_guard(monkeypatch: pytest.MonkeyPatc
     with server, client:
         assert balanced._ReadDeadline(server).send(b"HTTP/1.1 100 Continue\r\n\r\n") == 25
     assert calls == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+
+
+class _Conn:
+    """What the keep-alive linger looks at: the socket and the parser's read-ahead buffer."""
+
+    def __init__(self, sock: socket.socket, read_ahead: bytes = b"") -> None:
+        self.sock = sock
+        self.parser = SimpleNamespace(unreader=SimpleNamespace(buf=io.BytesIO(read_ahead)))
+
+
+def _lingering_worker(pool: ThreadPoolExecutor) -> BalancedThreadWorker:
+    worker = BalancedThreadWorker.__new__(BalancedThreadWorker)
+    worker.alive, worker.tpool = True, pool
+    return worker
+
+
+def test_the_thread_that_answered_serves_the_next_request_when_it_comes_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(balanced, "KEEPALIVE_LINGER_S", 0.2)
+    server, client = _tcp_pair()
+    with server, client, ThreadPoolExecutor(1) as pool:
+        worker = _lingering_worker(pool)
+        timer = threading.Timer(0.02, lambda: client.sendall(b"GET /health HTTP/1.1\r\n\r\n"))
+        timer.start()
+        started = time.monotonic()
+        assert worker._next_request_here(_Conn(server))  # arrived while the thread waited
+        assert time.monotonic() - started < 0.15
+        timer.join()
+        # Bytes read ahead with the last body count as the next request, without waiting.
+        assert worker._next_request_here(_Conn(server, b"GET / HTTP/1.1\r\n"))
+
+
+def test_an_idle_connection_goes_back_to_the_poller_after_the_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(balanced, "KEEPALIVE_LINGER_S", 0.05)
+    server, client = _tcp_pair()
+    with server, client, ThreadPoolExecutor(1) as pool:
+        worker = _lingering_worker(pool)
+        started = time.monotonic()
+        assert not worker._next_request_here(_Conn(server))
+        assert 0.04 <= time.monotonic() - started < 1.0  # waited the linger, no longer
+        monkeypatch.setattr(balanced, "KEEPALIVE_LINGER_S", 0.0)  # GUNICORN_KEEPALIVE_LINGER_MS=0: off
+        client.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        assert not worker._next_request_here(_Conn(server))
+
+
+def test_the_thread_never_lingers_while_other_connections_wait_or_the_worker_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(balanced, "KEEPALIVE_LINGER_S", 5.0)
+    server, client = _tcp_pair()
+    release = threading.Event()
+    with server, client, ThreadPoolExecutor(1) as pool:
+        worker = _lingering_worker(pool)
+        pool.submit(release.wait)  # the pool's only thread is busy...
+        queued = pool.submit(lambda: None)  # ...and another connection waits for it
+        client.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        started = time.monotonic()
+        assert not worker._next_request_here(_Conn(server))  # back to the queue: its turn comes in order
+        release.set()
+        queued.result(timeout=5)
+        worker.alive = False  # stopping: the main loop answers with "Connection: close"
+        assert not worker._next_request_here(_Conn(server))
+        assert time.monotonic() - started < 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -119,6 +120,43 @@ def test_keep_alive_clients_spread_evenly_over_the_workers(server: Server) -> No
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_kept_alive_connection_serves_requests_however_they_follow(server: Server) -> None:
+    # After a response the thread waits a moment for the connection's next request (server/worker.py,
+    # GUNICORN_KEEPALIVE_LINGER_MS): one sent at once, one after the wait (via the poller), two
+    # pipelined in one packet, and a body read ahead with the previous request all get their answer.
+    host, port = server.url.removeprefix("http://").split(":")
+    get = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    head = f"POST /food/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\nContent-Length: 3"
+    post = f"{head}\r\n\r\nabc".encode()  # not an image
+    with socket.create_connection((host, int(port)), timeout=10) as sock, sock.makefile("rb") as reader:
+
+        def answers(n: int) -> list[int]:
+            statuses = []
+            for _ in range(n):
+                status = int(reader.readline().split()[1])
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                reader.read(length)
+                statuses.append(status)
+            return statuses
+
+        sock.sendall(get)
+        assert answers(1) == [200]
+        sock.sendall(get)  # at once: the thread that answered is still waiting
+        assert answers(1) == [200]
+        time.sleep(0.2)  # long after the wait: the connection went back to the poller
+        sock.sendall(get)
+        assert answers(1) == [200]
+        sock.sendall(get + get)  # pipelined
+        assert answers(2) == [200, 200]
+        sock.sendall(post + get)  # the next request arrives with the previous body
+        refused, health = answers(2)
+        assert refused in (400, 503) and health == 200  # 503 before food has a version
 
 
 def test_a_new_version_reaches_every_worker_without_a_restart(server: Server, photos_zip: Path) -> None:
