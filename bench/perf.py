@@ -574,7 +574,8 @@ def overhead_split(store: Path, work: Path) -> dict[str, Any]:
     body = work / "overhead.png"
     body.write_bytes(overhead.query_body())
     body.with_suffix(".lua").write_text(WRK_SCRIPT)
-    with gunicorn(store, work / "cache-overhead", 1, extra_env={"TF_INTRA_OP_THREADS": "1"}) as (
+    one_thread = {"TF_INTRA_OP_THREADS": "1", "LONE_PASS_ALL_CORES": "0"}
+    with gunicorn(store, work / "cache-overhead", 1, extra_env=one_thread) as (
         url,
         process,
     ):

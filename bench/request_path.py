@@ -8,8 +8,8 @@ single requests, requests/s with 8 and 32 clients, and one worker's CPU-ms per r
 part (bench/overhead.py). The reference is LiteRT on the endpoint's converted backbone, the same
 file the service runs (batch-1 forward on all cores, best images/s over batch sizes); the fused
 model's own forward is shown beside it. The two paths' answers are compared score by score.
-Beside them, the fused path through other servers: the threaded worker without its keep-alive
-linger (gunicorn's own hand-back to the main loop), gunicorn's sync worker, and a uvicorn worker.
+Beside them, the fused path without this service's two cuts (the keep-alive linger; a lone pass
+on every core) and through other servers: gunicorn's sync worker and a uvicorn worker.
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ def run() -> dict[str, Any]:
         result["paths"].append(
             serve(store.root, work, True, no_linger, name="fused head, no keep-alive linger (gunicorn's own)")
         )
+        # Every pass on its worker's share of the cores, even alone on the machine (core/inflight.py off)
+        shared = {"LONE_PASS_ALL_CORES": "0"}
+        result["paths"].append(
+            serve(store.root, work, True, shared, name="fused head, a lone pass on one core too")
+        )
         # gunicorn's sync worker (behind nginx on Elastic Beanstalk it would not meet slow clients;
         # without it, it fails the slow-client tests): what the threaded worker's machinery costs
         sync = {"GUNICORN_CMD_ARGS": "--worker-class sync", "GUNICORN_THREADS": "1"}
@@ -114,7 +119,7 @@ def serve(
     with perf.gunicorn(store, folder / "serve", 2, extra_env=env) as (url, _):
         row["latency"] = perf.latency(url, body.read_bytes(), "image/png")
         row["load"] = [perf.concurrency(url, body, "image/png", c) for c in (8, 32)]
-    one = {**env, "TF_INTRA_OP_THREADS": "1"}
+    one = {**env, "TF_INTRA_OP_THREADS": "1", "LONE_PASS_ALL_CORES": "0"}  # one thread per pass
     with perf.gunicorn(store, folder / "split", 1, extra_env=one) as (url, process):
         pid = int(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()[0])
         row["split"] = overhead.split(url, pid, body, perf.wrk)

@@ -128,6 +128,9 @@ class Settings:
     # 0 = the runtime's default (all cores).
     tf_intra_op_threads: int = 0
     tf_inter_op_threads: int = 0
+    # A web worker's LiteRT pass that finds no other running on the machine uses every core, not
+    # its share (core/inflight.py): a lone query answers sooner; under load nothing changes.
+    lone_pass_all_cores: bool = True
     log_level: str = "INFO"
     # text, or json: one JSON object a line (time, level, logger, message, pid, request_id)
     log_format: str = "text"

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core import inflight
 from service.core.errors import EncoderUnavailableError
 from service.encoders import batching
 from service.encoders.batching import Batcher
@@ -27,12 +28,16 @@ MODEL_FILE = "encoder.tflite"  # the name it has in a version's folder
 RUNTIME = "litert"
 
 _threads = 0  # interpreter threads per model; 0: all cores
+_lone_all_cores = False  # a pass that runs alone on the machine uses every core (inflight.py)
 
 
-def configure_threads(threads: int) -> None:
-    """Threads per model for interpreters created from now on (TF_INTRA_OP_THREADS, like TensorFlow)."""
-    global _threads
+def configure_threads(threads: int, lone_all_cores: bool = False) -> None:
+    """Threads per model for interpreters created from now on (TF_INTRA_OP_THREADS, like TensorFlow);
+    with `lone_all_cores` (LONE_PASS_ALL_CORES, web workers only), a pass that finds no other
+    running on the machine takes every core."""
+    global _threads, _lone_all_cores
     _threads = max(0, threads)
+    _lone_all_cores = lone_all_cores
 
 
 def version() -> str:
@@ -53,24 +58,20 @@ class LiteEncoder:
     runtime = RUNTIME
 
     def __init__(self, path: Path, describe: dict[str, Any], threads: int | None = None) -> None:
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-
-            self._interpreter = Interpreter(
-                model_path=str(path), num_threads=threads or _threads or (os.cpu_count() or 1)
-            )
-            self._interpreter.allocate_tensors()
-        except Exception as exc:  # a missing package, a truncated or foreign file
-            raise EncoderUnavailableError(f"LiteRT could not load {path.name}: {exc}") from exc
+        cores = os.cpu_count() or 1
+        self._path, self._threads = path, threads or _threads or cores
+        self._interpreter = self._open(self._threads)
         inp = self._interpreter.get_input_details()[0]
         out = self._interpreter.get_output_details()[0]
         shape = tuple(int(d) for d in inp["shape"])
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or inp["dtype"] != np.uint8:
             raise EncoderUnavailableError(f"{path.name} takes {inp['dtype']} {shape}, not uint8 [1, S, S, 3]")
-        if shape[0] != 1:  # converted with a fixed batch: run one image per invoke
-            self._interpreter.resize_tensor_input(inp["index"], [1, *shape[1:]])
-            self._interpreter.allocate_tensors()
         self._input, self._output = inp["index"], out["index"]
+        self._one_image(self._interpreter)
+        # A lone pass's interpreter on every core: made at its first use (+20 MB or so per model),
+        # so only the models that serve queries on a quiet machine pay for it.
+        self._lone_threads = cores if _lone_all_cores and self._threads < cores else 0
+        self._lone: Any = None
         self.input_size = shape[1]
         self.dim = int(out["shape"][-1])
         self.fingerprint = str(describe.get("fingerprint", "unknown"))
@@ -80,14 +81,38 @@ class LiteEncoder:
         # the batcher still lets one caller run every queued image while the others wait.
         self.batcher = Batcher(self._call, max_batch=64, window_s=0.0)
 
+    def _open(self, threads: int) -> Any:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+
+            interpreter = Interpreter(model_path=str(self._path), num_threads=threads)
+            interpreter.allocate_tensors()
+            return interpreter
+        except Exception as exc:  # a missing package, a truncated or foreign file
+            raise EncoderUnavailableError(f"LiteRT could not load {self._path.name}: {exc}") from exc
+
+    def _one_image(self, interpreter: Any) -> None:
+        shape = interpreter.get_input_details()[0]["shape"]
+        if shape[0] != 1:  # converted with a fixed batch: run one image per invoke
+            interpreter.resize_tensor_input(self._input, [1, *shape[1:]])
+            interpreter.allocate_tensors()
+
     def _call(self, batch: np.ndarray) -> np.ndarray:
         out = np.empty((len(batch), self.dim), np.float32)
-        with self._lock:
+        with self._lock, inflight.forward() as alone:
+            interpreter = self._lone_one() if alone and self._lone_threads else self._interpreter
             for i in range(len(batch)):
-                self._interpreter.set_tensor(self._input, batch[i : i + 1])
-                self._interpreter.invoke()
-                out[i] = self._interpreter.get_tensor(self._output)[0]
+                interpreter.set_tensor(self._input, batch[i : i + 1])
+                interpreter.invoke()
+                out[i] = interpreter.get_tensor(self._output)[0]
         return out
+
+    def _lone_one(self) -> Any:
+        """The interpreter on every core, for a pass that runs alone on the machine."""
+        if self._lone is None:
+            self._lone = self._open(self._lone_threads)
+            self._one_image(self._lone)
+        return self._lone
 
     def raw(self, batch: np.ndarray) -> np.ndarray:
         """The model's output before normalisation (what the conversion check compares)."""

@@ -8,6 +8,7 @@ import os
 import tempfile
 from typing import Any
 
+from service.core import inflight
 from service.server import worker as balanced
 
 # Loopback unless told (HOST): nothing buffers slow clients in front of a bare gunicorn. On Elastic
@@ -35,6 +36,8 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # Split the cores between workers so they do not oversubscribe the CPU.
 os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 os.environ.setdefault("TF_INTER_OP_THREADS", "1")
+# Forward passes running, counted across the workers: one that runs alone may use every core.
+inflight.share()
 # Gunicorn's control socket lives at one fixed path per user; several servers on one machine
 # (tests, make run beside a deploy) would fight over it, and nothing here uses it.
 control_socket_disable = True

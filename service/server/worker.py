@@ -102,9 +102,10 @@ WRITE_STALL_S = float(os.environ.get("GUNICORN_WRITE_STALL_TIMEOUT", "5"))
 if not WRITE_STALL_S > 0:
     raise ValueError(f"GUNICORN_WRITE_STALL_TIMEOUT must be over 0 seconds, not {WRITE_STALL_S:g}")
 # Keep-alive: after a response, the thread that wrote it waits this long for the connection's next
-# request while no other work is queued, and serves it at once. Handing the connection back to the
-# main loop (which registers it with the poller, waits, then queues it for a thread again) costs a
-# few syscalls and two thread switches per request (docs/BENCHMARKS.md measures both). 0: off.
+# request while no other connection waits for a thread, and serves it at once. Handing the
+# connection back to the main loop (which registers it with the poller, waits, then queues it for a
+# thread again) costs syscalls and two thread switches per request: bench/request_path.py measures
+# the linger off beside on (docs/BENCHMARKS.md). 0: off. poll() counts whole milliseconds.
 KEEPALIVE_LINGER_S = float(os.environ.get("GUNICORN_KEEPALIVE_LINGER_MS", "2")) / 1000
 if not KEEPALIVE_LINGER_S >= 0:
     raise ValueError(f"GUNICORN_KEEPALIVE_LINGER_MS must be 0 or more, not {KEEPALIVE_LINGER_S * 1000:g}")
@@ -334,14 +335,19 @@ class BalancedThreadWorker(ThreadWorker):
 
     def _next_request_here(self, conn: Any) -> bool:
         """Whether this thread serves the connection's next request itself: it has arrived (or
-        arrives within KEEPALIVE_LINGER_S) while no other connection waits for a thread."""
-        if not self.alive:
-            return False  # stopping: the main loop answers it with "Connection: close"
+        arrives within KEEPALIVE_LINGER_S) while no other connection waits for a thread. Never
+        while one waits: a client that pipelines (its next request already read) would otherwise
+        keep the thread for as long as it sends, where gunicorn queues it behind the others."""
+        if not self.alive or KEEPALIVE_LINGER_S <= 0 or not self._no_one_waits():
+            return False  # stopping: the main loop answers the next request with "Connection: close"
         if conn.parser.unreader.buf.getvalue():
-            return True  # read ahead with the last body: gunicorn would queue it for a thread
-        if KEEPALIVE_LINGER_S <= 0 or not self.tpool._work_queue.empty():
-            return False
-        return _readable(conn.sock, KEEPALIVE_LINGER_S)
+            return True  # read ahead with the last request
+        return _readable(conn.sock, KEEPALIVE_LINGER_S) and self._no_one_waits()
+
+    def _no_one_waits(self) -> bool:
+        """Whether no connection waits for one of this worker's threads (gthread's pool queue)."""
+        queue = getattr(self.tpool, "_work_queue", None)  # ThreadPoolExecutor's, since Python 3.2
+        return queue is not None and queue.empty()
 
     _bodies = 0  # requests of this worker reading their bodies now
     _bodies_lock = threading.Lock()

@@ -18,6 +18,7 @@ import pytest
 from bench import demo
 from service import encoders
 from service.catalog import images
+from service.core import inflight
 from service.encoders import Encoder, convert, litert
 from tests.encoders import standins
 from tests.helpers import TEST_PHOTOS
@@ -196,3 +197,30 @@ def test_a_converted_model_that_disagrees_on_the_jobs_images_falls_back_to_tenso
     assert wrong.calls == calls + 1  # later batches never reach the converted model
     assert np.allclose(again, encoder.encode(later), atol=1e-5)
     assert verified.runtime == runtime
+
+
+def test_a_pass_alone_on_the_machine_runs_on_every_core_and_answers_the_same(
+    load: Callable[[str], Encoder],
+    cache_dir: Path,
+    photos: Callable[[int], np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A web worker's interpreter runs on its share of the cores (here 1 of 4); a pass that finds
+    # no other running on the machine (core/inflight.py) takes all 4, and answers the same.
+    verified = convert.prepare(load("mobilenet_v2"), cache_dir, runtime="litert", min_cosine=MIN_COSINE)
+    path = convert.model_path(verified, cache_dir)
+    monkeypatch.setattr(litert.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(litert, "_threads", 1)
+    batch = photos(verified.input_size)[:2]
+
+    monkeypatch.setattr(litert, "_lone_all_cores", False)  # LONE_PASS_ALL_CORES=0, or a job's child
+    assert litert.LiteEncoder(path, {})._lone_threads == 0
+
+    monkeypatch.setattr(litert, "_lone_all_cores", True)
+    shared = litert.LiteEncoder(path, {})
+    with inflight.forward():  # another worker's pass runs meanwhile: this one keeps to its thread
+        crowded = shared.raw(batch)
+    assert shared._lone is None
+    alone = shared.raw(batch)
+    assert shared._lone is not None and shared._lone_threads == 4
+    assert np.allclose(alone, crowded, atol=1e-5), np.abs(alone - crowded).max()
