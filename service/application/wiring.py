@@ -63,7 +63,9 @@ def build_service(settings: Settings) -> Service:
     """Assemble the parts; endpoint files are validated here, so a bad one stops the start-up."""
     logs.configure(settings.log_level, settings.log_format)
     configure_threads(settings.tf_intra_op_threads, settings.tf_inter_op_threads)
-    litert.configure_threads(settings.tf_intra_op_threads, settings.lone_pass_all_cores)
+    # A lone pass on every core answers a query sooner; the worker tier (shards) keeps to its share.
+    lone = settings.lone_pass_all_cores and settings.service_role == "web"
+    litert.configure_threads(settings.tf_intra_op_threads, lone)
     batching.configure(settings.batch_window_ms)
     specs = load_endpoints(settings.endpoints_dir)
     parse_token_settings(settings.admin_token, settings.endpoint_tokens, settings.query_token, list(specs))

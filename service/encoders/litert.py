@@ -68,8 +68,9 @@ class LiteEncoder:
             raise EncoderUnavailableError(f"{path.name} takes {inp['dtype']} {shape}, not uint8 [1, S, S, 3]")
         self._input, self._output = inp["index"], out["index"]
         self._one_image(self._interpreter)
-        # A lone pass's interpreter on every core: made at its first use (+20 MB or so per model),
-        # so only the models that serve queries on a quiet machine pay for it.
+        # A lone pass's interpreter on every core: made at its first use (about 20 ms, and the
+        # model's packed weights again: +21 MB for MobileNetV2), so only the models that serve
+        # queries on a quiet machine pay for it.
         self._lone_threads = cores if _lone_all_cores and self._threads < cores else 0
         self._lone: Any = None
         self.input_size = shape[1]
@@ -108,10 +109,18 @@ class LiteEncoder:
         return out
 
     def _lone_one(self) -> Any:
-        """The interpreter on every core, for a pass that runs alone on the machine."""
+        """The interpreter on every core, for a pass that runs alone on the machine; the usual one
+        if it cannot be made (its file evicted from the cache since, memory): never a failed query."""
         if self._lone is None:
-            self._lone = self._open(self._lone_threads)
-            self._one_image(self._lone)
+            try:
+                lone = self._open(self._lone_threads)
+                self._one_image(lone)
+            except Exception as exc:  # EncoderUnavailableError, or resizing on a foreign model
+                name, threads = self._path.name, self._threads
+                log.warning("no all-core interpreter for %s (%s): its passes keep to %d", name, exc, threads)
+                self._lone_threads = 0
+                return self._interpreter
+            self._lone = lone
         return self._lone
 
     def raw(self, batch: np.ndarray) -> np.ndarray:

@@ -36,8 +36,6 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # Split the cores between workers so they do not oversubscribe the CPU.
 os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 os.environ.setdefault("TF_INTER_OP_THREADS", "1")
-# Forward passes running, counted across the workers: one that runs alone may use every core.
-inflight.share()
 # Gunicorn's control socket lives at one fixed path per user; several servers on one machine
 # (tests, make run beside a deploy) would fight over it, and nothing here uses it.
 control_socket_disable = True
@@ -49,6 +47,8 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 # Connections per worker, shared with the workers (room for workers added with TTIN).
 balanced.table = balanced.ConnectionTable(slots=2 * workers + 8)
+# The workers' forward passes, one slot each like the table's: a pass alone may use every core.
+inflight.share(slots=2 * workers + 8)
 
 
 def post_worker_init(worker: Any) -> None:  # gunicorn's hook: the app (and NumPy) is loaded
@@ -67,9 +67,15 @@ def pre_fork(server: Any, worker: Any) -> None:  # gunicorn's hook: its Arbiter 
     worker.balance_slot = balanced.table.claim(taken)
 
 
+def post_fork(server: Any, worker: Any) -> None:  # gunicorn's hook, in the new worker
+    inflight.use_slot(worker.balance_slot)
+
+
 def child_exit(server: Any, worker: Any) -> None:
     assert balanced.table is not None
     balanced.table.release(worker.balance_slot)
+    if worker.balance_slot is not None:  # it may have died in the middle of a pass
+        inflight.clear(worker.balance_slot)
     from prometheus_client import multiprocess  # after the folder is set, in the master only
 
     multiprocess.mark_process_dead(worker.pid)  # its live gauges leave /metrics

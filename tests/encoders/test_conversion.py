@@ -204,6 +204,7 @@ def test_a_pass_alone_on_the_machine_runs_on_every_core_and_answers_the_same(
     cache_dir: Path,
     photos: Callable[[int], np.ndarray],
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     # A web worker's interpreter runs on its share of the cores (here 1 of 4); a pass that finds
     # no other running on the machine (core/inflight.py) takes all 4, and answers the same.
@@ -224,3 +225,12 @@ def test_a_pass_alone_on_the_machine_runs_on_every_core_and_answers_the_same(
     alone = shared.raw(batch)
     assert shared._lone is not None and shared._lone_threads == 4
     assert np.allclose(alone, crowded, atol=1e-5), np.abs(alone - crowded).max()
+
+    # The all-core interpreter is made at the first lone pass: if it cannot be (the model's file
+    # evicted from the cache since it loaded), the pass runs on the usual one, and answers.
+    copy = tmp_path / "encoder.tflite"
+    copy.write_bytes(path.read_bytes())
+    evicted = litert.LiteEncoder(copy, {})
+    copy.unlink()
+    assert np.allclose(evicted.raw(batch), crowded, atol=1e-5)
+    assert evicted._lone is None and evicted._lone_threads == 0  # and it stops trying
