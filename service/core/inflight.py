@@ -2,11 +2,12 @@
 
 A worker's interpreter runs on its share of the cores (cores / workers) so that busy workers do
 not oversubscribe the CPU. A pass that runs alone may use every core instead (encoders/litert.py):
-measured, a lone query's p50 fell from 5.1-5.9 to 4.0 ms. Alone means this worker runs no other
-pass, and no other worker runs one now or started or ended one in the last QUIET_S: under load
-the workers' passes follow each other within milliseconds, and one that took every core would
-slow the next one's (4-6% fewer requests/s at 8 and 32 clients when only "none runs now" was
-asked; none with the quiet time).
+a lone query's p50 is 1.3-1.9 ms lower (bench request_path). Alone means this worker runs no
+other pass, and no other worker runs one now or started or ended one in the last QUIET_S: under
+load the workers' passes follow each other within milliseconds, and one that took every core
+would slow the next one's (an early version that asked only "none runs now" cost 4-6% of the
+requests/s at 8 and 32 clients; with the quiet time requests/s are the same on and off).
+Passes of job child processes and of TensorFlow-served versions are not counted.
 
 Each worker writes only its own slot (running passes, last start, last end), so no lock is
 shared between processes: a worker killed mid-pass can neither hold one nor leave a count
@@ -29,7 +30,7 @@ FIELDS = 3  # per slot: passes running, last start, last end (time.monotonic: on
 RUNNING, STARTED, ENDED = range(FIELDS)
 
 _slots: Any = [0.0] * FIELDS  # a multiprocessing.Array shared by the forked workers, once share() ran
-_mine = 0  # this process's slot
+_mine: int | None = 0  # this process's slot; None: a worker left without one
 _lock = threading.Lock()  # this process's threads; other processes only read its slot
 _now = time.monotonic
 
@@ -41,13 +42,13 @@ def share(slots: int) -> None:
 
 
 def use_slot(slot: int | None) -> None:
-    """This process writes its passes into `slot` (a worker, after the fork); None: it has none,
-    and sees only its own passes."""
-    global _mine, _slots
-    if slot is None:
-        _mine, _slots = 0, [0.0] * FIELDS
-    else:
-        _mine = slot
+    """This process writes its passes into `slot` (a worker, after the fork), from a clean start
+    (its last owner may have gone without child_exit); None: it has none, and since the others
+    cannot see its passes, none of them is ever alone."""
+    global _mine
+    _mine = slot
+    if slot is not None:
+        _slots[slot * FIELDS : (slot + 1) * FIELDS] = [0.0] * FIELDS
 
 
 def clear(slot: int) -> None:
@@ -58,23 +59,28 @@ def clear(slot: int) -> None:
 @contextmanager
 def forward() -> Iterator[bool]:
     """Count a pass while it runs; yields whether it runs alone on the machine."""
+    if _mine is None:
+        yield False
+        return
     base = _mine * FIELDS
     with _lock:
+        # Published before the others are read: two workers starting at once then both see the
+        # other, and neither takes every core (the safe side of the tie).
         now = _now()
-        alone = _slots[base + RUNNING] == 0 and _others_quiet(base, now)
         _slots[base + RUNNING] += 1
         _slots[base + STARTED] = now
+        alone = _slots[base + RUNNING] == 1 and _others_quiet(base, now)
     try:
         yield alone
     finally:
         with _lock:
+            _slots[base + ENDED] = _now()  # before the count drops: never "none ran" in between
             _slots[base + RUNNING] -= 1
-            _slots[base + ENDED] = _now()
 
 
 def _others_quiet(base: int, now: float) -> bool:
-    """No other slot runs a pass, or started or ended one within QUIET_S (reads are not locked:
-    a slot being written is seen before or after, either of which is a fair answer)."""
+    """No other slot runs a pass, or started or ended one within QUIET_S. Reads take no lock: each
+    value is one aligned 8-byte double, seen before or after a write."""
     values = _slots[:]
     for other in range(0, len(values), FIELDS):
         if other == base:

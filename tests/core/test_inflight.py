@@ -83,9 +83,39 @@ def test_a_worker_that_died_mid_pass_stops_counting_once_cleared(
         assert alone
 
 
-def test_without_a_shared_slot_a_process_sees_only_its_own_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inflight, "_slots", inflight._slots)
+def test_a_pass_that_ended_a_moment_ago_counts_however_long_ago_it_started(
+    slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, now = 1 * inflight.FIELDS, 1000.0
+    inflight._slots[base + inflight.STARTED] = now - 1.0  # a long pass (a batch) ...
+    inflight._slots[base + inflight.ENDED] = now - inflight.QUIET_S / 2  # ... that just ended
+    monkeypatch.setattr(inflight, "_now", lambda: now)
+    with inflight.forward() as alone:
+        assert not alone
+
+
+def test_a_slot_taken_over_starts_clean(slots: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its last worker went without child_exit (gunicorn's kill_worker on ESRCH): a count left behind.
+    inflight._slots[1 * inflight.FIELDS + inflight.RUNNING] = 1.0
+    monkeypatch.setattr(inflight, "_now", lambda: 1000.0)
+    with inflight.forward() as alone:
+        assert not alone
+    inflight.use_slot(1)  # the next worker there (in this test, this process)
+    monkeypatch.setattr(inflight, "_now", lambda: 2000.0)  # past slot 0's pass just now
+    with inflight.forward() as alone:
+        assert alone
+
+
+def test_a_worker_without_a_slot_never_takes_every_core(slots: None) -> None:
+    # The others cannot see its passes, so none of its passes may count as alone.
     inflight.use_slot(None)
+    with inflight.forward() as alone:
+        assert not alone
+
+
+def test_outside_gunicorn_a_process_sees_only_its_own_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inflight, "_slots", [0.0] * inflight.FIELDS)  # share() never ran
+    monkeypatch.setattr(inflight, "_mine", 0)
     with inflight.forward() as alone, inflight.forward() as also:
         assert alone and not also
     with inflight.forward() as alone:
