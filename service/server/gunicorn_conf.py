@@ -45,10 +45,12 @@ control_socket_disable = True
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="simsvc-metrics-")
 
-# Connections per worker, shared with the workers (room for workers added with TTIN).
-balanced.table = balanced.ConnectionTable(slots=2 * workers + 8)
-# The workers' forward passes, one slot each like the table's: a pass alone may use every core.
-inflight.share(slots=2 * workers + 8)
+# One slot per worker in shared memory (room for workers added with TTIN), claimed in pre_fork:
+# its connections (the balanced worker's table) and its forward passes (a pass alone may use
+# every core).
+SLOTS = 2 * workers + 8
+balanced.table = balanced.ConnectionTable(slots=SLOTS)
+inflight.share(slots=SLOTS)
 
 
 def post_worker_init(worker: Any) -> None:  # gunicorn's hook: the app (and NumPy) is loaded

@@ -214,7 +214,7 @@ class _ReadDeadline:
         none for WRITE_STALL_S. Progress is the send queue shrinking (the kernel reports room only
         once a third of the buffer is free, which a slow reader may take seconds to make)."""
         since, queued = time.monotonic(), _queued(self._sock)
-        while not _writable(self._sock, min(0.25, WRITE_STALL_S)):
+        while not _ready(self._sock, select.POLLOUT, min(0.25, WRITE_STALL_S)):
             now = _queued(self._sock)
             if now < queued:  # the client reads
                 since, queued = time.monotonic(), now
@@ -252,17 +252,11 @@ def _queued(sock: Any) -> int:
     return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
 
 
-def _readable(sock: Any, timeout: float) -> bool:
-    """Whether `sock` has bytes (or its end) to read within `timeout` seconds."""
+def _ready(sock: Any, event: int, timeout: float) -> bool:
+    """Whether `sock` is ready for `event` (select.POLLIN: bytes or its end to read; POLLOUT: room
+    for more bytes) within `timeout` seconds (poll: any descriptor number)."""
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
-
-
-def _writable(sock: Any, timeout: float) -> bool:
-    """Whether `sock` can take more bytes within `timeout` seconds (poll: any descriptor number)."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLOUT)
+    poller.register(sock.fileno(), event)
     return bool(poller.poll(timeout * 1000))
 
 
@@ -342,7 +336,7 @@ class BalancedThreadWorker(ThreadWorker):
             return False  # stopping: the main loop answers the next request with "Connection: close"
         if conn.parser.unreader.buf.getvalue():
             return True  # read ahead with the last request
-        return _readable(conn.sock, KEEPALIVE_LINGER_S) and self._no_one_waits()
+        return _ready(conn.sock, select.POLLIN, KEEPALIVE_LINGER_S) and self._no_one_waits()
 
     def _no_one_waits(self) -> bool:
         """Whether no connection waits for one of this worker's threads (gthread's pool queue)."""

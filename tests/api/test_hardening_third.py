@@ -288,6 +288,20 @@ def _probe_health(url: str, count: int, timeout: float) -> list[tuple[int | None
     return probes
 
 
+def _health_beside(url: str, held: list[Any], settle_s: float, timeout: float, under_s: float) -> None:
+    """With the sockets `held` open for `settle_s` seconds, one GET /health answers 200 within
+    `under_s` seconds; the sockets are closed whatever happens."""
+    import time
+
+    try:
+        time.sleep(settle_s)
+        ((code, seconds),) = _probe_health(url, 1, timeout=timeout)
+        assert code == 200 and seconds < under_s
+    finally:
+        for sock in held:
+            sock.close()
+
+
 # --- 1. slow request bodies on bare gunicorn ------------------------------------------------------
 
 
@@ -381,7 +395,6 @@ def test_clients_that_never_read_their_responses_do_not_hold_the_threads(
     over, with a tiny receive buffer, and never read: every thread waited on a full socket for
     ever. A response that makes no progress for GUNICORN_WRITE_STALL_TIMEOUT is cut."""
     import socket
-    import time
 
     import requests
 
@@ -407,13 +420,7 @@ def test_clients_that_never_read_their_responses_do_not_hold_the_threads(
             s.connect((host, int(port)))
             s.sendall(ask)
             readers.append(s)
-        try:
-            time.sleep(1)
-            ((code, seconds),) = _probe_health(server.url, 1, timeout=20)
-            assert code == 200 and seconds < 10
-        finally:
-            for s in readers:
-                s.close()
+        _health_beside(server.url, readers, settle_s=1, timeout=20, under_s=10)
 
 
 @pytest.mark.slow
@@ -421,7 +428,6 @@ def test_idle_connections_wait_in_the_poller_not_in_threads(tmp_path: Path, mode
     """gunicorn waits up to 5 s for a new connection's first byte in a pool thread: 20 connections
     that send nothing held one worker's 16 threads, and /health waited seconds behind them."""
     import socket
-    import time
 
     from tests.helpers import procfile_server
 
@@ -429,13 +435,7 @@ def test_idle_connections_wait_in_the_poller_not_in_threads(tmp_path: Path, mode
     with procfile_server(tmp_path, env) as server:
         host, port = server.url.removeprefix("http://").split(":")
         idle = [socket.create_connection((host, int(port))) for _ in range(20)]
-        try:
-            time.sleep(0.5)
-            ((code, seconds),) = _probe_health(server.url, 1, timeout=10)
-            assert code == 200 and seconds < 1.5
-        finally:
-            for s in idle:
-                s.close()
+        _health_beside(server.url, idle, settle_s=0.5, timeout=10, under_s=1.5)
 
 
 # --- smaller: TensorFlow stays out of web workers ---------------------------------------------------
