@@ -92,7 +92,10 @@ def test_bad_token_settings_stop_cli_commands_too(env: dict[str, str]) -> None:
 
 def run_demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`make demo`'s command: bench/demo.py (development tools, not the service's CLI), with a
-    smaller Fashion-MNIST set than the demo's 500 images."""
+    smaller Fashion-MNIST set than the demo's 500 images. Without fusing the heads: a fused
+    head costs the run a conversion of the encoder (14 of its 36 s here), and what the demo
+    adds is which endpoints it trains, not how (tests/training/test_fuse.py fuses heads)."""
     command = [sys.executable, "-m", "bench.demo", "--fashion-per-class", "5"]
     seed_cache(Path(env["CACHE_DIR"]))
+    env = {**env, "FUSE_HEAD": "0"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
