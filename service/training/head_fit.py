@@ -1,6 +1,6 @@
 """Fit a feature-vector head (service/catalog/head.py) with tf_keras: a cosine-softmax classifier with
 an additive margin over the labels (CosFace by default, ArcFace by `[head] loss`), on stored backbone
-vectors and thumbnails."""
+vectors and thumbnails, stopped early on the held-out rows' retrieval score (or loss: `[head] stop_on`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from service.catalog.evaluation import evaluate, exact_search
 from service.catalog.head import Head
 from service.core.endpoint import HeadConfig
 
@@ -42,9 +43,12 @@ def train_head(data: TrainingData, label_names: list[str], config: HeadConfig) -
         x_train = np.concatenate([x_train, *(shell.inputs(b, t)[train_idx] for b, t in data.copies)])
         y_train = np.concatenate([y_train] + [y[train_idx]] * len(data.copies))
     model = _model(x.shape[1], len(label_names), config)
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=config.patience, restore_best_weights=True
-    )
+    if config.stop_on == "loss":
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.patience, restore_best_weights=True
+        )
+    else:
+        stop = _retrieval_stop(x, y, train_idx, val_idx, config)
     # Batches of 128, smaller for small catalogues so that an epoch is still ~32 steps (with few
     # steps per epoch, the learning rate that suits thousands of images would barely move the head)
     batch = int(np.clip(len(x_train) // 32, 16, 128))
@@ -64,9 +68,72 @@ def train_head(data: TrainingData, label_names: list[str], config: HeadConfig) -
         "training_rows": int(len(x_train)),  # the train split and its augmented copies
         "batch_size": batch,
         "best_val_loss": round(float(min(history.history["val_loss"])), 4),
+        "stop_on": config.stop_on,
     }
+    if config.stop_on == "retrieval":
+        summary |= {"best_epoch": stop.best_epoch + 1, "best_val_map@10": stop.best}
     log.info("trained head: %s", summary)
     return Head(shell.definition, _weights(model, shell, config)), summary
+
+
+# Early stopping on retrieval scores at most this many held-out rows, searched against at most this
+# many training rows (samples beyond): an epoch's check costs the same at 10,000 images as at a million.
+MAX_CHECK_QUERIES = 1_000
+MAX_CHECK_DATABASE = 20_000
+
+
+def check_rows(train_idx: np.ndarray, val_idx: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, database): the held-out and training rows the retrieval check uses, samples of
+    them beyond MAX_CHECK_QUERIES and MAX_CHECK_DATABASE."""
+    rng = np.random.default_rng(seed)
+    return (
+        np.sort(rng.permutation(val_idx)[:MAX_CHECK_QUERIES]),
+        np.sort(rng.permutation(train_idx)[:MAX_CHECK_DATABASE]),
+    )
+
+
+def _retrieval_stop(
+    x: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, config: HeadConfig
+) -> Any:
+    """A Keras callback: after each epoch, the mAP@10 of held-out rows searched (exactly) against the
+    training rows with the head's embedding, what the index will serve; training stops after
+    `patience` epochs without a better one and keeps the best epoch's weights. The margin loss is a
+    poor stand-in: on Fashion-MNIST it bottomed out at epoch 3 of a head whose mAP@10 rose to epoch 15."""
+    import tf_keras as keras
+
+    queries, database = check_rows(train_idx, val_idx, config.seed)
+
+    class RetrievalStop(keras.callbacks.Callback):
+        best, best_epoch, wait, weights = -1.0, 0, 0, None
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.embedding = keras.Model(self.model.input, self.model.get_layer("classes").input)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            if not len(queries):
+                return
+            vectors = self.embedding.predict(
+                x[np.concatenate([database, queries])], batch_size=2048, verbose=0
+            )
+            db, q = vectors[: len(database)], vectors[len(database) :]
+            score = evaluate(exact_search(db), labels[database], q, labels[queries])["map@10"]
+            if score > self.best:
+                self.best, self.best_epoch, self.wait, self.weights = (
+                    score,
+                    epoch,
+                    0,
+                    self.model.get_weights(),
+                )
+            else:
+                self.wait += 1
+                if self.wait >= config.patience:
+                    self.model.stop_training = True
+
+        def on_train_end(self, logs: Any = None) -> None:
+            if self.weights is not None:
+                self.model.set_weights(self.weights)
+
+    return RetrievalStop()
 
 
 def _shell(data: TrainingData, train_idx: np.ndarray, label_names: list[str], config: HeadConfig) -> Head:

@@ -11,6 +11,7 @@ import pytest
 from service.catalog.evaluation import evaluate, exact_search, ranking_metrics
 from service.catalog.head import Head, thumbnails
 from service.core.endpoint import HeadConfig
+from service.training import head_fit
 from service.training.head_fit import ArcFaceLoss, CosFaceLoss, TrainingData, stratified_split, train_head
 
 
@@ -161,3 +162,38 @@ def test_small_training_sets_get_smaller_batches(clusters: TrainingData) -> None
 def test_an_unknown_loss_is_refused_in_code_too(clusters: TrainingData) -> None:
     with pytest.raises(ValueError, match="head loss must be one of"):
         train_head(clusters, ["a", "b", "c"], HeadConfig(loss="triplet", max_epochs=1))
+
+
+def test_early_stopping_keeps_the_epoch_whose_held_out_rows_retrieve_best() -> None:
+    # Four labels that overlap a lot and a steep learning rate: the held-out score peaks early and
+    # then wanders, so the last epoch's weights are not the best one's.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    backbone = rng.normal(size=(4, 16))[labels] + rng.normal(scale=3.0, size=(200, 16))
+    data = TrainingData(backbone.astype(np.float32), np.zeros((200, 0), np.float32), labels)
+    config = HeadConfig(
+        feature_dim=8, hidden_dim=16, thumbnail=0, augment=False, learning_rate=0.05, patience=3
+    )
+    head, summary = train_head(data, list("abcd"), config)
+    assert summary["stop_on"] == "retrieval"
+    assert summary["epochs"] == summary["best_epoch"] + config.patience < config.max_epochs
+    # The head it returns scores exactly the best epoch's mAP@10 on the same check.
+    train_idx, val_idx = stratified_split(labels, 0.1, config.seed)
+    queries, database = head_fit.check_rows(train_idx, val_idx, config.seed)
+    vectors = head.embed(data.backbone, data.thumbs)
+    score = evaluate(exact_search(vectors[database]), labels[database], vectors[queries], labels[queries])
+    assert score["map@10"] == summary["best_val_map@10"]
+
+    _, by_loss = train_head(data, list("abcd"), replace(config, stop_on="loss"))
+    assert by_loss["stop_on"] == "loss" and "best_epoch" not in by_loss
+
+
+def test_the_retrieval_check_samples_big_catalogues(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(head_fit, "MAX_CHECK_QUERIES", 50)
+    monkeypatch.setattr(head_fit, "MAX_CHECK_DATABASE", 400)
+    train_idx, val_idx = np.arange(0, 9_000), np.arange(9_000, 10_000)
+    queries, database = head_fit.check_rows(train_idx, val_idx, 0)
+    assert len(queries) == 50 and set(queries) <= set(val_idx) and len(set(queries)) == 50
+    assert len(database) == 400 and set(database) <= set(train_idx) and len(set(database)) == 400
+    small_queries, small_database = head_fit.check_rows(train_idx[:300], val_idx[:30], 0)
+    assert np.array_equal(small_queries, val_idx[:30]) and np.array_equal(small_database, train_idx[:300])

@@ -82,6 +82,10 @@ def test_a_relative_saved_model_path_is_relative_to_the_file(tmp_path: Path) -> 
         ('[encoder]\nsource = "x"\ninput_size = 9\n[duplicates]\nthreshold = 0\n', "duplicates.threshold"),
         ('[encoder]\nsource = "x"\ninput_size = 9\n[head]\nloss = "triplet"\n', "head.loss: must be one of"),
         (
+            '[encoder]\nsource = "x"\ninput_size = 9\n[head]\nstop_on = "accuracy"\n',
+            "head.stop_on: must be one of",
+        ),
+        (
             '[encoder]\nsource = "x"\ninput_size = 9\n[head]\nlearning_rate = 0\n',
             "head.learning_rate: must be",
         ),
@@ -114,8 +118,11 @@ def test_the_head_table_sets_the_loss_and_its_schedule(tmp_path: Path) -> None:
         0.35,
         30.0,
         3e-4,
-        10,
+        5,
     )
+    assert head.stop_on == "retrieval"
+    path.write_text(GOOD + '[head]\nstop_on = "loss"\n')
+    assert parse_endpoint(path).head.stop_on == "loss"
 
 
 def test_two_files_with_one_name_are_refused(tmp_path: Path) -> None:
