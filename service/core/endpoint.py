@@ -36,9 +36,10 @@ class HeadConfig:
     feature_dim: int = 256
     hidden_dim: int = 1024  # 0: the feature-vector layer sits directly on the input
     thumbnail: int = 16  # side of the thumbnail input; 0: backbone vector only
-    # Loss, margin, scale, learning rate and patience: chosen by bench/quality.py (docs/BENCHMARKS.md,
-    # issue 23): from margin 0.2, scale 16, Adam 1e-3, patience 6, P@10 rose 0.850 -> 0.884 with a
-    # 3,000-image catalogue and 0.890 -> 0.902 with 10,000; ArcFace and more augmentations did not pay.
+    # Loss, margin, scale, learning rate, patience and stop_on: chosen by bench/quality.py
+    # (docs/BENCHMARKS.md, issue 23): from margin 0.2, scale 16, Adam 1e-3, patience 6 on the loss,
+    # P@10 rose 0.850 -> 0.884 with a 3,000-image catalogue and 0.890 -> 0.902 with 10,000; ArcFace
+    # and more augmentations did not pay; stopping on retrieval: docs/BENCHMARKS.md.
     loss: str = "cosface"  # or "arcface": the margin added to the angle, not to its cosine
     margin: float = 0.35  # additive margin (on the cosine: CosFace; on the angle: ArcFace)
     scale: float = 30.0  # cosine softmax temperature

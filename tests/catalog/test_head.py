@@ -164,28 +164,53 @@ def test_an_unknown_loss_is_refused_in_code_too(clusters: TrainingData) -> None:
         train_head(clusters, ["a", "b", "c"], HeadConfig(loss="triplet", max_epochs=1))
 
 
-def test_early_stopping_keeps_the_epoch_whose_held_out_rows_retrieve_best() -> None:
-    # Four labels that overlap a lot and a steep learning rate: the held-out score peaks early and
-    # then wanders, so the last epoch's weights are not the best one's.
+def overlapping(per_label: int, spread: float) -> TrainingData:
+    """Four labels of 16-d backbone vectors around random centres, no thumbnails."""
     rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 50)
-    backbone = rng.normal(size=(4, 16))[labels] + rng.normal(scale=3.0, size=(200, 16))
-    data = TrainingData(backbone.astype(np.float32), np.zeros((200, 0), np.float32), labels)
-    config = HeadConfig(
-        feature_dim=8, hidden_dim=16, thumbnail=0, augment=False, learning_rate=0.05, patience=3
-    )
+    labels = np.repeat(np.arange(4), per_label)
+    backbone = rng.normal(size=(4, 16))[labels] + rng.normal(scale=spread, size=(4 * per_label, 16))
+    return TrainingData(backbone.astype(np.float32), np.zeros((4 * per_label, 0), np.float32), labels)
+
+
+SMALL_HEAD = HeadConfig(feature_dim=8, hidden_dim=16, thumbnail=0, augment=False, patience=3)
+
+
+def test_early_stopping_keeps_the_epoch_whose_held_out_rows_retrieve_best() -> None:
+    # Labels that overlap a lot and a steep learning rate: the held-out score peaks and then
+    # wanders, so the last epoch's weights are not the best one's.
+    data, config = overlapping(150, 3.0), replace(SMALL_HEAD, learning_rate=0.05)
     head, summary = train_head(data, list("abcd"), config)
-    assert summary["stop_on"] == "retrieval"
+    assert summary["stop_on"] == "retrieval" and summary["validation_images"] == 60
     assert summary["epochs"] == summary["best_epoch"] + config.patience < config.max_epochs
     # The head it returns scores exactly the best epoch's mAP@10 on the same check.
-    train_idx, val_idx = stratified_split(labels, 0.1, config.seed)
+    train_idx, val_idx = stratified_split(data.labels, 0.1, config.seed)
     queries, database = head_fit.check_rows(train_idx, val_idx, config.seed)
     vectors = head.embed(data.backbone, data.thumbs)
-    score = evaluate(exact_search(vectors[database]), labels[database], vectors[queries], labels[queries])
+    score = evaluate(
+        exact_search(vectors[database]), data.labels[database], vectors[queries], data.labels[queries]
+    )
     assert score["map@10"] == summary["best_val_map@10"]
 
     _, by_loss = train_head(data, list("abcd"), replace(config, stop_on="loss"))
     assert by_loss["stop_on"] == "loss" and "best_epoch" not in by_loss
+
+
+def test_equal_retrieval_scores_go_to_the_lower_loss() -> None:
+    # Labels apart: every epoch's held-out rows rank perfectly; training goes on while the loss falls.
+    _, summary = train_head(overlapping(150, 0.3), list("abcd"), replace(SMALL_HEAD, learning_rate=1e-3))
+    assert summary["stop_on"] == "retrieval" and summary["best_val_map@10"] == 1.0
+    assert summary["best_epoch"] > 1 + SMALL_HEAD.patience
+
+
+def test_a_few_held_out_rows_stop_on_the_loss(clusters: TrainingData) -> None:
+    _, summary = train_head(clusters, ["a", "b", "c"], SMALL_HEAD)  # 12 held-out rows
+    assert summary["validation_images"] < head_fit.MIN_CHECK_QUERIES
+    assert summary["stop_on"] == "loss" and "best_epoch" not in summary
+
+
+def test_an_unknown_stopping_rule_is_refused_in_code_too(clusters: TrainingData) -> None:
+    with pytest.raises(ValueError, match="stop_on must be one of retrieval, loss"):
+        train_head(clusters, ["a", "b", "c"], replace(SMALL_HEAD, stop_on="accuracy"))
 
 
 def test_the_retrieval_check_samples_big_catalogues(monkeypatch: pytest.MonkeyPatch) -> None:
