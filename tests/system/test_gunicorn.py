@@ -159,12 +159,9 @@ def test_a_kept_alive_connection_serves_requests_however_they_follow(server: Ser
         assert refused in (400, 503) and health == 200  # 503 before food has a version
 
 
-def test_a_new_version_reaches_every_worker_without_a_restart(server: Server) -> None:
+def test_a_new_version_reaches_every_worker_without_a_restart(server: Server, photos_zip: Path) -> None:
     workers = server.workers()
-    # Small zips (no head is trained for one photo a label): the swap is what this test is about.
-    first = train(
-        server, "food", make_zip({f"{n}/{n}.jpg": demo.jpeg(demo.photo(n)) for n in ("rocket", "clock")})
-    )
+    first = train(server, "food", photos_zip.read_bytes())
     assert server.versions_by_worker("food", first["version"]) == dict.fromkeys(workers, first["version"])
 
     # Keep querying while the second version is trained, published and swapped in.
