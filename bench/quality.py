@@ -73,7 +73,7 @@ def through_http(settings: Settings) -> list[dict[str, Any]]:
     return rows
 
 
-def _http_run(settings: Settings, seed: int, head: dict[str, float]) -> dict[str, Any]:
+def _http_run(settings: Settings, seed: int, head: dict[str, Any]) -> dict[str, Any]:
     from service.api.app import create_app  # the HTTP layer, only for this protocol
 
     train_x, train_y = demo.load_fashion_mnist("train")

@@ -34,6 +34,8 @@ def train_head(data: TrainingData, label_names: list[str], config: HeadConfig) -
     """Train the head (early stopping on a stratified validation split); return it and a summary."""
     import tf_keras as keras
 
+    if config.stop_on not in HEAD_STOPS:
+        raise ValueError(f"head stop_on must be one of {', '.join(HEAD_STOPS)}, got {config.stop_on!r}")
     keras.utils.set_random_seed(config.seed)
     train_idx, val_idx = stratified_split(data.labels, 0.1, config.seed)
     shell = _shell(data, train_idx, label_names, config)
@@ -43,8 +45,6 @@ def train_head(data: TrainingData, label_names: list[str], config: HeadConfig) -
         x_train = np.concatenate([x_train, *(shell.inputs(b, t)[train_idx] for b, t in data.copies)])
         y_train = np.concatenate([y_train] + [y[train_idx]] * len(data.copies))
     model = _model(x.shape[1], len(label_names), config)
-    if config.stop_on not in HEAD_STOPS:
-        raise ValueError(f"head stop_on must be one of {', '.join(HEAD_STOPS)}, got {config.stop_on!r}")
     # A retrieval score of a few held-out rows is mostly noise (and ties from the first epoch on):
     # small catalogues stop on the loss.
     stop_on = "retrieval" if config.stop_on == "retrieval" and len(val_idx) >= MIN_CHECK_QUERIES else "loss"
@@ -128,7 +128,7 @@ def _retrieval_stop(
             db, q = vectors[: len(database)], vectors[len(database) :]
             found = evaluate(exact_search(db), labels[database], q, labels[queries])["map@10"]
             score = (found, -round(float((logs or {})["val_loss"]), 4))
-            if score > self.best:
+            if self.weights is None or score > self.best:  # the first epoch's, even if NaN
                 self.best, self.best_epoch, self.wait, self.weights = (
                     score,
                     epoch,

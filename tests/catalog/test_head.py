@@ -202,10 +202,22 @@ def test_equal_retrieval_scores_go_to_the_lower_loss() -> None:
     assert summary["best_epoch"] > 1 + SMALL_HEAD.patience
 
 
-def test_a_few_held_out_rows_stop_on_the_loss(clusters: TrainingData) -> None:
-    _, summary = train_head(clusters, ["a", "b", "c"], SMALL_HEAD)  # 12 held-out rows
-    assert summary["validation_images"] < head_fit.MIN_CHECK_QUERIES
-    assert summary["stop_on"] == "loss" and "best_epoch" not in summary
+@pytest.mark.parametrize(
+    ("labels", "per_label", "held_out", "stop_on"),
+    [(3, 40, 12, "loss"), (7, 70, 49, "loss"), (5, 100, 50, "retrieval")],
+)
+def test_fewer_than_50_validation_rows_stop_on_the_loss(
+    labels: int, per_label: int, held_out: int, stop_on: str
+) -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(labels), per_label)
+    backbone = (rng.normal(size=(labels, 16))[y] + rng.normal(scale=0.5, size=(len(y), 16))).astype(
+        np.float32
+    )
+    data = TrainingData(backbone, np.zeros((len(y), 0), np.float32), y)
+    _, summary = train_head(data, [str(i) for i in range(labels)], replace(SMALL_HEAD, max_epochs=8))
+    assert summary["validation_images"] == held_out
+    assert summary["stop_on"] == stop_on and ("best_epoch" in summary) == (stop_on == "retrieval")
 
 
 def test_an_unknown_stopping_rule_is_refused_in_code_too(clusters: TrainingData) -> None:
