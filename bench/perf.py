@@ -32,12 +32,12 @@ from PIL import Image
 
 from bench import demo
 from service import encoders
-from service.catalog import jsonmap
 from service.catalog.head import thumbnails
 from service.catalog.index import auto_search_k, build_index
 from service.core.config import ROOT, Settings
 from service.core.endpoint import parse_endpoint
 from service.storage import versions
+from service.storage.local import LocalStorage
 from service.training import train as training
 from service.training.results import Progress
 
@@ -164,8 +164,6 @@ def training_throughput(
     """Zip in -> version published, `runs` times per size (this machine is noisy): the median run,
     and every run's images/s."""
     spec = parse_endpoint(ROOT / "endpoints" / "fashion.toml")
-    from service.storage.local import LocalStorage
-
     rows = []
     for count in sizes:
         zip_path = fashion_zip(work / f"fashion-{count}.zip", count)
@@ -189,8 +187,8 @@ def training_throughput(
             stages: dict[str, float] = {}
             for (stage, began), (_, ended) in zip(marks, marks[1:], strict=False):
                 stages[stage] = stages.get(stage, 0.0) + ended - began
-            prefix = versions.version_prefix("fashion", result.version)
-            index_bytes = store.local_path(prefix + "index.ann").stat().st_size
+            manifest = versions.read_manifest(store, "fashion", result.version)
+            index_bytes = sum(s.files["index"].size for s in manifest.segments if "index" in s.files)
             measured.append(
                 {
                     "images": count,
@@ -441,50 +439,15 @@ def index_bench(n: int, work: Path, trees: tuple[int, ...], search_ks: tuple[int
 # --- memory with a 1M-vector version ----------------------------------------------------------
 
 
-def publish_synthetic(store: Path, data: np.ndarray, index_file: Path, models_dir: Path) -> str:
-    """A complete fashion version around a prebuilt index: a random head maps the offline
-    encoder's vectors to DIM, so queries run the real path end to end."""
-    from service.catalog.head import Head
-    from service.storage.local import LocalStorage
-
-    version = versions.new_version_id()
-    stage = store.parent / "stage"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    shutil.copy(index_file, stage / "index.ann")
-    np.save(stage / "vectors.npy", data, allow_pickle=False)
-    n = len(data)
-    jsonmap.write(stage / "ids.json", (f"synthetic/{i:07d}.png" for i in range(n)))
-    jsonmap.write(
-        stage / "metadata.json",
-        ({"label": f"c{i % 2000}", "metadata": {}, "image": f"images/{i}.png"} for i in range(n)),
-    )
-    rng = np.random.default_rng(0)
-    head = Head(
-        {"thumbnail": 0, "feature_dim": DIM, "labels": [], "note": "random, for the memory benchmark"},
-        {
-            "thumb_mean": np.zeros(0, np.float32),
-            "thumb_std": np.ones(0, np.float32),
-            "feature_w": rng.normal(size=(1280, DIM)).astype(np.float32),
-            "feature_b": np.zeros(DIM, np.float32),
-        },
-    )
-    head.save(stage)
-    backbone = encoders.load(encoders.offline_source(models_dir), models_dir)
-    manifest = {
-        "encoder": {**backbone.describe(), "handle": "offline"},
-        "head": {"files": ["head.json", "head.npz"], "fingerprint": head.fingerprint, "feature_dim": DIM},
-        "dim": DIM,
-        "metric": "angular",
-        "count": n,
-        "labels": {},
-        "created_at": "synthetic",
-    }
-    versions.publish(LocalStorage(store), "fashion", version, stage, manifest)
-    return version
+def index_blobs(store: Path) -> set[str]:
+    """The sha256 of each index file of the fashion endpoint's current version (blobs are named by it)."""
+    storage = LocalStorage(store)
+    manifest = versions.read_manifest(storage, "fashion", versions.read_current(storage, "fashion").version)
+    return {s.files["index"].sha256 for s in manifest.segments if "index" in s.files}
 
 
-def worker_memory(process: subprocess.Popen) -> list[dict[str, float]]:
+def worker_memory(process: subprocess.Popen, indexes: set[str]) -> list[dict[str, float]]:
+    """Each worker's memory; `index_resident_mb`: the resident pages of its mappings of `indexes`."""
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
     rows = []
     for pid in children:
@@ -492,12 +455,12 @@ def worker_memory(process: subprocess.Popen) -> list[dict[str, float]]:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
             name, value = line.split(":", 1)
             fields[name] = int(value.split()[0]) / 1024  # MB
-        index_mapped = 0.0
-        for block in Path(f"/proc/{pid}/smaps").read_text().split("\n"):
-            if block.endswith("index.ann"):
-                index_mapped = -1  # marker: the next Rss line belongs to the index mapping
-            elif index_mapped == -1 and block.startswith("Rss:"):
-                index_mapped = int(block.split()[1]) / 1024
+        index_mapped, in_index = 0.0, False
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's header: address range ... path
+                in_index = any(sha in line for sha in indexes)
+            elif in_index and line.startswith("Rss:"):
+                index_mapped += int(line.split()[1]) / 1024
         rows.append(
             {
                 "pid": int(pid),
@@ -511,14 +474,22 @@ def worker_memory(process: subprocess.Popen) -> list[dict[str, float]]:
     return rows
 
 
-def memory_bench(work: Path, small_store: Path, index: dict[str, Any], models_dir: Path) -> dict[str, Any]:
-    n_trees = 32
-    store = work / "store-1m"
-    publish_synthetic(store, index["data"], work / f"index-{index['n']}-{n_trees}.ann", models_dir)
+def memory_bench(work: Path, small_store: Path, rows: int) -> dict[str, Any]:
+    """Two Procfile workers' memory serving a `rows`-item synthetic version (bench/size.py's
+    synthetic base: one segment of clustered 256-d vectors beside a real train's head and
+    converted encoder), and the 10k-image version."""
+    from bench.size import Fashion, synthetic_base
+
+    base = work / "synthetic"
+    synthetic_base(base, Fashion(), rows).close()
     query = demo.jpeg(demo.photo("coffee"))
     result = {}
-    for name, where in (("1M vectors", store), ("10k images", small_store)):
-        with gunicorn(where, work / f"cache-mem-{len(result)}", workers=2) as (url, process):
+    targets = (
+        ("1M vectors", base / "store", {"ENDPOINTS_DIR": str(base / "endpoints")}),
+        ("10k images", small_store, {}),
+    )
+    for name, where, env in targets:
+        with gunicorn(where, work / f"cache-mem-{len(result)}", workers=2, extra_env=env) as (url, process):
             for _ in range(200):  # touch the index in both workers
                 conn = http.client.HTTPConnection(url, timeout=30)
                 conn.request(
@@ -526,10 +497,12 @@ def memory_bench(work: Path, small_store: Path, index: dict[str, Any], models_di
                 )
                 conn.getresponse().read()
                 conn.close()
-            result[name] = worker_memory(process)
+            result[name] = worker_memory(process, index_blobs(where))
             print(f"  memory {name}: {result[name]}", flush=True)
-    index_file = next(store.rglob("index.ann"))
-    return {"workers": result, "index_mb": round(index_file.stat().st_size / 2**20, 1)}
+    storage = LocalStorage(base / "store")
+    manifest = versions.read_manifest(storage, "fashion", versions.read_current(storage, "fashion").version)
+    index_bytes = sum(s.files["index"].size for s in manifest.segments if "index" in s.files)
+    return {"workers": result, "index_mb": round(index_bytes / 2**20, 1)}
 
 
 # --- everything ---------------------------------------------------------------------------------
@@ -563,7 +536,7 @@ def worker_boot(store: Path, work: Path) -> dict[str, Any]:
                     raise RuntimeError("the new worker never served the version")
                 time.sleep(0.005)
             rows.append(round(time.monotonic() - born, 2))
-        memory = worker_memory(process)
+        memory = worker_memory(process, index_blobs(store))
     return {"seconds": rows, "memory": memory}
 
 
@@ -608,7 +581,7 @@ def run() -> dict[str, Any]:
         print(f"  worker boot: {result['boot']}", flush=True)
         result["index_100k"] = index_bench(100_000, work, (16, 32), (1_000, 3_000, 10_000))
         big = index_bench(1_000_000, work, (32,), (3_000, 6_000, 10_000, 20_000))
-        result["memory"] = memory_bench(work, work / "store", big, settings.models_dir)
+        result["memory"] = memory_bench(work, work / "store", big["n"])
         big.pop("data")
         result["index_100k"].pop("data")
         result["index_1m"] = big
