@@ -118,7 +118,7 @@ def _retrieval_stop(
     rows = x[np.concatenate([database, queries])]  # gathered once, not every epoch
 
     class RetrievalStop(keras.callbacks.Callback):
-        best, best_epoch, wait, weights = (-1.0, -math.inf), 0, 0, None
+        best, best_epoch, weights = (-1.0, -math.inf), 0, None
 
         def on_train_begin(self, logs: Any = None) -> None:
             self.embedding = keras.Model(self.model.input, self.model.get_layer("classes").input)
@@ -129,16 +129,9 @@ def _retrieval_stop(
             found = evaluate(exact_search(db), labels[database], q, labels[queries])["map@10"]
             score = (found, -round(float((logs or {})["val_loss"]), 4))
             if self.weights is None or score > self.best:  # the first epoch's, even if NaN
-                self.best, self.best_epoch, self.wait, self.weights = (
-                    score,
-                    epoch,
-                    0,
-                    self.model.get_weights(),
-                )
-            else:
-                self.wait += 1
-                if self.wait >= config.patience:
-                    self.model.stop_training = True
+                self.best, self.best_epoch, self.weights = score, epoch, self.model.get_weights()
+            elif epoch - self.best_epoch >= config.patience:
+                self.model.stop_training = True
 
         def on_train_end(self, logs: Any = None) -> None:
             if self.weights is not None:
